@@ -1,0 +1,191 @@
+//! The NLB's configuration: flags, each also an environment variable, over an optional TOML
+//! file (`--config`), over defaults. Keys in the file are the flag names with `_` for `-`.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use marchproxy::{telemetry::LogFormat, time::parse_duration};
+use serde::Deserialize;
+
+use crate::settings::Settings;
+
+/// `marchproxy-nlb` flags.
+#[derive(Clone, Debug, Default, clap::Parser)]
+#[command(name = "marchproxy-nlb", version, about = "MarchProxy's network load balancer: module registry, routing and the NLBService control plane")]
+pub struct Args {
+    /// TOML file with any of the settings below (flags and environment win over it).
+    #[arg(long, env = "MARCHPROXY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// gRPC control plane (NLBService, grpc.health.v1, reflection) [default: 0.0.0.0:50050]
+    #[arg(long, env = "MARCHPROXY_GRPC_LISTEN")]
+    pub grpc_listen: Option<SocketAddr>,
+    /// Admin HTTP: /metrics, /healthz, /readyz, /status [default: 0.0.0.0:7001]
+    #[arg(long, env = "MARCHPROXY_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Directory for operator-set state (routes, config, scale); memory only when unset.
+    #[arg(long, env = "MARCHPROXY_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Cluster API key every NLBService call must carry as `authorization: Bearer <key>`
+    /// (also read from MARCHPROXY_CLUSTER_API_KEY).
+    #[arg(long, env = "MARCHPROXY_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// A module silent this long gets no new connections [default: 30s]
+    #[arg(long, env = "MARCHPROXY_UNHEALTHY_AFTER", value_parser = parse_duration)]
+    pub unhealthy_after: Option<Duration>,
+    /// A module silent this long is removed with its routes [default: 120s]
+    #[arg(long, env = "MARCHPROXY_EXPIRE_AFTER", value_parser = parse_duration)]
+    pub expire_after: Option<Duration>,
+    /// Shell command run on every TriggerScaling decision (see README, "Scaling").
+    #[arg(long, env = "MARCHPROXY_SCALER_COMMAND")]
+    pub scaler_command: Option<String>,
+    /// Log format [default: text]
+    #[arg(long, env = "MARCHPROXY_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The same settings in a TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    grpc_listen: Option<SocketAddr>,
+    admin_listen: Option<SocketAddr>,
+    state_dir: Option<PathBuf>,
+    api_key: Option<String>,
+    unhealthy_after: Option<String>,
+    expire_after: Option<String>,
+    scaler_command: Option<String>,
+    log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Everything the NLB needs to start, resolved.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub grpc_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub state_dir: Option<PathBuf>,
+    pub api_key: Option<String>,
+    /// Startup values of the live sections; persisted sections set over the API win.
+    pub settings: Settings,
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            grpc_listen: SocketAddr::from(([0, 0, 0, 0], 50050)),
+            admin_listen: SocketAddr::from(([0, 0, 0, 0], 7001)),
+            state_dir: None,
+            api_key: None,
+            settings: Settings::default(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+impl Config {
+    /// Loopback, ephemeral ports: for tests and embedding.
+    pub fn local() -> Self {
+        Config {
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..Config::default()
+        }
+    }
+
+    pub fn from_args(args: Args) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let file_duration = |text: Option<String>, key: &str| -> Result<Option<Duration>, ConfigError> {
+            text.map(|t| parse_duration(&t).map_err(|e| ConfigError::Invalid(format!("config file key {key}: {e}"))))
+                .transpose()
+        };
+        let defaults = Config::default();
+        let mut settings = defaults.settings.clone();
+        if let Some(after) = args.unhealthy_after.or(file_duration(file.unhealthy_after, "unhealthy_after")?) {
+            settings.heartbeat.unhealthy_after_ms = after.as_millis() as u64;
+        }
+        if let Some(after) = args.expire_after.or(file_duration(file.expire_after, "expire_after")?) {
+            settings.heartbeat.expire_after_ms = after.as_millis() as u64;
+        }
+        if settings.heartbeat.expire_after_ms <= settings.heartbeat.unhealthy_after_ms || settings.heartbeat.unhealthy_after_ms == 0 {
+            return Err(ConfigError::Invalid(format!(
+                "--expire-after ({}ms) must be longer than --unhealthy-after ({}ms), and both above 0",
+                settings.heartbeat.expire_after_ms, settings.heartbeat.unhealthy_after_ms
+            )));
+        }
+        if let Some(command) = args.scaler_command.or(file.scaler_command) {
+            settings.scaling.command = command;
+        }
+        let api_key = args
+            .api_key
+            .or(file.api_key)
+            .or_else(|| std::env::var("MARCHPROXY_CLUSTER_API_KEY").ok())
+            .filter(|k| !k.is_empty());
+        if let Some(key) = &api_key {
+            marchproxy::auth::AttachApiKey::new(Some(key)).map_err(|e| ConfigError::Invalid(format!("--api-key: {e}")))?;
+        }
+        Ok(Config {
+            grpc_listen: args.grpc_listen.or(file.grpc_listen).unwrap_or(defaults.grpc_listen),
+            admin_listen: args.admin_listen.or(file.admin_listen).unwrap_or(defaults.admin_listen),
+            state_dir: args.state_dir.or(file.state_dir),
+            api_key,
+            settings,
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nlb.toml");
+        std::fs::write(&path, "grpc_listen = \"127.0.0.1:6000\"\nadmin_listen = \"127.0.0.1:6001\"\nunhealthy_after = \"5s\"\n").unwrap();
+        let args = Args::parse_from(["nlb", "--config", path.to_str().unwrap(), "--grpc-listen", "127.0.0.1:7000"]);
+        let config = Config::from_args(args).unwrap();
+        assert_eq!(config.grpc_listen.port(), 7000);
+        assert_eq!(config.admin_listen.port(), 6001);
+        assert_eq!(config.settings.heartbeat.unhealthy_after_ms, 5000);
+    }
+
+    #[test]
+    fn rejects_bad_files_and_timeouts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nlb.toml");
+        std::fs::write(&path, "grpc_lisen = \"x\"\n").unwrap();
+        let args = Args::parse_from(["nlb", "--config", path.to_str().unwrap()]);
+        assert!(Config::from_args(args).unwrap_err().to_string().contains("grpc_lisen"));
+        let args = Args::parse_from(["nlb", "--unhealthy-after", "10s", "--expire-after", "5s"]);
+        assert!(Config::from_args(args).is_err());
+    }
+}

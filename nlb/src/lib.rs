@@ -1,0 +1,157 @@
+//! MarchProxy's network load balancer (NLB): modules register and heartbeat here, operators
+//! route, configure and scale here, and every RPC of NLBService does real work.
+//!
+//! - [`state`]: the registry, routing table and decisions, as plain synchronous rules.
+//! - [`service`]: NLBService over gRPC (validation at the edge, errors mapped once).
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/status`.
+//! - [`store`]: operator-set state on disk; [`settings`]: live config sections.
+//!
+//! [`Server::bind`] then [`Server::run`] start it; [`run`] does both.
+
+pub mod admin;
+pub mod config;
+pub mod error;
+pub mod metrics;
+mod module_client;
+pub mod nlb;
+pub mod route;
+mod scaler;
+pub mod service;
+pub mod settings;
+pub mod state;
+pub mod store;
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use marchproxy::{auth::RequireApiKey, pb};
+use tokio::{net::TcpListener, sync::watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+pub use config::{Args, Config};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} ({what}): {source}; pick a free address with {flag}")]
+    Bind {
+        addr: SocketAddr,
+        what: &'static str,
+        flag: &'static str,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("cannot restore state: {0}")]
+    Restore(String),
+    #[error("reflection: {0}")]
+    Reflection(String),
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("admin server failed: {0}")]
+    Admin(std::io::Error),
+}
+
+/// A bound NLB, not yet serving: its addresses are known (port 0 resolved).
+pub struct Server {
+    grpc: TcpListener,
+    admin: TcpListener,
+    nlb: Arc<nlb::Nlb>,
+    stop: watch::Sender<bool>,
+}
+
+async fn bind(addr: SocketAddr, what: &'static str, flag: &'static str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, what, flag, source })
+}
+
+impl Server {
+    /// Restores state from the state directory and binds both listeners.
+    pub async fn bind(config: Config) -> Result<Self, StartError> {
+        let store = store::Store::open(config.state_dir.as_deref())?;
+        let persisted = store.load()?;
+        let restored_routes = persisted.operator_routes.len();
+        let state = state::State::restore(persisted, config.settings.clone()).map_err(StartError::Restore)?;
+        match store.dir() {
+            Some(dir) => info!(state_dir = %dir.display(), operator_routes = restored_routes, "operator state restored"),
+            None => info!("no --state-dir: operator state lives in memory and is lost on restart"),
+        }
+        let grpc = bind(config.grpc_listen, "gRPC", "--grpc-listen").await?;
+        let admin = bind(config.admin_listen, "admin HTTP", "--admin-listen").await?;
+        let (stop, stopped) = watch::channel(false);
+        let nlb = Arc::new(nlb::Nlb::new(state, store, config.api_key, stopped));
+        Ok(Server { grpc, admin, nlb, stop })
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        // A bound listener always has a local address.
+        self.grpc.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Serves until `shutdown` completes, then stops streams and drains in-flight calls.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+        let Server { grpc, admin, nlb, stop } = self;
+        let grpc_addr = grpc.local_addr().ok();
+        let admin_addr = admin.local_addr().ok();
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<pb::nlb_service_server::NlbServiceServer<service::NlbGrpc>>().await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| StartError::Reflection(e.to_string()))?;
+        let reflection_alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|e| StartError::Reflection(e.to_string()))?;
+        let auth = RequireApiKey::new(nlb.api_key.clone());
+        let nlb_service = pb::nlb_service_server::NlbServiceServer::with_interceptor(service::NlbGrpc::new(Arc::clone(&nlb)), auth);
+
+        let sweeper = tokio::spawn(Arc::clone(&nlb).run_sweeper());
+        let mut stopped = nlb.shutdown.clone();
+        let admin_stopped = nlb.shutdown.clone();
+        let admin_server = axum::serve(admin, admin::router(Arc::clone(&nlb)))
+            .with_graceful_shutdown(async move {
+                let mut admin_stopped = admin_stopped;
+                nlb::stopped(&mut admin_stopped).await;
+            });
+        let admin_task = tokio::spawn(async move { admin_server.await });
+
+        tokio::spawn(async move {
+            shutdown.await;
+            info!("NLB shutting down");
+            // Receivers live in `nlb`, which outlives this task's send.
+            let _ = stop.send(true);
+        });
+        nlb.mark_ready();
+        info!(grpc = ?grpc_addr, admin = ?admin_addr, "NLB listening");
+        let served = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(reflection_alpha)
+            .add_service(nlb_service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+                nlb::stopped(&mut stopped).await;
+            })
+            .await;
+        health.set_not_serving::<pb::nlb_service_server::NlbServiceServer<service::NlbGrpc>>().await;
+        sweeper.abort();
+        let admin_result = admin_task.await;
+        served?;
+        match admin_result {
+            Ok(Ok(())) | Err(_) => Ok(()),
+            Ok(Err(error)) => Err(StartError::Admin(error)),
+        }
+    }
+}
+
+/// Binds and serves until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+    Server::bind(config).await?.run(shutdown).await
+}

@@ -1,0 +1,104 @@
+//! Prometheus metrics of the NLB, in a registry of its own (several NLBs may share a process in
+//! tests and in `marchproxy up`). Gauges that describe the registry are refreshed at scrape time.
+
+use std::time::Instant;
+
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+
+use crate::state::State;
+
+pub struct NlbMetrics {
+    pub registry: Registry,
+    pub registrations: IntCounterVec,
+    pub unregistrations: IntCounterVec,
+    pub drained_connections: IntCounterVec,
+    pub heartbeats: IntCounterVec,
+    pub liveness: IntCounterVec,
+    pub route_decisions: IntCounterVec,
+    pub scaling_decisions: IntCounterVec,
+    pub config_updates: IntCounterVec,
+    modules: IntGaugeVec,
+    routes: IntGaugeVec,
+    desired_instances: IntGaugeVec,
+    version_weight: IntGaugeVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let metric = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name} is malformed: {e}"));
+    // Names are fixed here and registered once per registry, so registration cannot collide.
+    registry
+        .register(Box::new(metric.clone()))
+        .unwrap_or_else(|e| panic!("metric {name} registered twice: {e}"));
+    metric
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let metric = IntGaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name} is malformed: {e}"));
+    registry
+        .register(Box::new(metric.clone()))
+        .unwrap_or_else(|e| panic!("metric {name} registered twice: {e}"));
+    metric
+}
+
+impl NlbMetrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let r = &registry;
+        NlbMetrics {
+            registrations: counter(r, "marchproxy_nlb_registrations_total", "Module registrations, by kind and whether they replaced a live instance", &["module_type", "outcome"]),
+            unregistrations: counter(r, "marchproxy_nlb_unregistrations_total", "Module unregistrations, by kind and mode", &["module_type", "mode"]),
+            drained_connections: counter(r, "marchproxy_nlb_drained_connections_total", "Connections that finished while their instance drained", &["module_type"]),
+            heartbeats: counter(r, "marchproxy_nlb_heartbeats_total", "Heartbeats, by result (acknowledged, reregister)", &["result"]),
+            liveness: counter(r, "marchproxy_nlb_liveness_events_total", "Instances marked unhealthy or removed for missed heartbeats", &["module_type", "event"]),
+            route_decisions: counter(r, "marchproxy_nlb_route_decisions_total", "Routing decisions, by result (routed, no_route, no_instance)", &["result", "module_type"]),
+            scaling_decisions: counter(r, "marchproxy_nlb_scaling_decisions_total", "TriggerScaling decisions, by kind, action and hook result", &["module_type", "action", "result"]),
+            config_updates: counter(r, "marchproxy_nlb_config_updates_total", "UpdateNLBConfig calls, by section and result", &["section", "result"]),
+            modules: gauge(r, "marchproxy_nlb_modules", "Registered module instances, by kind, version and health", &["module_type", "version", "health"]),
+            routes: gauge(r, "marchproxy_nlb_routes", "Routes in the routing table, by source (module, operator)", &["source"]),
+            desired_instances: gauge(r, "marchproxy_nlb_desired_instances", "Desired instance count per module kind (TriggerScaling)", &["module_type"]),
+            version_weight: gauge(r, "marchproxy_nlb_version_weight_percent", "Traffic weight of each version, per module kind", &["module_type", "version"]),
+            registry,
+        }
+    }
+
+    /// Sets the gauges from the current state.
+    pub fn refresh(&self, state: &State, now: Instant) {
+        self.modules.reset();
+        for instance in state.instances.values() {
+            let health = marchproxy::names::health_name(instance.health(now, &state.settings));
+            self.modules
+                .with_label_values(&[instance.kind.name(), instance.version.as_str(), health.as_str()])
+                .inc();
+        }
+        let module_routes: usize = state.instances.values().map(|i| i.routes.len()).sum();
+        self.routes.with_label_values(&["module"]).set(module_routes as i64);
+        self.routes
+            .with_label_values(&["operator"])
+            .set(state.operator_routes.len() as i64);
+        self.desired_instances.reset();
+        for (kind, desired) in &state.desired {
+            self.desired_instances
+                .with_label_values(&[kind.name()])
+                .set(i64::from(desired.count));
+        }
+        self.version_weight.reset();
+        for (kind, versions) in &state.weights {
+            for (version, weight) in versions {
+                self.version_weight
+                    .with_label_values(&[kind.name(), version.as_str()])
+                    .set(i64::from(*weight));
+            }
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String only fails on a metric family that cannot be encoded, which the
+        // fixed set above never produces; an empty page is the safe answer if it ever did.
+        let _ = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out);
+        out
+    }
+}

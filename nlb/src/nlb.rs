@@ -1,0 +1,286 @@
+//! The shared NLB handle: state behind one mutex, the disk store, metrics, and the operations
+//! several front doors need (gRPC, the admin server, the liveness sweeper).
+
+use std::{
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use marchproxy::{names::ModuleKind, pb, time};
+use tokio::sync::{Notify, watch};
+use tracing::{error, info, warn};
+
+use crate::{
+    error::NlbError,
+    metrics::NlbMetrics,
+    state::{State, SweepEvent},
+    store::Store,
+};
+
+/// Completes once the shutdown flag is up (or its sender is gone).
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is dropped at once; only the wake-up matters.
+    let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
+}
+
+pub struct Nlb {
+    state: Mutex<State>,
+    /// Woken on every heartbeat and removal, for drains waiting on connection counts.
+    pub activity: Notify,
+    store: Arc<Store>,
+    pub metrics: NlbMetrics,
+    pub started_at: SystemTime,
+    pub api_key: Option<String>,
+    pub ready: AtomicBool,
+    /// Flips to true when the NLB shuts down; streams and drains end early.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Nlb {
+    pub fn new(state: State, store: Store, api_key: Option<String>, shutdown: watch::Receiver<bool>) -> Self {
+        Nlb {
+            state: Mutex::new(state),
+            activity: Notify::new(),
+            store: Arc::new(store),
+            metrics: NlbMetrics::new(),
+            started_at: SystemTime::now(),
+            api_key,
+            ready: AtomicBool::new(false),
+            shutdown,
+        }
+    }
+
+    /// The state. Callers hold the guard briefly and never across an `.await`.
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock is a bug already reported by its own panic; the state
+        // itself is only changed after validation, so carrying on is safer than failing every call.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn state_dir(&self) -> Option<&std::path::Path> {
+        self.store.dir()
+    }
+
+    /// Writes the state to disk if it changed since the last write.
+    pub async fn persist(&self) -> Result<(), NlbError> {
+        let (generation, snapshot) = {
+            let state = self.state();
+            (state.generation, state.persisted())
+        };
+        let store = Arc::clone(&self.store);
+        let saved = tokio::task::spawn_blocking(move || store.save(generation, &snapshot)).await;
+        match saved {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => {
+                error!(%error, "operator state not persisted");
+                Err(NlbError::Unavailable(format!("the change is applied but not persisted: {error}")))
+            }
+            Err(error) => Err(NlbError::Unavailable(format!("the change is applied but not persisted: {error}"))),
+        }
+    }
+
+    pub fn probe_store(&self) -> Result<(), String> {
+        self.store.probe().map_err(|e| e.to_string())
+    }
+
+    /// One liveness pass: log and count what changed.
+    pub async fn sweep(&self) {
+        let events = self.state().sweep(Instant::now());
+        if events.is_empty() {
+            return;
+        }
+        for event in &events {
+            match event {
+                SweepEvent::Unhealthy { id, kind, silent_for } => {
+                    warn!(instance = %id, module_type = %kind, silent_ms = silent_for.as_millis() as u64, "module missed its heartbeats: unhealthy, no new connections");
+                    self.metrics.liveness.with_label_values(&[kind.name(), "unhealthy"]).inc();
+                }
+                SweepEvent::Removed { id, kind, silent_for } => {
+                    warn!(instance = %id, module_type = %kind, silent_ms = silent_for.as_millis() as u64, "module silent too long: removed with its routes");
+                    self.metrics.liveness.with_label_values(&[kind.name(), "removed"]).inc();
+                }
+            }
+        }
+        self.activity.notify_waiters();
+        // Removal may change nothing persisted, and a failure is logged inside; nothing to answer.
+        let _ = self.persist().await;
+    }
+
+    /// Runs the sweeper until shutdown, often enough to notice a silent module promptly.
+    pub async fn run_sweeper(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let period = {
+                let state = self.state();
+                (state.settings.heartbeat.unhealthy_after() / 10).clamp(Duration::from_millis(50), Duration::from_secs(1))
+            };
+            tokio::select! {
+                () = tokio::time::sleep(period) => self.sweep().await,
+                () = stopped(&mut shutdown) => return,
+            }
+        }
+    }
+
+    /// Waits until the instance reports no connections, leaves, or `timeout` passes.
+    /// Returns the connections still open at the end.
+    pub async fn wait_drained(&self, id: &str, registration_id: &str, timeout: Duration) -> i64 {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let woken = self.activity.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let remaining = match self.state().connections_of(id, registration_id) {
+                Some(0) | None => return 0,
+                Some(open) => open,
+            };
+            tokio::select! {
+                () = &mut woken => {}
+                () = tokio::time::sleep_until(deadline) => return remaining,
+            }
+        }
+    }
+
+    /// What `GetNLBStatus` and the admin `/status` page show.
+    pub fn status(&self, include_modules: bool) -> pb::GetNlbStatusResponse {
+        let state = self.state();
+        let now = Instant::now();
+        let mut by_type = std::collections::HashMap::new();
+        for instance in state.instances.values() {
+            *by_type.entry(instance.kind.name().to_owned()).or_insert(0) += 1;
+        }
+        let active: i64 = state.instances.values().map(|i| i.connections()).sum();
+        let healthy = state
+            .instances
+            .values()
+            .filter(|i| i.routable(now, &state.settings))
+            .count();
+        let module_routes: usize = state.instances.values().map(|i| i.routes.len()).sum();
+        let uptime = SystemTime::now().duration_since(self.started_at).unwrap_or_default();
+        let details = [
+            ("uptime_seconds", uptime.as_secs().to_string()),
+            ("healthy_modules", healthy.to_string()),
+            ("operator_routes", state.operator_routes.len().to_string()),
+            ("module_routes", module_routes.to_string()),
+            ("balancing_strategy", state.settings.balancing.strategy.name().to_owned()),
+            (
+                "state_dir",
+                self.state_dir().map_or_else(|| "(memory only)".to_owned(), |d| d.display().to_string()),
+            ),
+            ("auth", if self.api_key.is_some() { "api-key" } else { "none" }.to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        pb::GetNlbStatusResponse {
+            status: pb::HealthStatus::Healthy as i32,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            started_at: Some(time::timestamp(self.started_at)),
+            total_requests: state.route_requests as i64,
+            active_connections: active,
+            registered_modules: state.instances.len() as i32,
+            modules_by_type: by_type,
+            modules: if include_modules {
+                state.instances.values().map(|i| state.view(i, now)).collect()
+            } else {
+                Vec::new()
+            },
+            details,
+        }
+    }
+
+    /// The NLB's own metric points (`GetNLBMetrics`, `StreamNLBMetrics`).
+    pub fn own_points(&self) -> Vec<pb::MetricDataPoint> {
+        let state = self.state();
+        let now = Instant::now();
+        let at = time::now();
+        let point = |name: &str, value: f64, labels: &[(&str, &str)]| pb::MetricDataPoint {
+            name: name.to_owned(),
+            value,
+            labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            timestamp: Some(at),
+        };
+        let mut points = vec![
+            point("nlb_registered_modules", state.instances.len() as f64, &[]),
+            point(
+                "nlb_healthy_modules",
+                state.instances.values().filter(|i| i.routable(now, &state.settings)).count() as f64,
+                &[],
+            ),
+            point("nlb_route_requests_total", state.route_requests as f64, &[]),
+            point(
+                "nlb_active_connections",
+                state.instances.values().map(|i| i.connections()).sum::<i64>() as f64,
+                &[],
+            ),
+            point("nlb_routes", state.operator_routes.len() as f64, &[("source", "operator")]),
+            point(
+                "nlb_routes",
+                state.instances.values().map(|i| i.routes.len()).sum::<usize>() as f64,
+                &[("source", "module")],
+            ),
+            point(
+                "nlb_uptime_seconds",
+                SystemTime::now().duration_since(self.started_at).unwrap_or_default().as_secs_f64(),
+                &[],
+            ),
+        ];
+        for kind in ModuleKind::ALL {
+            let count = state.instances.values().filter(|i| i.kind == kind).count();
+            if count > 0 {
+                points.push(point("nlb_registered_modules", count as f64, &[("module_type", kind.name())]));
+            }
+            if let Some(desired) = state.desired.get(&kind) {
+                points.push(point("nlb_desired_instances", f64::from(desired.count), &[("module_type", kind.name())]));
+            }
+        }
+        points
+    }
+
+    /// An instance's metrics: its reported ones and its last heartbeat stats, filtered.
+    pub fn module_metrics(
+        &self,
+        id: &str,
+        names: &[String],
+        start: Option<&prost_types::Timestamp>,
+        end: Option<&prost_types::Timestamp>,
+    ) -> Result<pb::ModuleMetrics, NlbError> {
+        let state = self.state();
+        let instance = state.instance(id)?;
+        let mut points: Vec<pb::MetricDataPoint> = instance
+            .metrics()
+            .flat_map(|m| m.metrics.iter().cloned())
+            .collect();
+        if let (Some(stats), Some(at)) = (&instance.stats, instance.last_heartbeat_at) {
+            points.extend(marchproxy::stats::data_points(stats, time::timestamp(at)));
+        }
+        Ok(pb::ModuleMetrics {
+            instance_id: id.to_owned(),
+            module_type: instance.kind.module_type() as i32,
+            metrics: marchproxy::stats::select(points, names, start, end),
+            collected_at: Some(time::now()),
+        })
+    }
+
+    /// Records one instance's reported metrics.
+    pub fn record_metrics(&self, id: &str, metrics: pb::ModuleMetrics) -> Result<(), NlbError> {
+        let mut state = self.state();
+        let instance = state
+            .instances
+            .get_mut(id)
+            .ok_or_else(|| NlbError::NotFound(format!("no module instance `{id}` is registered; register before reporting metrics")))?;
+        instance.push_metrics(metrics);
+        Ok(())
+    }
+
+    pub fn mark_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+        info!("NLB ready");
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !*self.shutdown.borrow()
+    }
+}

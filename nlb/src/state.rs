@@ -1,0 +1,1015 @@
+//! The NLB's state: registered module instances with their routes and reported stats, operator
+//! routes, version weights, desired scale and the live config sections.
+//!
+//! Everything here is plain synchronous code over one [`State`] value that the service keeps
+//! behind a mutex: each RPC takes the lock, validates, applies all of its change or none of it,
+//! and returns what it must answer. Time is passed in, so the rules are testable without clocks.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use marchproxy::{
+    names::{Endpoint, ModuleKind},
+    pb, time,
+};
+
+use crate::{
+    error::NlbError,
+    route::{Flow, OperatorTarget, RouteSpec},
+    settings::{Settings, Strategy},
+    store::{PersistedRoute, PersistedSection, PersistedState},
+};
+
+/// Heartbeat samples kept per instance (rates and historical load come from them).
+const STATS_HISTORY: usize = 64;
+/// Metric reports kept per instance for `GetModuleMetrics` time ranges.
+const METRICS_HISTORY: usize = 120;
+/// Versions registered without a version string share this one.
+pub const UNVERSIONED: &str = "unversioned";
+
+/// A route and the bookkeeping the routing table shows.
+#[derive(Clone, Debug)]
+pub struct TableRoute {
+    pub spec: RouteSpec,
+    pub created_at: SystemTime,
+    pub last_used: Option<SystemTime>,
+}
+
+impl TableRoute {
+    fn new(spec: RouteSpec, created_at: SystemTime) -> Self {
+        TableRoute {
+            spec,
+            created_at,
+            last_used: None,
+        }
+    }
+}
+
+/// A registered module instance.
+#[derive(Debug)]
+pub struct Instance {
+    pub id: String,
+    pub kind: ModuleKind,
+    pub address: Endpoint,
+    pub version: String,
+    pub max_connections: i32,
+    pub metadata: HashMap<String, String>,
+    pub started_at: Option<prost_types::Timestamp>,
+    pub registration_id: String,
+    pub registered_at: SystemTime,
+    /// Last sign of life (registration or heartbeat).
+    pub last_seen: Instant,
+    pub last_heartbeat_at: Option<SystemTime>,
+    pub reported: pb::HealthStatus,
+    pub stats: Option<pb::ModuleStats>,
+    stats_history: VecDeque<(Instant, pb::ModuleStats)>,
+    pub routes: BTreeMap<String, TableRoute>,
+    pub health_config: Option<pb::HealthCheckConfig>,
+    pub capabilities: HashMap<String, String>,
+    pub draining: bool,
+    /// Marked unhealthy for missed heartbeats (logged once, cleared by the next heartbeat).
+    pub stale: bool,
+    pub routed_total: u64,
+    /// Instructions for the next heartbeat answer only (rebalancing).
+    pending_instructions: BTreeMap<String, String>,
+    metrics: VecDeque<pb::ModuleMetrics>,
+}
+
+impl Instance {
+    /// Keeps a metrics report, forgetting the oldest beyond the history size.
+    pub fn push_metrics(&mut self, metrics: pb::ModuleMetrics) {
+        if self.metrics.len() == METRICS_HISTORY {
+            self.metrics.pop_front();
+        }
+        self.metrics.push_back(metrics);
+    }
+
+    pub fn metrics(&self) -> impl Iterator<Item = &pb::ModuleMetrics> {
+        self.metrics.iter()
+    }
+
+    pub fn health(&self, now: Instant, settings: &Settings) -> pb::HealthStatus {
+        if self.draining {
+            pb::HealthStatus::Stopping
+        } else if now.duration_since(self.last_seen) > settings.heartbeat.unhealthy_after() {
+            pb::HealthStatus::Unhealthy
+        } else {
+            self.reported
+        }
+    }
+
+    /// May get new connections: healthy or degraded, not draining, not silent, under its limit.
+    pub fn routable(&self, now: Instant, settings: &Settings) -> bool {
+        let under_limit = self.max_connections <= 0 || self.connections() < i64::from(self.max_connections);
+        matches!(
+            self.health(now, settings),
+            pb::HealthStatus::Healthy | pb::HealthStatus::Degraded
+        ) && under_limit
+    }
+
+    /// Live connections as the module last reported them.
+    pub fn connections(&self) -> i64 {
+        self.stats.as_ref().map_or(0, |s| s.active_connections)
+    }
+
+    /// Requests per second over the heartbeat samples newer than `window`.
+    pub fn requests_per_second(&self, now: Instant, window: Duration) -> i64 {
+        let recent: Vec<_> = self
+            .stats_history
+            .iter()
+            .filter(|(at, _)| now.duration_since(*at) <= window)
+            .collect();
+        match (recent.first(), recent.last()) {
+            (Some((t0, s0)), Some((t1, s1))) if t1 > t0 => {
+                let seconds = t1.duration_since(*t0).as_secs_f64();
+                ((s1.total_requests - s0.total_requests).max(0) as f64 / seconds).round() as i64
+            }
+            _ => 0,
+        }
+    }
+
+    /// Heartbeat samples newer than `window`.
+    pub fn recent_stats(&self, now: Instant, window: Duration) -> impl Iterator<Item = &pb::ModuleStats> {
+        self.stats_history
+            .iter()
+            .filter(move |(at, _)| now.duration_since(*at) <= window)
+            .map(|(_, stats)| stats)
+    }
+
+    /// Where data connections for `route` go: `metadata["data_address"]`, else the gRPC host
+    /// with the route's `destination_port`.
+    pub fn data_address(&self, route: &RouteSpec) -> Option<String> {
+        if let Some(address) = self.metadata.get("data_address").filter(|a| !a.is_empty()) {
+            return Some(address.clone());
+        }
+        (route.destination_port != 0).then(|| format!("{}:{}", self.address.host(), route.destination_port))
+    }
+}
+
+/// Where a route came from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RouteOwner {
+    /// Registered or relayed by this instance.
+    Module(String),
+    /// Set by an operator through `UpdateRouting`.
+    Operator,
+}
+
+/// The outcome of routing one flow.
+#[derive(Clone, Debug)]
+pub struct Decision {
+    pub route: RouteSpec,
+    pub owner: RouteOwner,
+    pub instance_id: String,
+    pub kind: ModuleKind,
+    pub target_address: String,
+}
+
+/// Why a flow could not be routed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NoRoute {
+    NoMatchingRoute,
+    /// Routes matched but none had a healthy instance with a data address.
+    NoHealthyInstance(Vec<String>),
+}
+
+impl NoRoute {
+    pub fn label(&self) -> &'static str {
+        match self {
+            NoRoute::NoMatchingRoute => "no_route",
+            NoRoute::NoHealthyInstance(_) => "no_instance",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            NoRoute::NoMatchingRoute => "no route matches this protocol, port and source".into(),
+            NoRoute::NoHealthyInstance(routes) => format!(
+                "routes {} match but no healthy instance with a data address serves them",
+                routes.join(", ")
+            ),
+        }
+    }
+}
+
+/// Desired instance count for one module kind, set by `TriggerScaling`.
+#[derive(Clone, Debug)]
+pub struct DesiredScale {
+    pub count: u32,
+    pub changed: Instant,
+}
+
+/// Something that happened to an instance without an RPC asking for it.
+#[derive(Debug, PartialEq)]
+pub enum SweepEvent {
+    Unhealthy { id: String, kind: ModuleKind, silent_for: Duration },
+    Removed { id: String, kind: ModuleKind, silent_for: Duration },
+}
+
+/// The outcome of a registration.
+pub struct Registered {
+    pub registration_id: String,
+    pub replaced: bool,
+    pub version_weight: u32,
+}
+
+/// The outcome of a heartbeat.
+pub enum HeartbeatOutcome {
+    Acknowledged {
+        should_scale: bool,
+        instructions: HashMap<String, String>,
+        recovered: bool,
+    },
+    /// Unknown instance or a registration id from before a restart: the module must register.
+    Reregister(String),
+}
+
+/// Everything the NLB knows.
+pub struct State {
+    pub instances: BTreeMap<String, Instance>,
+    pub operator_routes: BTreeMap<String, TableRoute>,
+    pub settings: Settings,
+    /// Sections set through the API, with when.
+    pub config_set_at: BTreeMap<String, SystemTime>,
+    pub desired: BTreeMap<ModuleKind, DesiredScale>,
+    pub weights: BTreeMap<ModuleKind, BTreeMap<String, u32>>,
+    pub route_requests: u64,
+    cursor: u64,
+    /// Bumped on every change that must reach disk.
+    pub generation: u64,
+}
+
+fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn from_unix_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// Checks an id the operator will type: instance ids, registration ids.
+pub fn check_id(field: &str, id: &str) -> Result<(), NlbError> {
+    if id.trim().is_empty() {
+        return Err(NlbError::Invalid(format!("{field} is empty; name the instance")));
+    }
+    if id.len() > 128 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':')) {
+        return Err(NlbError::Invalid(format!(
+            "{field} `{id}` must be at most 128 letters, digits or - _ . :"
+        )));
+    }
+    Ok(())
+}
+
+fn check_routes(routes: Vec<pb::Route>) -> Result<Vec<RouteSpec>, Vec<String>> {
+    let mut seen = BTreeSet::new();
+    let mut specs = Vec::with_capacity(routes.len());
+    let mut errors = Vec::new();
+    for (index, route) in routes.into_iter().enumerate() {
+        match RouteSpec::try_from(route) {
+            Ok(spec) if !seen.insert(spec.id.clone()) => {
+                errors.push(format!("routes[{index}]: route_id `{}` appears twice", spec.id));
+            }
+            Ok(spec) => specs.push(spec),
+            Err(error) => errors.push(format!("routes[{index}]: {error}")),
+        }
+    }
+    if errors.is_empty() { Ok(specs) } else { Err(errors) }
+}
+
+fn check_stats(stats: &pb::ModuleStats) -> Result<(), NlbError> {
+    let counts = [
+        ("total_requests", stats.total_requests),
+        ("successful_requests", stats.successful_requests),
+        ("failed_requests", stats.failed_requests),
+        ("active_connections", stats.active_connections),
+        ("total_connections", stats.total_connections),
+        ("bytes_received", stats.bytes_received),
+        ("bytes_sent", stats.bytes_sent),
+    ];
+    for (name, value) in counts {
+        if value < 0 {
+            return Err(NlbError::Invalid(format!("current_stats.{name} must not be negative (got {value})")));
+        }
+    }
+    let gauges = [
+        ("avg_latency_ms", stats.avg_latency_ms),
+        ("p50_latency_ms", stats.p50_latency_ms),
+        ("p95_latency_ms", stats.p95_latency_ms),
+        ("p99_latency_ms", stats.p99_latency_ms),
+        ("cpu_usage_percent", stats.cpu_usage_percent),
+        ("memory_usage_mb", stats.memory_usage_mb),
+    ];
+    for (name, value) in gauges {
+        if !value.is_finite() || value < 0.0 {
+            return Err(NlbError::Invalid(format!(
+                "current_stats.{name} must be a non-negative number (got {value})"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl State {
+    /// State from what was persisted, over settings from flags.
+    pub fn restore(persisted: PersistedState, mut settings: Settings) -> Result<Self, String> {
+        let mut config_set_at = BTreeMap::new();
+        for (name, section) in persisted.config {
+            settings = settings
+                .with_section(&name, &section.data)
+                .map_err(|errors| format!("persisted config section `{name}`: {}", errors.join("; ")))?;
+            config_set_at.insert(name, from_unix_ms(section.updated_at_ms));
+        }
+        let operator_routes = persisted
+            .operator_routes
+            .into_iter()
+            .map(|r| (r.route.id.clone(), TableRoute::new(r.route, from_unix_ms(r.created_at_ms))))
+            .collect();
+        let kind = |name: &str| name.parse::<ModuleKind>().map_err(|e| format!("persisted state: {e}"));
+        let now = Instant::now();
+        let mut desired = BTreeMap::new();
+        for (name, count) in persisted.desired_instances {
+            desired.insert(kind(&name)?, DesiredScale { count, changed: now });
+        }
+        let mut weights = BTreeMap::new();
+        for (name, versions) in persisted.version_weights {
+            weights.insert(kind(&name)?, versions);
+        }
+        Ok(State {
+            instances: BTreeMap::new(),
+            operator_routes,
+            settings,
+            config_set_at,
+            desired,
+            weights,
+            route_requests: 0,
+            cursor: 0,
+            generation: 0,
+        })
+    }
+
+    /// What goes to disk.
+    pub fn persisted(&self) -> PersistedState {
+        PersistedState {
+            operator_routes: self
+                .operator_routes
+                .values()
+                .map(|r| PersistedRoute {
+                    route: r.spec.clone(),
+                    created_at_ms: unix_ms(r.created_at),
+                })
+                .collect(),
+            config: self
+                .config_set_at
+                .iter()
+                .filter_map(|(name, at)| {
+                    Some((
+                        name.clone(),
+                        PersistedSection {
+                            data: self.settings.section(name)?,
+                            updated_at_ms: unix_ms(*at),
+                        },
+                    ))
+                })
+                .collect(),
+            desired_instances: self
+                .desired
+                .iter()
+                .map(|(kind, d)| (kind.name().to_owned(), d.count))
+                .collect(),
+            version_weights: self
+                .weights
+                .iter()
+                .map(|(kind, w)| (kind.name().to_owned(), w.clone()))
+                .collect(),
+        }
+    }
+
+    fn changed(&mut self) {
+        self.generation += 1;
+    }
+
+    pub fn instance(&self, id: &str) -> Result<&Instance, NlbError> {
+        self.instances
+            .get(id)
+            .ok_or_else(|| NlbError::NotFound(format!("no module instance `{id}` is registered; list them with ListModules")))
+    }
+
+    /// Instances of `kind` that are not leaving.
+    pub fn count_of(&self, kind: ModuleKind) -> u32 {
+        self.instances
+            .values()
+            .filter(|i| i.kind == kind && !i.draining)
+            .count() as u32
+    }
+
+    pub fn weight_of(&self, kind: ModuleKind, version: &str) -> u32 {
+        self.weights
+            .get(&kind)
+            .and_then(|w| w.get(version))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The wire view of an instance, with its live health, connections and traffic weight.
+    pub fn view(&self, instance: &Instance, now: Instant) -> pb::ModuleInstance {
+        pb::ModuleInstance {
+            instance_id: instance.id.clone(),
+            module_type: instance.kind.module_type() as i32,
+            address: instance.address.to_string(),
+            health_status: instance.health(now, &self.settings) as i32,
+            metadata: instance.metadata.clone(),
+            started_at: instance.started_at.or(Some(time::timestamp(instance.registered_at))),
+            current_connections: i32::try_from(instance.connections()).unwrap_or(i32::MAX),
+            max_connections: instance.max_connections,
+            version: instance.version.clone(),
+            traffic_weight: self.weight_of(instance.kind, &instance.version) as i32,
+        }
+    }
+
+    /// The blue/green view of a module kind: the serving version (highest weight) as blue, the
+    /// next one as green.
+    pub fn deployment(&self, kind: ModuleKind) -> pb::BlueGreenConfig {
+        let mut versions: Vec<(&str, u32)> = self
+            .weights
+            .get(&kind)
+            .into_iter()
+            .flatten()
+            .filter(|(version, _)| self.instances.values().any(|i| i.kind == kind && &i.version == *version))
+            .map(|(version, weight)| (version.as_str(), *weight))
+            .collect();
+        versions.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        let (blue, green) = (versions.first(), versions.get(1));
+        let green_weight = green.map_or(0, |g| g.1 as i32);
+        pb::BlueGreenConfig {
+            blue_version: blue.map_or_else(String::new, |b| b.0.to_owned()),
+            green_version: green.map_or_else(String::new, |g| g.0.to_owned()),
+            blue_weight: blue.map_or(0, |b| b.1 as i32),
+            green_weight,
+            active_version: blue.map_or_else(String::new, |b| b.0.to_owned()),
+            canary_enabled: green_weight > 0 && green_weight < 100,
+            canary_percent: green_weight,
+            deployment_started: None,
+        }
+    }
+
+    // ---- registration and liveness ----
+
+    pub fn register(&mut self, request: pb::RegisterModuleRequest, now: Instant, wall: SystemTime) -> Result<Registered, NlbError> {
+        let info = request
+            .instance
+            .ok_or_else(|| NlbError::Invalid("instance is missing; send the module's ModuleInstance".into()))?;
+        check_id("instance.instance_id", &info.instance_id)?;
+        let kind = ModuleKind::from_module_type(info.module_type).ok_or_else(|| {
+            NlbError::Invalid(format!(
+                "instance.module_type {} is not a module kind; use ALB, DBLB, AILB, RTMP, WASM_REGISTRY or SQS_PROXY",
+                info.module_type
+            ))
+        })?;
+        let address: Endpoint = info
+            .address
+            .parse()
+            .map_err(|e| NlbError::Invalid(format!("instance.address: {e}")))?;
+        if info.max_connections < 0 {
+            return Err(NlbError::Invalid(format!(
+                "instance.max_connections must not be negative (got {}); 0 means no limit",
+                info.max_connections
+            )));
+        }
+        let reported = match pb::HealthStatus::try_from(info.health_status) {
+            Ok(pb::HealthStatus::Unspecified) => pb::HealthStatus::Healthy,
+            Ok(status) => status,
+            Err(_) => {
+                return Err(NlbError::Invalid(format!(
+                    "instance.health_status {} is not a HealthStatus value",
+                    info.health_status
+                )));
+            }
+        };
+        let version = match info.version.trim() {
+            "" => UNVERSIONED.to_owned(),
+            v if v.len() <= 64 && !v.contains(char::is_whitespace) => v.to_owned(),
+            v => return Err(NlbError::Invalid(format!("instance.version `{v}` must be at most 64 characters without spaces"))),
+        };
+        if let Some(health) = &request.health_config {
+            let numbers = [
+                ("interval_seconds", health.interval_seconds),
+                ("timeout_seconds", health.timeout_seconds),
+                ("unhealthy_threshold", health.unhealthy_threshold),
+                ("healthy_threshold", health.healthy_threshold),
+                ("health_check_port", health.health_check_port),
+            ];
+            if let Some((name, value)) = numbers.iter().find(|(_, v)| *v < 0) {
+                return Err(NlbError::Invalid(format!("health_config.{name} must not be negative (got {value})")));
+            }
+            if health.health_check_port > 65535 {
+                return Err(NlbError::Invalid("health_config.health_check_port must be at most 65535".into()));
+            }
+        }
+        let routes = check_routes(request.initial_routes).map_err(|errors| {
+            NlbError::Invalid(format!("initial_{}", errors.join("; initial_")))
+        })?;
+
+        let registration_id = uuid::Uuid::new_v4().to_string();
+        let replaced = self.instances.remove(&info.instance_id).is_some();
+        let weights = self.weights.entry(kind).or_default();
+        if !weights.contains_key(&version) {
+            let serving = weights.iter().any(|(v, w)| {
+                *w > 0 && self.instances.values().any(|i| i.kind == kind && &i.version == v)
+            });
+            // A version that appears beside a serving one waits for an operator; a lone one serves.
+            weights.insert(version.clone(), if serving { 0 } else { 100 });
+        } else if weights.get(&version) == Some(&0)
+            && !weights.iter().any(|(v, w)| *w > 0 && self.instances.values().any(|i| i.kind == kind && &i.version == v))
+        {
+            weights.insert(version.clone(), 100);
+        }
+        let version_weight = weights[&version];
+        let instance = Instance {
+            id: info.instance_id.clone(),
+            kind,
+            address,
+            version,
+            max_connections: info.max_connections,
+            metadata: info.metadata,
+            started_at: info.started_at,
+            registration_id: registration_id.clone(),
+            registered_at: wall,
+            last_seen: now,
+            last_heartbeat_at: None,
+            reported,
+            stats: None,
+            stats_history: VecDeque::new(),
+            routes: routes
+                .into_iter()
+                .map(|spec| (spec.id.clone(), TableRoute::new(spec, wall)))
+                .collect(),
+            health_config: request.health_config,
+            capabilities: request.capabilities,
+            draining: false,
+            stale: false,
+            routed_total: 0,
+            pending_instructions: BTreeMap::new(),
+            metrics: VecDeque::new(),
+        };
+        self.instances.insert(instance.id.clone(), instance);
+        self.changed();
+        Ok(Registered {
+            registration_id,
+            replaced,
+            version_weight,
+        })
+    }
+
+    /// Checks the caller owns the registration, and returns its kind.
+    pub fn check_registration(&self, id: &str, registration_id: &str) -> Result<ModuleKind, NlbError> {
+        check_id("instance_id", id)?;
+        let instance = self.instance(id)?;
+        if registration_id.is_empty() {
+            return Err(NlbError::Invalid("registration_id is empty; send the id RegisterModule returned".into()));
+        }
+        if instance.registration_id != registration_id {
+            return Err(NlbError::Denied(format!(
+                "registration_id does not match instance `{id}`'s current registration (it re-registered since); nothing changed"
+            )));
+        }
+        Ok(instance.kind)
+    }
+
+    /// Stops new traffic to an instance; returns the connections it had then.
+    pub fn start_drain(&mut self, id: &str) -> i64 {
+        self.instances.get_mut(id).map_or(0, |instance| {
+            instance.draining = true;
+            instance.connections()
+        })
+    }
+
+    /// Removes an instance if it still has `registration_id`; returns its remaining connections.
+    pub fn remove(&mut self, id: &str, registration_id: &str) -> Option<i64> {
+        if self.instances.get(id)?.registration_id != registration_id {
+            return None;
+        }
+        let instance = self.instances.remove(id)?;
+        self.changed();
+        Some(instance.connections())
+    }
+
+    pub fn connections_of(&self, id: &str, registration_id: &str) -> Option<i64> {
+        self.instances
+            .get(id)
+            .filter(|i| i.registration_id == registration_id)
+            .map(Instance::connections)
+    }
+
+    pub fn heartbeat(&mut self, request: pb::HeartbeatRequest, now: Instant, wall: SystemTime) -> Result<HeartbeatOutcome, NlbError> {
+        check_id("instance_id", &request.instance_id)?;
+        let status = pb::HealthStatus::try_from(request.status)
+            .map_err(|_| NlbError::Invalid(format!("status {} is not a HealthStatus value", request.status)))?;
+        if let Some(stats) = &request.current_stats {
+            check_stats(stats)?;
+        }
+        let Some(instance) = self.instances.get(&request.instance_id) else {
+            return Ok(HeartbeatOutcome::Reregister(format!(
+                "instance `{}` is not registered (the NLB restarted or expired it); register again",
+                request.instance_id
+            )));
+        };
+        if instance.registration_id != request.registration_id {
+            return Ok(HeartbeatOutcome::Reregister(format!(
+                "registration_id is stale for instance `{}`; register again",
+                request.instance_id
+            )));
+        }
+        let kind = instance.kind;
+        let current = self.count_of(kind);
+        let desired = self.desired.get(&kind).map(|d| d.count);
+        let Some(instance) = self.instances.get_mut(&request.instance_id) else {
+            unreachable!("looked up above under the same lock");
+        };
+        instance.last_seen = now;
+        instance.last_heartbeat_at = Some(wall);
+        if status != pb::HealthStatus::Unspecified {
+            instance.reported = status;
+        }
+        if let Some(mut stats) = request.current_stats {
+            stats.instance_id = instance.id.clone();
+            if instance.stats_history.len() == STATS_HISTORY {
+                instance.stats_history.pop_front();
+            }
+            instance.stats_history.push_back((now, stats.clone()));
+            instance.stats = Some(stats);
+        }
+        let recovered = std::mem::take(&mut instance.stale);
+        let mut instructions: HashMap<String, String> = std::mem::take(&mut instance.pending_instructions).into_iter().collect();
+        let should_scale = desired.is_some_and(|d| d != current);
+        if let Some(desired) = desired.filter(|_| should_scale) {
+            instructions.insert("desired_instances".into(), desired.to_string());
+            instructions.insert("current_instances".into(), current.to_string());
+        }
+        Ok(HeartbeatOutcome::Acknowledged {
+            should_scale,
+            instructions,
+            recovered,
+        })
+    }
+
+    /// Marks silent instances unhealthy and removes long-silent ones.
+    pub fn sweep(&mut self, now: Instant) -> Vec<SweepEvent> {
+        let unhealthy_after = self.settings.heartbeat.unhealthy_after();
+        let expire_after = self.settings.heartbeat.expire_after();
+        let mut events = Vec::new();
+        self.instances.retain(|_, instance| {
+            let silent_for = now.duration_since(instance.last_seen);
+            if silent_for > expire_after && !instance.draining {
+                events.push(SweepEvent::Removed {
+                    id: instance.id.clone(),
+                    kind: instance.kind,
+                    silent_for,
+                });
+                return false;
+            }
+            if silent_for > unhealthy_after && !instance.stale {
+                instance.stale = true;
+                events.push(SweepEvent::Unhealthy {
+                    id: instance.id.clone(),
+                    kind: instance.kind,
+                    silent_for,
+                });
+            }
+            true
+        });
+        if events.iter().any(|e| matches!(e, SweepEvent::Removed { .. })) {
+            self.changed();
+        }
+        events
+    }
+
+    // ---- routing ----
+
+    /// Replaces or upserts routes of the operator (`source` empty) or of one instance.
+    /// Returns how many routes were written. Nothing changes on error or with `validate_only`.
+    pub fn update_routes(
+        &mut self,
+        source: &str,
+        routes: Vec<pb::Route>,
+        replace_all: bool,
+        validate_only: bool,
+        wall: SystemTime,
+    ) -> Result<usize, Vec<String>> {
+        let specs = check_routes(routes)?;
+        let mut errors = Vec::new();
+        if source.is_empty() {
+            for spec in &specs {
+                if let Err(error) = OperatorTarget::of(spec) {
+                    errors.push(error);
+                }
+            }
+        } else if let Err(error) = check_id("source_instance_id", source).and_then(|()| self.instance(source).map(|_| ())) {
+            errors.push(error.to_string());
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let written = specs.len();
+        if validate_only {
+            return Ok(written);
+        }
+        let table = if source.is_empty() {
+            &mut self.operator_routes
+        } else {
+            match self.instances.get_mut(source) {
+                Some(instance) => &mut instance.routes,
+                None => return Err(vec![format!("instance `{source}` left while its routes were updated")]),
+            }
+        };
+        let mut next = if replace_all { BTreeMap::new() } else { table.clone() };
+        for spec in specs {
+            let created_at = table.get(&spec.id).map_or(wall, |old| old.created_at);
+            next.insert(spec.id.clone(), TableRoute::new(spec, created_at));
+        }
+        *table = next;
+        self.changed();
+        Ok(written)
+    }
+
+    /// Instances an operator route sends to.
+    fn operator_targets<'a>(&'a self, spec: &'a RouteSpec) -> impl Iterator<Item = &'a Instance> + 'a {
+        let target = OperatorTarget::of(spec).ok();
+        self.instances.values().filter(move |i| match &target {
+            Some(OperatorTarget::Kind(kind)) => i.kind == *kind,
+            Some(OperatorTarget::Instance(id)) => &i.id == id,
+            None => false,
+        })
+    }
+
+    /// Every (route, owner, target instance) as the routing table shows them.
+    pub fn table(&self) -> Vec<(&TableRoute, RouteOwner, Option<&Instance>)> {
+        let mut rows = Vec::new();
+        for route in self.operator_routes.values() {
+            let mut targets = self.operator_targets(&route.spec).peekable();
+            if targets.peek().is_none() {
+                rows.push((route, RouteOwner::Operator, None));
+            }
+            for instance in targets {
+                rows.push((route, RouteOwner::Operator, Some(instance)));
+            }
+        }
+        for instance in self.instances.values() {
+            for route in instance.routes.values() {
+                rows.push((route, RouteOwner::Module(instance.id.clone()), Some(instance)));
+            }
+        }
+        rows
+    }
+
+    /// Routes a flow the way the data plane does: the best matching route that has a healthy
+    /// instance, then a version by weight, then an instance by the balancing strategy.
+    /// With `dry_run` nothing is counted and the turn-taking cursor does not move.
+    pub fn decide(&mut self, flow: &Flow, dry_run: bool, now: Instant, wall: SystemTime) -> Result<Decision, NoRoute> {
+        // Candidate routes: operator routes, and module routes grouped by (kind, route id) so
+        // blue and green instances carrying the same route share it.
+        let mut candidates: Vec<(RouteSpec, RouteOwner, Vec<&Instance>)> = Vec::new();
+        for route in self.operator_routes.values().filter(|r| r.spec.matches(flow)) {
+            let targets = self.operator_targets(&route.spec).collect();
+            candidates.push((route.spec.clone(), RouteOwner::Operator, targets));
+        }
+        let mut groups: BTreeMap<(ModuleKind, &str), (RouteSpec, Vec<&Instance>)> = BTreeMap::new();
+        for instance in self.instances.values() {
+            for route in instance.routes.values().filter(|r| r.spec.matches(flow)) {
+                let group = groups
+                    .entry((instance.kind, route.spec.id.as_str()))
+                    .or_insert_with(|| (route.spec.clone(), Vec::new()));
+                // The highest priority among the group's copies speaks for the group.
+                if route.spec.rank() > group.0.rank() {
+                    group.0 = route.spec.clone();
+                }
+                group.1.push(instance);
+            }
+        }
+        for ((_, _), (spec, members)) in groups {
+            let owner = RouteOwner::Module(members[0].id.clone());
+            candidates.push((spec, owner, members));
+        }
+        if candidates.is_empty() {
+            return Err(NoRoute::NoMatchingRoute);
+        }
+        candidates.sort_by(|a, b| {
+            b.0.rank()
+                .cmp(&a.0.rank())
+                .then_with(|| (b.1 == RouteOwner::Operator).cmp(&(a.1 == RouteOwner::Operator)))
+                .then_with(|| a.0.id.cmp(&b.0.id))
+        });
+        let strategy = self.settings.balancing.strategy;
+        let mut tried = Vec::new();
+        let mut chosen = None;
+        for (spec, owner, targets) in candidates {
+            let usable: Vec<&Instance> = targets
+                .into_iter()
+                .filter(|i| i.routable(now, &self.settings) && i.data_address(&spec).is_some())
+                .collect();
+            if usable.is_empty() {
+                tried.push(spec.id.clone());
+                continue;
+            }
+            let picked = pick(&usable, &self.weights, strategy, self.cursor);
+            let instance = usable[picked];
+            chosen = Some(Decision {
+                target_address: instance.data_address(&spec).unwrap_or_default(),
+                instance_id: instance.id.clone(),
+                kind: instance.kind,
+                route: spec,
+                owner,
+            });
+            break;
+        }
+        let decision = chosen.ok_or(NoRoute::NoHealthyInstance(tried))?;
+        if !dry_run {
+            self.cursor = self.cursor.wrapping_add(1);
+            self.route_requests += 1;
+            let table = match &decision.owner {
+                RouteOwner::Operator => Some(&mut self.operator_routes),
+                RouteOwner::Module(_) => self.instances.get_mut(&decision.instance_id).map(|i| &mut i.routes),
+            };
+            if let Some(route) = table.and_then(|t| t.get_mut(&decision.route.id)) {
+                route.last_used = Some(wall);
+            }
+            if let Some(instance) = self.instances.get_mut(&decision.instance_id) {
+                instance.routed_total += 1;
+            }
+        }
+        Ok(decision)
+    }
+
+    // ---- load ----
+
+    /// Sets how new connections are balanced; returns the previous strategy.
+    pub fn set_strategy(&mut self, strategy: Strategy, wall: SystemTime) -> Strategy {
+        let previous = std::mem::replace(&mut self.settings.balancing.strategy, strategy);
+        if previous != strategy {
+            self.config_set_at.insert("balancing".into(), wall);
+            self.changed();
+        }
+        previous
+    }
+
+    /// Asks an instance, through its next heartbeat answer, to shed connections.
+    pub fn ask_to_shed(&mut self, id: &str, connections: i64) {
+        if let Some(instance) = self.instances.get_mut(id) {
+            instance.pending_instructions.insert("action".into(), "rebalance".into());
+            instance
+                .pending_instructions
+                .insert("shed_connections".into(), connections.to_string());
+        }
+    }
+
+    pub fn set_desired(&mut self, kind: ModuleKind, count: u32, now: Instant) {
+        self.desired.insert(kind, DesiredScale { count, changed: now });
+        self.changed();
+    }
+
+    pub fn set_settings(&mut self, section: &str, settings: Settings, wall: SystemTime) {
+        self.settings = settings;
+        self.config_set_at.insert(section.to_owned(), wall);
+        self.changed();
+    }
+}
+
+/// Picks among usable instances: a version by weight (versions whose weight is 0 only when no
+/// weighted version has a usable instance), then an instance by strategy. Returns an index.
+fn pick(usable: &[&Instance], weights: &BTreeMap<ModuleKind, BTreeMap<String, u32>>, strategy: Strategy, cursor: u64) -> usize {
+    let weight = |i: &Instance| {
+        weights
+            .get(&i.kind)
+            .and_then(|w| w.get(&i.version))
+            .copied()
+            .unwrap_or(0)
+    };
+    let mut versions: BTreeMap<&str, u32> = BTreeMap::new();
+    for instance in usable {
+        versions.insert(instance.version.as_str(), weight(instance));
+    }
+    let total: u32 = versions.values().sum();
+    let version = if total == 0 {
+        // No weighted version is up: any healthy instance beats failing the client.
+        None
+    } else {
+        let mut roll = rand::random_range(0..total);
+        versions.iter().find_map(|(v, w)| {
+            if roll < *w {
+                Some(*v)
+            } else {
+                roll -= w;
+                None
+            }
+        })
+    };
+    let pool: Vec<usize> = (0..usable.len())
+        .filter(|&i| version.is_none_or(|v| usable[i].version == v))
+        .collect();
+    let turn = (cursor % pool.len() as u64) as usize;
+    match strategy {
+        Strategy::RoundRobin => pool[turn],
+        Strategy::Random => pool[rand::random_range(0..pool.len())],
+        Strategy::LeastConnections => {
+            let least = pool.iter().map(|&i| usable[i].connections()).min().unwrap_or(0);
+            let tied: Vec<usize> = pool.into_iter().filter(|&i| usable[i].connections() == least).collect();
+            tied[(cursor % tied.len() as u64) as usize]
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> State {
+        State::restore(PersistedState::default(), Settings::default()).unwrap()
+    }
+
+    fn registration(id: &str, version: &str, data: &str) -> pb::RegisterModuleRequest {
+        pb::RegisterModuleRequest {
+            instance: Some(pb::ModuleInstance {
+                instance_id: id.into(),
+                module_type: pb::ModuleType::Alb as i32,
+                address: "127.0.0.1:50051".into(),
+                version: version.into(),
+                metadata: HashMap::from([("data_address".to_string(), data.to_string())]),
+                ..Default::default()
+            }),
+            initial_routes: vec![pb::Route {
+                route_id: "web".into(),
+                protocol: pb::Protocol::Http as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn http() -> Flow {
+        Flow {
+            protocol: Some(pb::Protocol::Http),
+            ..Flow::default()
+        }
+    }
+
+    #[test]
+    fn new_version_waits_beside_a_serving_one() {
+        let mut state = state();
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        assert_eq!(state.register(registration("a", "v1", "127.0.0.1:1"), now, wall).unwrap().version_weight, 100);
+        assert_eq!(state.register(registration("b", "v2", "127.0.0.1:2"), now, wall).unwrap().version_weight, 0);
+        for _ in 0..20 {
+            let decision = state.decide(&http(), false, now, wall).unwrap();
+            assert_eq!(decision.instance_id, "a");
+        }
+    }
+
+    #[test]
+    fn sequential_flows_spread_over_equal_instances_and_dry_run_counts_nothing() {
+        let mut state = state();
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        state.register(registration("a", "v1", "127.0.0.1:1"), now, wall).unwrap();
+        state.register(registration("b", "v1", "127.0.0.1:2"), now, wall).unwrap();
+        let first = state.decide(&http(), true, now, wall).unwrap().instance_id;
+        assert_eq!(state.decide(&http(), true, now, wall).unwrap().instance_id, first);
+        assert_eq!(state.route_requests, 0);
+        let picks: BTreeSet<_> = (0..4).map(|_| state.decide(&http(), false, now, wall).unwrap().instance_id).collect();
+        assert_eq!(picks.len(), 2);
+        assert_eq!(state.route_requests, 4);
+    }
+
+    #[test]
+    fn silent_instances_turn_unhealthy_then_go() {
+        let mut state = state();
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        state.register(registration("a", "v1", "127.0.0.1:1"), now, wall).unwrap();
+        let later = now + Duration::from_secs(31);
+        assert!(matches!(state.sweep(later)[..], [SweepEvent::Unhealthy { .. }]));
+        assert_eq!(state.decide(&http(), true, later, wall).unwrap_err().label(), "no_instance");
+        assert!(state.sweep(later).is_empty());
+        assert!(matches!(state.sweep(now + Duration::from_secs(121))[..], [SweepEvent::Removed { .. }]));
+        assert!(state.instances.is_empty());
+    }
+
+    #[test]
+    fn rejected_route_updates_change_nothing() {
+        let mut state = state();
+        let wall = SystemTime::now();
+        let good = pb::Route {
+            route_id: "r1".into(),
+            destination_pattern: "alb".into(),
+            ..Default::default()
+        };
+        state.update_routes("", vec![good.clone()], false, false, wall).unwrap();
+        let bad = pb::Route {
+            route_id: "r2".into(),
+            source_port: -1,
+            destination_pattern: "alb".into(),
+            ..Default::default()
+        };
+        let errors = state.update_routes("", vec![good, bad], true, false, wall).unwrap_err();
+        assert!(errors[0].contains("routes[1]"), "{errors:?}");
+        assert_eq!(state.operator_routes.keys().collect::<Vec<_>>(), ["r1"]);
+    }
+}

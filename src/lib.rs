@@ -1,0 +1,32 @@
+//! MarchProxy's control-plane API and the few helpers every component shares.
+//!
+//! - [`pb`]: the generated code of package `marchproxy` (NLBService, ModuleService and their
+//!   messages), wire-compatible with MarchProxy's interface.
+//! - [`auth`]: the cluster API key, checked by servers and attached by clients.
+//! - [`query`]: the `Query` message (filters, sort, pagination) applied to any listing.
+//! - [`status`]: errors that travel both as a gRPC status and as the response body.
+//! - [`telemetry`], [`time`]: logging set-up, timestamps and durations.
+
+pub mod auth;
+pub mod names;
+pub mod query;
+pub mod signal;
+pub mod stats;
+pub mod status;
+pub mod telemetry;
+pub mod time;
+
+pub mod pb {
+    //! Generated from `proto/marchproxy/{types,module,nlb}.proto`.
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("marchproxy");
+
+    /// The encoded `FileDescriptorSet` of the three proto files (and their imports), for gRPC
+    /// reflection and for rendering messages as canonical protobuf JSON.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/marchproxy_descriptor.bin"));
+
+    /// The gRPC service names, as health checks and reflection know them.
+    pub const NLB_SERVICE_NAME: &str = "marchproxy.NLBService";
+    pub const MODULE_SERVICE_NAME: &str = "marchproxy.ModuleService";
+}

@@ -1,0 +1,206 @@
+//! Shared harness for the end-to-end tests: a real NLB on loopback ports in a temporary state
+//! directory, generated clients, a module double, and waiting on conditions with a deadline.
+
+#![allow(dead_code)] // each test binary uses its own part of the harness
+
+pub mod fake_module;
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use marchproxy::{auth::AttachApiKey, pb};
+use marchproxy_nlb::{Config, Server, StartError};
+use tokio::{io::AsyncReadExt, io::AsyncWriteExt, sync::oneshot, task::JoinHandle};
+use tonic::{service::interceptor::InterceptedService, transport::Channel};
+
+pub type NlbClient = pb::nlb_service_client::NlbServiceClient<InterceptedService<Channel, AttachApiKey>>;
+
+/// A running NLB; dropped or stopped, it shuts down.
+pub struct TestNlb {
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+    pub state_dir: PathBuf,
+    pub api_key: Option<String>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), StartError>>>,
+}
+
+/// A state directory that outlives restarts within one test.
+pub fn state_dir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("a temporary directory")
+}
+
+/// Starts an NLB with `config` (ports are forced to loopback port 0).
+pub async fn start_with(mut config: Config) -> TestNlb {
+    config.grpc_listen = "127.0.0.1:0".parse().unwrap();
+    config.admin_listen = "127.0.0.1:0".parse().unwrap();
+    let api_key = config.api_key.clone();
+    let state_dir = config.state_dir.clone().unwrap_or_default();
+    let server = Server::bind(config).await.expect("the NLB binds");
+    let (grpc, admin) = (server.grpc_addr(), server.admin_addr());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+    let nlb = TestNlb {
+        grpc,
+        admin,
+        state_dir,
+        api_key,
+        stop: Some(stop),
+        task: Some(task),
+    };
+    let client = nlb.client().await;
+    eventually("the NLB answers", Duration::from_secs(10), || {
+        let mut client = client.clone();
+        async move { client.get_nlb_status(pb::GetNlbStatusRequest::default()).await.is_ok() }
+    })
+    .await;
+    nlb
+}
+
+/// Starts an NLB on `dir` with default settings.
+pub async fn start(dir: &tempfile::TempDir) -> TestNlb {
+    start_with(Config {
+        state_dir: Some(dir.path().to_owned()),
+        ..Config::local()
+    })
+    .await
+}
+
+impl TestNlb {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url()).unwrap().connect().await.expect("connects to the NLB")
+    }
+
+    /// A client carrying the NLB's key, if it has one.
+    pub async fn client(&self) -> NlbClient {
+        self.client_with_key(self.api_key.as_deref()).await
+    }
+
+    pub async fn client_with_key(&self, key: Option<&str>) -> NlbClient {
+        pb::nlb_service_client::NlbServiceClient::with_interceptor(self.channel().await, AttachApiKey::new(key).unwrap())
+    }
+
+    /// Stops the NLB and waits for it to exit cleanly.
+    pub async fn stop(mut self) {
+        self.shutdown().await;
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let result = tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("the NLB stops within 10 s");
+            result.expect("the NLB task did not panic").expect("the NLB exits without error");
+        }
+    }
+}
+
+impl Drop for TestNlb {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Waits until `check` is true, polling every 20 ms; fails the test with `what` at the deadline.
+pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let until = Instant::now() + deadline;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < until, "timed out after {deadline:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A module instance as a module would register it.
+pub fn instance(id: &str, kind: pb::ModuleType, version: &str, data_address: &str) -> pb::ModuleInstance {
+    pb::ModuleInstance {
+        instance_id: id.into(),
+        module_type: kind as i32,
+        address: "127.0.0.1:50051".into(),
+        version: version.into(),
+        metadata: [("data_address".to_string(), data_address.to_string())].into(),
+        max_connections: 100,
+        ..Default::default()
+    }
+}
+
+pub fn route(id: &str, protocol: pb::Protocol, source: &str, destination: &str, priority: i32) -> pb::Route {
+    pb::Route {
+        route_id: id.into(),
+        protocol: protocol as i32,
+        source_pattern: source.into(),
+        destination_pattern: destination.into(),
+        priority,
+        ..Default::default()
+    }
+}
+
+/// Registers an instance; returns its registration id.
+pub async fn register(client: &mut NlbClient, instance: pb::ModuleInstance, routes: Vec<pb::Route>) -> String {
+    let response = client
+        .register_module(pb::RegisterModuleRequest {
+            instance: Some(instance),
+            initial_routes: routes,
+            ..Default::default()
+        })
+        .await
+        .expect("registration succeeds")
+        .into_inner();
+    assert!(response.success, "{}", response.message);
+    assert!(!response.registration_id.is_empty());
+    response.registration_id
+}
+
+pub async fn heartbeat(client: &mut NlbClient, id: &str, registration: &str, active: i64) -> pb::HeartbeatResponse {
+    client
+        .heartbeat(pb::HeartbeatRequest {
+            instance_id: id.into(),
+            registration_id: registration.into(),
+            status: pb::HealthStatus::Healthy as i32,
+            current_stats: Some(pb::ModuleStats {
+                active_connections: active,
+                ..Default::default()
+            }),
+            timestamp: None,
+        })
+        .await
+        .expect("heartbeat answered")
+        .into_inner()
+}
+
+/// One plain HTTP/1.1 GET; returns (status code, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("admin port open");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}

@@ -123,7 +123,11 @@ mod tests {
     fn client_attaches_what_server_expects() {
         let mut attach = AttachApiKey::new(Some("s3cret")).unwrap();
         let request = attach.call(Request::new(())).unwrap();
-        assert!(RequireApiKey::new(Some("s3cret".into())).call(request).is_ok());
+        assert!(
+            RequireApiKey::new(Some("s3cret".into()))
+                .call(request)
+                .is_ok()
+        );
         assert!(AttachApiKey::new(Some("has space")).is_err());
     }
 }

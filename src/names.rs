@@ -165,23 +165,26 @@ impl FromStr for Endpoint {
             why,
         };
         let (host, port) = text.rsplit_once(':').ok_or_else(|| fail("no port"))?;
-        let port: u16 = port.parse().map_err(|_| fail("port is not a number from 1 to 65535"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| fail("port is not a number from 1 to 65535"))?;
         if port == 0 {
             return Err(fail("port 0 cannot be dialled"));
         }
-        let valid_host = if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-            inner.parse::<std::net::Ipv6Addr>().is_ok()
-        } else {
-            !host.is_empty()
-                && host.len() <= 253
-                && host
-                    .split('.')
-                    .all(|label| {
+        let valid_host =
+            if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+                inner.parse::<std::net::Ipv6Addr>().is_ok()
+            } else {
+                !host.is_empty()
+                    && host.len() <= 253
+                    && host.split('.').all(|label| {
                         !label.is_empty()
                             && label.len() <= 63
-                            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                            && label
+                                .bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
                     })
-        };
+            };
         if !valid_host {
             return Err(fail("bad host name"));
         }
@@ -202,7 +205,17 @@ mod tests {
         assert_eq!((ok.host(), ok.port()), ("10.0.0.5", 50051));
         assert!("[::1]:80".parse::<Endpoint>().is_ok());
         assert!("alb-green.local:50051".parse::<Endpoint>().is_ok());
-        for bad in ["", "host", "host:", ":80", "host:0", "host:70000", "ho st:80", "[zz]:80", "a..b:80"] {
+        for bad in [
+            "",
+            "host",
+            "host:",
+            ":80",
+            "host:0",
+            "host:70000",
+            "ho st:80",
+            "[zz]:80",
+            "a..b:80",
+        ] {
             assert!(bad.parse::<Endpoint>().is_err(), "{bad} accepted");
         }
     }
@@ -211,9 +224,15 @@ mod tests {
     fn kinds_and_protocols() {
         for kind in ModuleKind::ALL {
             assert_eq!(kind.name().parse::<ModuleKind>().unwrap(), kind);
-            assert_eq!(ModuleKind::from_module_type(kind.module_type() as i32), Some(kind));
+            assert_eq!(
+                ModuleKind::from_module_type(kind.module_type() as i32),
+                Some(kind)
+            );
         }
-        assert_eq!("sqs_proxy".parse::<ModuleKind>().unwrap(), ModuleKind::SqsProxy);
+        assert_eq!(
+            "sqs_proxy".parse::<ModuleKind>().unwrap(),
+            ModuleKind::SqsProxy
+        );
         assert!(ModuleKind::from_module_type(pb::ModuleType::Nlb as i32).is_none());
         assert!(ModuleKind::from_module_type(99).is_none());
         assert_eq!(parse_protocol("postgres"), Some(pb::Protocol::Postgres));

@@ -20,7 +20,11 @@ pub enum Value {
 impl Value {
     fn compare(&self, other: &str) -> Option<Ordering> {
         match self {
-            Value::Number(n) => other.trim().parse::<f64>().ok().and_then(|o| n.partial_cmp(&o)),
+            Value::Number(n) => other
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .and_then(|o| n.partial_cmp(&o)),
             Value::Text(t) => Some(t.as_str().cmp(other)),
         }
     }
@@ -71,9 +75,7 @@ pub trait Queryable {
 pub enum QueryError {
     #[error("unknown field `{field}` in query; known fields: {known}")]
     UnknownField { field: String, known: String },
-    #[error(
-        "unknown filter operator `{0}`; use one of =, !=, <, <=, >, >=, contains, prefix, in"
-    )]
+    #[error("unknown filter operator `{0}`; use one of =, !=, <, <=, >, >=, contains, prefix, in")]
     UnknownOperator(String),
     #[error("pagination.page and pagination.page_size must not be negative (got {0} and {1})")]
     NegativePage(i32, i32),
@@ -158,7 +160,10 @@ pub struct Page<T> {
 }
 
 /// Filters, sorts and pages `items` by `query` (no query: everything, in the given order).
-pub fn apply<T: Queryable>(mut items: Vec<T>, query: Option<&pb::Query>) -> Result<Page<T>, QueryError> {
+pub fn apply<T: Queryable>(
+    mut items: Vec<T>,
+    query: Option<&pb::Query>,
+) -> Result<Page<T>, QueryError> {
     let default = pb::Query::default();
     let query = query.unwrap_or(&default);
     let mut filters = Vec::with_capacity(query.filters.len());
@@ -166,7 +171,11 @@ pub fn apply<T: Queryable>(mut items: Vec<T>, query: Option<&pb::Query>) -> Resu
         if !known_field(items.first(), &filter.field) {
             return Err(unknown::<T>(&filter.field));
         }
-        filters.push((filter.field.as_str(), parse_op(&filter.operator)?, filter.value.as_str()));
+        filters.push((
+            filter.field.as_str(),
+            parse_op(&filter.operator)?,
+            filter.value.as_str(),
+        ));
     }
     items.retain(|item| {
         filters
@@ -183,7 +192,11 @@ pub fn apply<T: Queryable>(mut items: Vec<T>, query: Option<&pb::Query>) -> Resu
                 (Some(x), Some(y)) => x.text().cmp(&y.text()),
                 (x, y) => x.is_some().cmp(&y.is_some()),
             };
-            if query.sort_desc { order.reverse() } else { order }
+            if query.sort_desc {
+                order.reverse()
+            } else {
+                order
+            }
         });
     }
     let total = items.len();
@@ -204,7 +217,11 @@ pub fn apply<T: Queryable>(mut items: Vec<T>, query: Option<&pb::Query>) -> Resu
         items
     } else {
         let start = (page as usize - 1).saturating_mul(page_size as usize);
-        items.into_iter().skip(start).take(page_size as usize).collect()
+        items
+            .into_iter()
+            .skip(start)
+            .take(page_size as usize)
+            .collect()
     };
     let total_pages = if page_size == 0 {
         0
@@ -223,80 +240,10 @@ pub fn apply<T: Queryable>(mut items: Vec<T>, query: Option<&pb::Query>) -> Resu
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    struct Item(&'static str, i32);
-
-    impl Queryable for Item {
-        const FIELDS: &'static [&'static str] = &["name", "size"];
-        fn field(&self, field: &str) -> Option<Value> {
-            match field {
-                "name" => Some(self.0.into()),
-                "size" => Some(self.1.into()),
-                _ => None,
-            }
-        }
-    }
-
-    fn items() -> Vec<Item> {
-        vec![Item("b", 2), Item("a", 10), Item("c", 1)]
-    }
-
-    fn names(page: &Page<Item>) -> Vec<&'static str> {
-        page.items.iter().map(|i| i.0).collect()
-    }
-
-    fn filter(field: &str, operator: &str, value: &str) -> pb::Filter {
-        pb::Filter { field: field.into(), operator: operator.into(), value: value.into() }
-    }
-
-    #[test]
-    fn filters_sorts_and_pages() {
-        let query = pb::Query {
-            filters: vec![filter("size", ">", "1")],
-            sort_by: "size".into(),
-            sort_desc: true,
-            pagination: None,
-        };
-        let page = apply(items(), Some(&query)).unwrap();
-        assert_eq!(names(&page), ["a", "b"]);
-
-        let query = pb::Query {
-            sort_by: "name".into(),
-            pagination: Some(pb::Pagination { page: 2, page_size: 2, ..Default::default() }),
-            ..Default::default()
-        };
-        let page = apply(items(), Some(&query)).unwrap();
-        assert_eq!(names(&page), ["c"]);
-        assert_eq!(page.pagination.total_pages, 2);
-        assert_eq!(page.pagination.total_items, 3);
-    }
-
-    #[test]
-    fn numbers_compare_as_numbers() {
-        let query = pb::Query { sort_by: "size".into(), ..Default::default() };
-        assert_eq!(names(&apply(items(), Some(&query)).unwrap()), ["c", "b", "a"]);
-        let query = pb::Query { filters: vec![filter("name", "in", "a, c")], ..Default::default() };
-        assert_eq!(names(&apply(items(), Some(&query)).unwrap()), ["a", "c"]);
-    }
-
-    #[test]
-    fn rejects_what_it_cannot_do() {
-        let query = pb::Query { filters: vec![filter("colour", "=", "red")], ..Default::default() };
-        assert!(matches!(apply(items(), Some(&query)), Err(QueryError::UnknownField { .. })));
-        let query = pb::Query { filters: vec![filter("name", "~", "a")], ..Default::default() };
-        assert!(matches!(apply(items(), Some(&query)), Err(QueryError::UnknownOperator(_))));
-        let query = pb::Query {
-            pagination: Some(pb::Pagination { page: -1, ..Default::default() }),
-            ..Default::default()
-        };
-        assert!(matches!(apply(items(), Some(&query)), Err(QueryError::NegativePage(..))));
-    }
-}
-
-fn metadata_field(metadata: &std::collections::HashMap<String, String>, field: &str) -> Option<Value> {
+fn metadata_field(
+    metadata: &std::collections::HashMap<String, String>,
+    field: &str,
+) -> Option<Value> {
     field
         .strip_prefix("metadata.")
         .and_then(|key| metadata.get(key))
@@ -384,5 +331,113 @@ impl Queryable for pb::RoutingEntry {
             "current_connections" => Some(self.current_connections.into()),
             other => self.route.as_ref().and_then(|route| route.field(other)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Item(&'static str, i32);
+
+    impl Queryable for Item {
+        const FIELDS: &'static [&'static str] = &["name", "size"];
+        fn field(&self, field: &str) -> Option<Value> {
+            match field {
+                "name" => Some(self.0.into()),
+                "size" => Some(self.1.into()),
+                _ => None,
+            }
+        }
+    }
+
+    fn items() -> Vec<Item> {
+        vec![Item("b", 2), Item("a", 10), Item("c", 1)]
+    }
+
+    fn names(page: &Page<Item>) -> Vec<&'static str> {
+        page.items.iter().map(|i| i.0).collect()
+    }
+
+    fn filter(field: &str, operator: &str, value: &str) -> pb::Filter {
+        pb::Filter {
+            field: field.into(),
+            operator: operator.into(),
+            value: value.into(),
+        }
+    }
+
+    #[test]
+    fn filters_sorts_and_pages() {
+        let query = pb::Query {
+            filters: vec![filter("size", ">", "1")],
+            sort_by: "size".into(),
+            sort_desc: true,
+            pagination: None,
+        };
+        let page = apply(items(), Some(&query)).unwrap();
+        assert_eq!(names(&page), ["a", "b"]);
+
+        let query = pb::Query {
+            sort_by: "name".into(),
+            pagination: Some(pb::Pagination {
+                page: 2,
+                page_size: 2,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let page = apply(items(), Some(&query)).unwrap();
+        assert_eq!(names(&page), ["c"]);
+        assert_eq!(page.pagination.total_pages, 2);
+        assert_eq!(page.pagination.total_items, 3);
+    }
+
+    #[test]
+    fn numbers_compare_as_numbers() {
+        let query = pb::Query {
+            sort_by: "size".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            names(&apply(items(), Some(&query)).unwrap()),
+            ["c", "b", "a"]
+        );
+        let query = pb::Query {
+            filters: vec![filter("name", "in", "a, c")],
+            ..Default::default()
+        };
+        assert_eq!(names(&apply(items(), Some(&query)).unwrap()), ["a", "c"]);
+    }
+
+    #[test]
+    fn rejects_what_it_cannot_do() {
+        let query = pb::Query {
+            filters: vec![filter("colour", "=", "red")],
+            ..Default::default()
+        };
+        assert!(matches!(
+            apply(items(), Some(&query)),
+            Err(QueryError::UnknownField { .. })
+        ));
+        let query = pb::Query {
+            filters: vec![filter("name", "~", "a")],
+            ..Default::default()
+        };
+        assert!(matches!(
+            apply(items(), Some(&query)),
+            Err(QueryError::UnknownOperator(_))
+        ));
+        let query = pb::Query {
+            pagination: Some(pb::Pagination {
+                page: -1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(matches!(
+            apply(items(), Some(&query)),
+            Err(QueryError::NegativePage(..))
+        ));
     }
 }

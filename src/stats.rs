@@ -4,7 +4,10 @@
 use crate::pb;
 
 /// One data point per numeric field of `stats`, stamped `at`, labelled `source=heartbeat`.
-pub fn data_points(stats: &pb::ModuleStats, at: prost_types::Timestamp) -> Vec<pb::MetricDataPoint> {
+pub fn data_points(
+    stats: &pb::ModuleStats,
+    at: prost_types::Timestamp,
+) -> Vec<pb::MetricDataPoint> {
     let fields: [(&str, f64); 13] = [
         ("total_requests", stats.total_requests as f64),
         ("successful_requests", stats.successful_requests as f64),
@@ -45,7 +48,8 @@ pub fn select(
         .filter(|p| names.is_empty() || names.iter().any(|n| n == &p.name))
         .filter(|p| {
             let at = p.timestamp.as_ref().map(key);
-            start.is_none_or(|s| at.is_some_and(|a| a >= key(s))) && end.is_none_or(|e| at.is_some_and(|a| a <= key(e)))
+            start.is_none_or(|s| at.is_some_and(|a| a >= key(s)))
+                && end.is_none_or(|e| at.is_some_and(|a| a <= key(e)))
         })
         .collect()
 }

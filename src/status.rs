@@ -76,6 +76,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn failure_body_names_are_the_proto_names() {
+        let set = prost_types::FileDescriptorSet::decode(pb::FILE_DESCRIPTOR_SET).unwrap();
+        let messages: Vec<&str> = set
+            .file
+            .iter()
+            .filter(|f| f.package() == "marchproxy")
+            .flat_map(|f| f.message_type.iter().map(|m| m.name()))
+            .collect();
+        for name in FAILURE_BODY_NAMES {
+            assert!(
+                messages.contains(name),
+                "{name} is not a message of package marchproxy"
+            );
+        }
+    }
+
+    #[test]
     fn body_round_trips_through_the_status() {
         let body = pb::UpdateRoutingResponse {
             success: false,
@@ -83,7 +100,12 @@ mod tests {
             error: Some(error_body(Code::InvalidArgument, "route 1: bad")),
             ..Default::default()
         };
-        let status = with_body(Code::InvalidArgument, "route 1: bad", "UpdateRoutingResponse", &body);
+        let status = with_body(
+            Code::InvalidArgument,
+            "route 1: bad",
+            "UpdateRoutingResponse",
+            &body,
+        );
         assert_eq!(status.code(), Code::InvalidArgument);
         let back: pb::UpdateRoutingResponse = body_of(&status, "UpdateRoutingResponse").unwrap();
         assert_eq!(back, body);
@@ -96,27 +118,36 @@ mod tests {
 
 /// A response that can say it failed: `success=false` with `message` and `error`.
 pub trait FailureBody: Message + Sized {
-    /// The message name, for the type URL of the status details.
+    /// The message name in the proto files (`UpdateNLBConfigResponse`, not the Rust spelling),
+    /// for the type URL of the status details.
     const NAME: &'static str;
     fn failure(message: String, error: pb::Error) -> Self;
 }
 
 macro_rules! failure_bodies {
-    ($($name:ident),* $(,)?) => {$(
+    ($($name:ident $(= $proto:literal)?),* $(,)?) => {$(
+        // Some responses have only these three fields; the update fills the rest of the others.
+        #[allow(clippy::needless_update)]
         impl FailureBody for pb::$name {
-            const NAME: &'static str = stringify!($name);
+            const NAME: &'static str = failure_bodies!(@name $name $($proto)?);
             fn failure(message: String, error: pb::Error) -> Self {
                 pb::$name { success: false, message, error: Some(error), ..Default::default() }
             }
         }
-    )*};
+    )*
+        /// Every name above, so a test can check each against the proto files.
+        #[cfg(test)]
+        const FAILURE_BODY_NAMES: &[&str] = &[$(failure_bodies!(@name $name $($proto)?)),*];
+    };
+    (@name $name:ident $proto:literal) => { $proto };
+    (@name $name:ident) => { stringify!($name) };
 }
 
 failure_bodies!(
     RegisterModuleResponse,
     UnregisterModuleResponse,
     UpdateRoutingResponse,
-    UpdateNlbConfigResponse,
+    UpdateNlbConfigResponse = "UpdateNLBConfigResponse",
     RebalanceLoadResponse,
     TriggerScalingResponse,
     ReloadResponse,

@@ -14,7 +14,11 @@ use crate::settings::Settings;
 
 /// `marchproxy-nlb` flags.
 #[derive(Clone, Debug, Default, clap::Parser)]
-#[command(name = "marchproxy-nlb", version, about = "MarchProxy's network load balancer: module registry, routing and the NLBService control plane")]
+#[command(
+    name = "marchproxy-nlb",
+    version,
+    about = "MarchProxy's network load balancer: module registry, routing and the NLBService control plane"
+)]
 pub struct Args {
     /// TOML file with any of the settings below (flags and environment win over it).
     #[arg(long, env = "MARCHPROXY_CONFIG")]
@@ -63,7 +67,10 @@ struct FileConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{0}")]
@@ -110,19 +117,31 @@ impl Config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
-        let file_duration = |text: Option<String>, key: &str| -> Result<Option<Duration>, ConfigError> {
-            text.map(|t| parse_duration(&t).map_err(|e| ConfigError::Invalid(format!("config file key {key}: {e}"))))
+        let file_duration =
+            |text: Option<String>, key: &str| -> Result<Option<Duration>, ConfigError> {
+                text.map(|t| {
+                    parse_duration(&t)
+                        .map_err(|e| ConfigError::Invalid(format!("config file key {key}: {e}")))
+                })
                 .transpose()
-        };
+            };
         let defaults = Config::default();
         let mut settings = defaults.settings.clone();
-        if let Some(after) = args.unhealthy_after.or(file_duration(file.unhealthy_after, "unhealthy_after")?) {
+        if let Some(after) = args
+            .unhealthy_after
+            .or(file_duration(file.unhealthy_after, "unhealthy_after")?)
+        {
             settings.heartbeat.unhealthy_after_ms = after.as_millis() as u64;
         }
-        if let Some(after) = args.expire_after.or(file_duration(file.expire_after, "expire_after")?) {
+        if let Some(after) = args
+            .expire_after
+            .or(file_duration(file.expire_after, "expire_after")?)
+        {
             settings.heartbeat.expire_after_ms = after.as_millis() as u64;
         }
-        if settings.heartbeat.expire_after_ms <= settings.heartbeat.unhealthy_after_ms || settings.heartbeat.unhealthy_after_ms == 0 {
+        if settings.heartbeat.expire_after_ms <= settings.heartbeat.unhealthy_after_ms
+            || settings.heartbeat.unhealthy_after_ms == 0
+        {
             return Err(ConfigError::Invalid(format!(
                 "--expire-after ({}ms) must be longer than --unhealthy-after ({}ms), and both above 0",
                 settings.heartbeat.expire_after_ms, settings.heartbeat.unhealthy_after_ms
@@ -137,11 +156,18 @@ impl Config {
             .or_else(|| std::env::var("MARCHPROXY_CLUSTER_API_KEY").ok())
             .filter(|k| !k.is_empty());
         if let Some(key) = &api_key {
-            marchproxy::auth::AttachApiKey::new(Some(key)).map_err(|e| ConfigError::Invalid(format!("--api-key: {e}")))?;
+            marchproxy::auth::AttachApiKey::new(Some(key))
+                .map_err(|e| ConfigError::Invalid(format!("--api-key: {e}")))?;
         }
         Ok(Config {
-            grpc_listen: args.grpc_listen.or(file.grpc_listen).unwrap_or(defaults.grpc_listen),
-            admin_listen: args.admin_listen.or(file.admin_listen).unwrap_or(defaults.admin_listen),
+            grpc_listen: args
+                .grpc_listen
+                .or(file.grpc_listen)
+                .unwrap_or(defaults.grpc_listen),
+            admin_listen: args
+                .admin_listen
+                .or(file.admin_listen)
+                .unwrap_or(defaults.admin_listen),
             state_dir: args.state_dir.or(file.state_dir),
             api_key,
             settings,
@@ -171,7 +197,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nlb.toml");
         std::fs::write(&path, "grpc_listen = \"127.0.0.1:6000\"\nadmin_listen = \"127.0.0.1:6001\"\nunhealthy_after = \"5s\"\n").unwrap();
-        let args = Args::parse_from(["nlb", "--config", path.to_str().unwrap(), "--grpc-listen", "127.0.0.1:7000"]);
+        let args = Args::parse_from([
+            "nlb",
+            "--config",
+            path.to_str().unwrap(),
+            "--grpc-listen",
+            "127.0.0.1:7000",
+        ]);
         let config = Config::from_args(args).unwrap();
         assert_eq!(config.grpc_listen.port(), 7000);
         assert_eq!(config.admin_listen.port(), 6001);
@@ -184,7 +216,12 @@ mod tests {
         let path = dir.path().join("nlb.toml");
         std::fs::write(&path, "grpc_lisen = \"x\"\n").unwrap();
         let args = Args::parse_from(["nlb", "--config", path.to_str().unwrap()]);
-        assert!(Config::from_args(args).unwrap_err().to_string().contains("grpc_lisen"));
+        assert!(
+            Config::from_args(args)
+                .unwrap_err()
+                .to_string()
+                .contains("grpc_lisen")
+        );
         let args = Args::parse_from(["nlb", "--unhealthy-after", "10s", "--expire-after", "5s"]);
         assert!(Config::from_args(args).is_err());
     }

@@ -59,10 +59,19 @@ pub struct Server {
     stop: watch::Sender<bool>,
 }
 
-async fn bind(addr: SocketAddr, what: &'static str, flag: &'static str) -> Result<TcpListener, StartError> {
+async fn bind(
+    addr: SocketAddr,
+    what: &'static str,
+    flag: &'static str,
+) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| StartError::Bind { addr, what, flag, source })
+        .map_err(|source| StartError::Bind {
+            addr,
+            what,
+            flag,
+            source,
+        })
 }
 
 impl Server {
@@ -71,35 +80,57 @@ impl Server {
         let store = store::Store::open(config.state_dir.as_deref())?;
         let persisted = store.load()?;
         let restored_routes = persisted.operator_routes.len();
-        let state = state::State::restore(persisted, config.settings.clone()).map_err(StartError::Restore)?;
+        let state = state::State::restore(persisted, config.settings.clone())
+            .map_err(StartError::Restore)?;
         match store.dir() {
-            Some(dir) => info!(state_dir = %dir.display(), operator_routes = restored_routes, "operator state restored"),
+            Some(dir) => {
+                info!(state_dir = %dir.display(), operator_routes = restored_routes, "operator state restored")
+            }
             None => info!("no --state-dir: operator state lives in memory and is lost on restart"),
         }
         let grpc = bind(config.grpc_listen, "gRPC", "--grpc-listen").await?;
         let admin = bind(config.admin_listen, "admin HTTP", "--admin-listen").await?;
         let (stop, stopped) = watch::channel(false);
         let nlb = Arc::new(nlb::Nlb::new(state, store, config.api_key, stopped));
-        Ok(Server { grpc, admin, nlb, stop })
+        Ok(Server {
+            grpc,
+            admin,
+            nlb,
+            stop,
+        })
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
         // A bound listener always has a local address.
-        self.grpc.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.grpc
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.admin
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     /// Serves until `shutdown` completes, then stops streams and drains in-flight calls.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
-        let Server { grpc, admin, nlb, stop } = self;
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
+        let Server {
+            grpc,
+            admin,
+            nlb,
+            stop,
+        } = self;
         let grpc_addr = grpc.local_addr().ok();
         let admin_addr = admin.local_addr().ok();
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<pb::nlb_service_server::NlbServiceServer<service::NlbGrpc>>().await;
+        health
+            .set_serving::<pb::nlb_service_server::NlbServiceServer<service::NlbGrpc>>()
+            .await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -111,7 +142,10 @@ impl Server {
             .build_v1alpha()
             .map_err(|e| StartError::Reflection(e.to_string()))?;
         let auth = RequireApiKey::new(nlb.api_key.clone());
-        let nlb_service = pb::nlb_service_server::NlbServiceServer::with_interceptor(service::NlbGrpc::new(Arc::clone(&nlb)), auth);
+        let nlb_service = pb::nlb_service_server::NlbServiceServer::with_interceptor(
+            service::NlbGrpc::new(Arc::clone(&nlb)),
+            auth,
+        );
 
         let sweeper = tokio::spawn(Arc::clone(&nlb).run_sweeper());
         let mut stopped = nlb.shutdown.clone();
@@ -140,7 +174,9 @@ impl Server {
                 nlb::stopped(&mut stopped).await;
             })
             .await;
-        health.set_not_serving::<pb::nlb_service_server::NlbServiceServer<service::NlbGrpc>>().await;
+        health
+            .set_not_serving::<pb::nlb_service_server::NlbServiceServer<service::NlbGrpc>>()
+            .await;
         sweeper.abort();
         let admin_result = admin_task.await;
         served?;
@@ -152,6 +188,9 @@ impl Server {
 }
 
 /// Binds and serves until `shutdown` completes.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
     Server::bind(config).await?.run(shutdown).await
 }

@@ -42,38 +42,106 @@ fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGau
     metric
 }
 
-impl NlbMetrics {
-    pub fn new() -> Self {
+impl Default for NlbMetrics {
+    fn default() -> Self {
         let registry = Registry::new();
         let r = &registry;
         NlbMetrics {
-            registrations: counter(r, "marchproxy_nlb_registrations_total", "Module registrations, by kind and whether they replaced a live instance", &["module_type", "outcome"]),
-            unregistrations: counter(r, "marchproxy_nlb_unregistrations_total", "Module unregistrations, by kind and mode", &["module_type", "mode"]),
-            drained_connections: counter(r, "marchproxy_nlb_drained_connections_total", "Connections that finished while their instance drained", &["module_type"]),
-            heartbeats: counter(r, "marchproxy_nlb_heartbeats_total", "Heartbeats, by result (acknowledged, reregister)", &["result"]),
-            liveness: counter(r, "marchproxy_nlb_liveness_events_total", "Instances marked unhealthy or removed for missed heartbeats", &["module_type", "event"]),
-            route_decisions: counter(r, "marchproxy_nlb_route_decisions_total", "Routing decisions, by result (routed, no_route, no_instance)", &["result", "module_type"]),
-            scaling_decisions: counter(r, "marchproxy_nlb_scaling_decisions_total", "TriggerScaling decisions, by kind, action and hook result", &["module_type", "action", "result"]),
-            config_updates: counter(r, "marchproxy_nlb_config_updates_total", "UpdateNLBConfig calls, by section and result", &["section", "result"]),
-            modules: gauge(r, "marchproxy_nlb_modules", "Registered module instances, by kind, version and health", &["module_type", "version", "health"]),
-            routes: gauge(r, "marchproxy_nlb_routes", "Routes in the routing table, by source (module, operator)", &["source"]),
-            desired_instances: gauge(r, "marchproxy_nlb_desired_instances", "Desired instance count per module kind (TriggerScaling)", &["module_type"]),
-            version_weight: gauge(r, "marchproxy_nlb_version_weight_percent", "Traffic weight of each version, per module kind", &["module_type", "version"]),
+            registrations: counter(
+                r,
+                "marchproxy_nlb_registrations_total",
+                "Module registrations, by kind and whether they replaced a live instance",
+                &["module_type", "outcome"],
+            ),
+            unregistrations: counter(
+                r,
+                "marchproxy_nlb_unregistrations_total",
+                "Module unregistrations, by kind and mode",
+                &["module_type", "mode"],
+            ),
+            drained_connections: counter(
+                r,
+                "marchproxy_nlb_drained_connections_total",
+                "Connections that finished while their instance drained",
+                &["module_type"],
+            ),
+            heartbeats: counter(
+                r,
+                "marchproxy_nlb_heartbeats_total",
+                "Heartbeats, by result (acknowledged, reregister)",
+                &["result"],
+            ),
+            liveness: counter(
+                r,
+                "marchproxy_nlb_liveness_events_total",
+                "Instances marked unhealthy or removed for missed heartbeats",
+                &["module_type", "event"],
+            ),
+            route_decisions: counter(
+                r,
+                "marchproxy_nlb_route_decisions_total",
+                "Routing decisions, by result (routed, no_route, no_instance)",
+                &["result", "module_type"],
+            ),
+            scaling_decisions: counter(
+                r,
+                "marchproxy_nlb_scaling_decisions_total",
+                "TriggerScaling decisions, by kind, action and hook result",
+                &["module_type", "action", "result"],
+            ),
+            config_updates: counter(
+                r,
+                "marchproxy_nlb_config_updates_total",
+                "UpdateNLBConfig calls, by section and result",
+                &["section", "result"],
+            ),
+            modules: gauge(
+                r,
+                "marchproxy_nlb_modules",
+                "Registered module instances, by kind, version and health",
+                &["module_type", "version", "health"],
+            ),
+            routes: gauge(
+                r,
+                "marchproxy_nlb_routes",
+                "Routes in the routing table, by source (module, operator)",
+                &["source"],
+            ),
+            desired_instances: gauge(
+                r,
+                "marchproxy_nlb_desired_instances",
+                "Desired instance count per module kind (TriggerScaling)",
+                &["module_type"],
+            ),
+            version_weight: gauge(
+                r,
+                "marchproxy_nlb_version_weight_percent",
+                "Traffic weight of each version, per module kind",
+                &["module_type", "version"],
+            ),
             registry,
         }
     }
+}
 
+impl NlbMetrics {
     /// Sets the gauges from the current state.
     pub fn refresh(&self, state: &State, now: Instant) {
         self.modules.reset();
         for instance in state.instances.values() {
             let health = marchproxy::names::health_name(instance.health(now, &state.settings));
             self.modules
-                .with_label_values(&[instance.kind.name(), instance.version.as_str(), health.as_str()])
+                .with_label_values(&[
+                    instance.kind.name(),
+                    instance.version.as_str(),
+                    health.as_str(),
+                ])
                 .inc();
         }
         let module_routes: usize = state.instances.values().map(|i| i.routes.len()).sum();
-        self.routes.with_label_values(&["module"]).set(module_routes as i64);
+        self.routes
+            .with_label_values(&["module"])
+            .set(module_routes as i64);
         self.routes
             .with_label_values(&["operator"])
             .set(state.operator_routes.len() as i64);

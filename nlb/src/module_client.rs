@@ -10,7 +10,8 @@ use tonic::{service::interceptor::InterceptedService, transport::Channel};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
-type Client = pb::module_service_client::ModuleServiceClient<InterceptedService<Channel, AttachApiKey>>;
+type Client =
+    pb::module_service_client::ModuleServiceClient<InterceptedService<Channel, AttachApiKey>>;
 
 async fn connect(address: &Endpoint, api_key: Option<&str>) -> Result<Client, String> {
     let auth = AttachApiKey::new(api_key).map_err(|e| e.to_string())?;
@@ -24,7 +25,11 @@ async fn connect(address: &Endpoint, api_key: Option<&str>) -> Result<Client, St
     Ok(pb::module_service_client::ModuleServiceClient::with_interceptor(channel, auth))
 }
 
-pub async fn can_handle(address: &Endpoint, api_key: Option<&str>, route: pb::Route) -> Result<pb::CanHandleResponse, String> {
+pub async fn can_handle(
+    address: &Endpoint,
+    api_key: Option<&str>,
+    route: pb::Route,
+) -> Result<pb::CanHandleResponse, String> {
     let mut client = connect(address, api_key).await?;
     client
         .can_handle(pb::CanHandleRequest {
@@ -36,7 +41,12 @@ pub async fn can_handle(address: &Endpoint, api_key: Option<&str>, route: pb::Ro
         .map_err(|status| format!("CanHandle failed: {}: {}", status.code(), status.message()))
 }
 
-pub async fn health_check(address: &Endpoint, api_key: Option<&str>, instance_id: &str, deep: bool) -> Result<pb::HealthCheckResponse, String> {
+pub async fn health_check(
+    address: &Endpoint,
+    api_key: Option<&str>,
+    instance_id: &str,
+    deep: bool,
+) -> Result<pb::HealthCheckResponse, String> {
     let mut client = connect(address, api_key).await?;
     client
         .health_check(pb::HealthCheckRequest {
@@ -45,5 +55,11 @@ pub async fn health_check(address: &Endpoint, api_key: Option<&str>, instance_id
         })
         .await
         .map(tonic::Response::into_inner)
-        .map_err(|status| format!("HealthCheck failed: {}: {}", status.code(), status.message()))
+        .map_err(|status| {
+            format!(
+                "HealthCheck failed: {}: {}",
+                status.code(),
+                status.message()
+            )
+        })
 }

@@ -40,12 +40,17 @@ pub struct Nlb {
 }
 
 impl Nlb {
-    pub fn new(state: State, store: Store, api_key: Option<String>, shutdown: watch::Receiver<bool>) -> Self {
+    pub fn new(
+        state: State,
+        store: Store,
+        api_key: Option<String>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
         Nlb {
             state: Mutex::new(state),
             activity: Notify::new(),
             store: Arc::new(store),
-            metrics: NlbMetrics::new(),
+            metrics: NlbMetrics::default(),
             started_at: SystemTime::now(),
             api_key,
             ready: AtomicBool::new(false),
@@ -57,7 +62,9 @@ impl Nlb {
     pub fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock is a bug already reported by its own panic; the state
         // itself is only changed after validation, so carrying on is safer than failing every call.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn state_dir(&self) -> Option<&std::path::Path> {
@@ -76,9 +83,13 @@ impl Nlb {
             Ok(Ok(())) => Ok(()),
             Ok(Err(error)) => {
                 error!(%error, "operator state not persisted");
-                Err(NlbError::Unavailable(format!("the change is applied but not persisted: {error}")))
+                Err(NlbError::Unavailable(format!(
+                    "the change is applied but not persisted: {error}"
+                )))
             }
-            Err(error) => Err(NlbError::Unavailable(format!("the change is applied but not persisted: {error}"))),
+            Err(error) => Err(NlbError::Unavailable(format!(
+                "the change is applied but not persisted: {error}"
+            ))),
         }
     }
 
@@ -94,13 +105,27 @@ impl Nlb {
         }
         for event in &events {
             match event {
-                SweepEvent::Unhealthy { id, kind, silent_for } => {
+                SweepEvent::Unhealthy {
+                    id,
+                    kind,
+                    silent_for,
+                } => {
                     warn!(instance = %id, module_type = %kind, silent_ms = silent_for.as_millis() as u64, "module missed its heartbeats: unhealthy, no new connections");
-                    self.metrics.liveness.with_label_values(&[kind.name(), "unhealthy"]).inc();
+                    self.metrics
+                        .liveness
+                        .with_label_values(&[kind.name(), "unhealthy"])
+                        .inc();
                 }
-                SweepEvent::Removed { id, kind, silent_for } => {
+                SweepEvent::Removed {
+                    id,
+                    kind,
+                    silent_for,
+                } => {
                     warn!(instance = %id, module_type = %kind, silent_ms = silent_for.as_millis() as u64, "module silent too long: removed with its routes");
-                    self.metrics.liveness.with_label_values(&[kind.name(), "removed"]).inc();
+                    self.metrics
+                        .liveness
+                        .with_label_values(&[kind.name(), "removed"])
+                        .inc();
                 }
             }
         }
@@ -115,7 +140,8 @@ impl Nlb {
         loop {
             let period = {
                 let state = self.state();
-                (state.settings.heartbeat.unhealthy_after() / 10).clamp(Duration::from_millis(50), Duration::from_secs(1))
+                (state.settings.heartbeat.unhealthy_after() / 10)
+                    .clamp(Duration::from_millis(50), Duration::from_secs(1))
             };
             tokio::select! {
                 () = tokio::time::sleep(period) => self.sweep().await,
@@ -158,18 +184,32 @@ impl Nlb {
             .filter(|i| i.routable(now, &state.settings))
             .count();
         let module_routes: usize = state.instances.values().map(|i| i.routes.len()).sum();
-        let uptime = SystemTime::now().duration_since(self.started_at).unwrap_or_default();
+        let uptime = SystemTime::now()
+            .duration_since(self.started_at)
+            .unwrap_or_default();
         let details = [
             ("uptime_seconds", uptime.as_secs().to_string()),
             ("healthy_modules", healthy.to_string()),
             ("operator_routes", state.operator_routes.len().to_string()),
             ("module_routes", module_routes.to_string()),
-            ("balancing_strategy", state.settings.balancing.strategy.name().to_owned()),
+            (
+                "balancing_strategy",
+                state.settings.balancing.strategy.name().to_owned(),
+            ),
             (
                 "state_dir",
-                self.state_dir().map_or_else(|| "(memory only)".to_owned(), |d| d.display().to_string()),
+                self.state_dir()
+                    .map_or_else(|| "(memory only)".to_owned(), |d| d.display().to_string()),
             ),
-            ("auth", if self.api_key.is_some() { "api-key" } else { "none" }.to_owned()),
+            (
+                "auth",
+                if self.api_key.is_some() {
+                    "api-key"
+                } else {
+                    "none"
+                }
+                .to_owned(),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -183,7 +223,11 @@ impl Nlb {
             registered_modules: state.instances.len() as i32,
             modules_by_type: by_type,
             modules: if include_modules {
-                state.instances.values().map(|i| state.view(i, now)).collect()
+                state
+                    .instances
+                    .values()
+                    .map(|i| state.view(i, now))
+                    .collect()
             } else {
                 Vec::new()
             },
@@ -199,41 +243,71 @@ impl Nlb {
         let point = |name: &str, value: f64, labels: &[(&str, &str)]| pb::MetricDataPoint {
             name: name.to_owned(),
             value,
-            labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             timestamp: Some(at),
         };
         let mut points = vec![
             point("nlb_registered_modules", state.instances.len() as f64, &[]),
             point(
                 "nlb_healthy_modules",
-                state.instances.values().filter(|i| i.routable(now, &state.settings)).count() as f64,
+                state
+                    .instances
+                    .values()
+                    .filter(|i| i.routable(now, &state.settings))
+                    .count() as f64,
                 &[],
             ),
             point("nlb_route_requests_total", state.route_requests as f64, &[]),
             point(
                 "nlb_active_connections",
-                state.instances.values().map(|i| i.connections()).sum::<i64>() as f64,
+                state
+                    .instances
+                    .values()
+                    .map(|i| i.connections())
+                    .sum::<i64>() as f64,
                 &[],
             ),
-            point("nlb_routes", state.operator_routes.len() as f64, &[("source", "operator")]),
             point(
                 "nlb_routes",
-                state.instances.values().map(|i| i.routes.len()).sum::<usize>() as f64,
+                state.operator_routes.len() as f64,
+                &[("source", "operator")],
+            ),
+            point(
+                "nlb_routes",
+                state
+                    .instances
+                    .values()
+                    .map(|i| i.routes.len())
+                    .sum::<usize>() as f64,
                 &[("source", "module")],
             ),
             point(
                 "nlb_uptime_seconds",
-                SystemTime::now().duration_since(self.started_at).unwrap_or_default().as_secs_f64(),
+                SystemTime::now()
+                    .duration_since(self.started_at)
+                    .unwrap_or_default()
+                    .as_secs_f64(),
                 &[],
             ),
         ];
         for kind in ModuleKind::ALL {
             let count = state.instances.values().filter(|i| i.kind == kind).count();
             if count > 0 {
-                points.push(point("nlb_registered_modules", count as f64, &[("module_type", kind.name())]));
+                points.push(point(
+                    "nlb_registered_modules",
+                    count as f64,
+                    &[("module_type", kind.name())],
+                ));
             }
             if let Some(desired) = state.desired.get(&kind) {
-                points.push(point("nlb_desired_instances", f64::from(desired.count), &[("module_type", kind.name())]));
+                points.push(point(
+                    "nlb_desired_instances",
+                    f64::from(desired.count),
+                    &[("module_type", kind.name())],
+                ));
             }
         }
         points
@@ -267,10 +341,11 @@ impl Nlb {
     /// Records one instance's reported metrics.
     pub fn record_metrics(&self, id: &str, metrics: pb::ModuleMetrics) -> Result<(), NlbError> {
         let mut state = self.state();
-        let instance = state
-            .instances
-            .get_mut(id)
-            .ok_or_else(|| NlbError::NotFound(format!("no module instance `{id}` is registered; register before reporting metrics")))?;
+        let instance = state.instances.get_mut(id).ok_or_else(|| {
+            NlbError::NotFound(format!(
+                "no module instance `{id}` is registered; register before reporting metrics"
+            ))
+        })?;
         instance.push_metrics(metrics);
         Ok(())
     }

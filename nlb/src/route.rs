@@ -34,9 +34,12 @@ impl SourceMatch {
             return Ok(SourceMatch::Cidr(IpNet::from(ip)));
         }
         if pattern.contains('/') {
-            return pattern.parse::<IpNet>().map(SourceMatch::Cidr).map_err(|_| {
-                format!("source_pattern `{pattern}` is not a valid CIDR; write e.g. 10.0.0.0/8")
-            });
+            return pattern
+                .parse::<IpNet>()
+                .map(SourceMatch::Cidr)
+                .map_err(|_| {
+                    format!("source_pattern `{pattern}` is not a valid CIDR; write e.g. 10.0.0.0/8")
+                });
         }
         let lower = pattern.to_ascii_lowercase();
         if lower.len() > 253
@@ -56,7 +59,9 @@ impl SourceMatch {
         match self {
             SourceMatch::Any => 0,
             SourceMatch::Cidr(net) => 1 + u32::from(net.prefix_len()),
-            SourceMatch::Name(glob) => 200 + glob.bytes().filter(|&b| b != b'*' && b != b'?').count() as u32,
+            SourceMatch::Name(glob) => {
+                200 + glob.bytes().filter(|&b| b != b'*' && b != b'?').count() as u32
+            }
         }
     }
 }
@@ -185,12 +190,17 @@ impl TryFrom<pb::Route> for RouteSpec {
             ));
         }
         let protocol = pb::Protocol::try_from(route.protocol).map_err(|_| {
-            format!("route {id}: protocol {} is not a known Protocol value", route.protocol)
+            format!(
+                "route {id}: protocol {} is not a known Protocol value",
+                route.protocol
+            )
         })?;
-        let source = SourceMatch::parse(&route.source_pattern).map_err(|e| format!("route {id}: {e}"))?;
-        let source_port = port("source_port", route.source_port).map_err(|e| format!("route {id}: {e}"))?;
-        let destination_port =
-            port("destination_port", route.destination_port).map_err(|e| format!("route {id}: {e}"))?;
+        let source =
+            SourceMatch::parse(&route.source_pattern).map_err(|e| format!("route {id}: {e}"))?;
+        let source_port =
+            port("source_port", route.source_port).map_err(|e| format!("route {id}: {e}"))?;
+        let destination_port = port("destination_port", route.destination_port)
+            .map_err(|e| format!("route {id}: {e}"))?;
         if !route.path_pattern.is_empty() && !route.path_pattern.starts_with('/') {
             return Err(format!(
                 "route {id}: path_pattern `{}` must start with /",
@@ -267,11 +277,19 @@ pub struct Flow {
 impl Flow {
     /// Reads a `RouteRequest`: the route's protocol and `source_port` (the listener's port), the
     /// name or client IP in `source_pattern`, and `context` keys `host`, `sni`, `client_ip`.
-    pub fn from_request(route: &pb::Route, context: &std::collections::HashMap<String, String>) -> Result<Self, String> {
+    pub fn from_request(
+        route: &pb::Route,
+        context: &std::collections::HashMap<String, String>,
+    ) -> Result<Self, String> {
         let protocol = match pb::Protocol::try_from(route.protocol) {
             Ok(pb::Protocol::Unspecified) => None,
             Ok(protocol) => Some(protocol),
-            Err(_) => return Err(format!("protocol {} is not a known Protocol value", route.protocol)),
+            Err(_) => {
+                return Err(format!(
+                    "protocol {} is not a known Protocol value",
+                    route.protocol
+                ));
+            }
         };
         let listener_port = port("source_port", route.source_port)?;
         let mut flow = Flow {
@@ -301,7 +319,9 @@ impl Flow {
 
 fn strip_port(name: &str) -> String {
     let name = match name.rsplit_once(':') {
-        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !host.contains(':') => host,
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !host.contains(':') => {
+            host
+        }
         _ => name,
     };
     name.to_ascii_lowercase()
@@ -323,7 +343,11 @@ impl RouteSpec {
 
     /// Orders candidate routes: priority first, then the more specific match.
     pub fn rank(&self) -> (i32, u32, bool) {
-        (self.priority, self.source.specificity(), self.source_port != 0)
+        (
+            self.priority,
+            self.source.specificity(),
+            self.source_port != 0,
+        )
     }
 }
 
@@ -359,10 +383,18 @@ mod tests {
         assert!(RouteSpec::try_from(route("r", "bad host!")).is_err());
         let mut bad_port = route("r", "");
         bad_port.source_port = 70000;
-        assert!(RouteSpec::try_from(bad_port).unwrap_err().contains("source_port"));
+        assert!(
+            RouteSpec::try_from(bad_port)
+                .unwrap_err()
+                .contains("source_port")
+        );
         let mut bad_protocol = route("r", "");
         bad_protocol.protocol = 99;
-        assert!(RouteSpec::try_from(bad_protocol).unwrap_err().contains("protocol"));
+        assert!(
+            RouteSpec::try_from(bad_protocol)
+                .unwrap_err()
+                .contains("protocol")
+        );
         let mut bad_path = route("r", "");
         bad_path.path_pattern = "api".into();
         assert!(RouteSpec::try_from(bad_path).is_err());
@@ -372,7 +404,8 @@ mod tests {
     fn matches_flows() {
         let web = RouteSpec::try_from(route("web", "*.example.com")).unwrap();
         let office = RouteSpec::try_from(route("office", "192.168.0.0/16")).unwrap();
-        let context = std::collections::HashMap::from([("client_ip".to_string(), "192.168.4.2".to_string())]);
+        let context =
+            std::collections::HashMap::from([("client_ip".to_string(), "192.168.4.2".to_string())]);
         let flow = Flow::from_request(&route("", "Api.Example.com:443"), &context).unwrap();
         assert!(web.matches(&flow));
         assert!(office.matches(&flow));

@@ -17,7 +17,11 @@ pub struct Decision<'a> {
 
 /// Runs `command` with `sh -c` and the decision in its environment. `Ok` carries the first line
 /// of its output; `Err` says how it failed, with the end of its error output.
-pub async fn run_hook(command: &str, timeout: Duration, decision: &Decision<'_>) -> Result<String, String> {
+pub async fn run_hook(
+    command: &str,
+    timeout: Duration,
+    decision: &Decision<'_>,
+) -> Result<String, String> {
     let child = Command::new("sh")
         .arg("-c")
         .arg(command)
@@ -33,15 +37,31 @@ pub async fn run_hook(command: &str, timeout: Duration, decision: &Decision<'_>)
         .map_err(|e| format!("cannot start scaling hook `{command}`: {e}"))?;
     let output = tokio::time::timeout(timeout, child.wait_with_output())
         .await
-        .map_err(|_| format!("scaling hook `{command}` did not finish within {}s and was killed", timeout.as_secs()))?
+        .map_err(|_| {
+            format!(
+                "scaling hook `{command}` did not finish within {}s and was killed",
+                timeout.as_secs()
+            )
+        })?
         .map_err(|e| format!("scaling hook `{command}` failed: {e}"))?;
     if output.status.success() {
         let stdout = String::from_utf8_lossy(&output.stdout);
         Ok(stdout.lines().next().unwrap_or("").trim().to_owned())
     } else {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let tail: String = stderr.trim().chars().rev().take(300).collect::<Vec<_>>().into_iter().rev().collect();
-        Err(format!("scaling hook `{command}` exited with {}: {tail}", output.status))
+        let tail: String = stderr
+            .trim()
+            .chars()
+            .rev()
+            .take(300)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        Err(format!(
+            "scaling hook `{command}` exited with {}: {tail}",
+            output.status
+        ))
     }
 }
 
@@ -67,7 +87,12 @@ mod tests {
         )
         .await;
         assert_eq!(ok.unwrap(), "alb scale-up 1 3");
-        let failed = run_hook("echo no capacity >&2; exit 3", Duration::from_secs(5), &decision()).await;
+        let failed = run_hook(
+            "echo no capacity >&2; exit 3",
+            Duration::from_secs(5),
+            &decision(),
+        )
+        .await;
         assert!(failed.unwrap_err().contains("no capacity"));
         let slow = run_hook("sleep 5", Duration::from_millis(100), &decision()).await;
         assert!(slow.unwrap_err().contains("killed"));

@@ -63,11 +63,16 @@ fn kind_filter(value: i32, field: &str) -> std::result::Result<Option<ModuleKind
     })
 }
 
-fn health_filter(value: i32, field: &str) -> std::result::Result<Option<pb::HealthStatus>, NlbError> {
+fn health_filter(
+    value: i32,
+    field: &str,
+) -> std::result::Result<Option<pb::HealthStatus>, NlbError> {
     match pb::HealthStatus::try_from(value) {
         Ok(pb::HealthStatus::Unspecified) => Ok(None),
         Ok(status) => Ok(Some(status)),
-        Err(_) => Err(NlbError::Invalid(format!("{field} {value} is not a HealthStatus value"))),
+        Err(_) => Err(NlbError::Invalid(format!(
+            "{field} {value} is not a HealthStatus value"
+        ))),
     }
 }
 
@@ -75,11 +80,16 @@ fn seconds(field: &str, value: i32, default: Duration) -> std::result::Result<Du
     match value {
         0 => Ok(default),
         1..=MAX_SECONDS => Ok(Duration::from_secs(value as u64)),
-        _ => Err(NlbError::Invalid(format!("{field} must be from 0 (default) to {MAX_SECONDS} (got {value})"))),
+        _ => Err(NlbError::Invalid(format!(
+            "{field} must be from 0 (default) to {MAX_SECONDS} (got {value})"
+        ))),
     }
 }
 
-fn time_range(start: Option<&prost_types::Timestamp>, end: Option<&prost_types::Timestamp>) -> std::result::Result<(), NlbError> {
+fn time_range(
+    start: Option<&prost_types::Timestamp>,
+    end: Option<&prost_types::Timestamp>,
+) -> std::result::Result<(), NlbError> {
     if let (Some(s), Some(e)) = (start, end) {
         if (s.seconds, s.nanos) > (e.seconds, e.nanos) {
             return Err(NlbError::Invalid("start_time is after end_time".into()));
@@ -89,7 +99,10 @@ fn time_range(start: Option<&prost_types::Timestamp>, end: Option<&prost_types::
 }
 
 fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Jain's fairness index of the loads: 1 when even, towards 1/n when one instance takes all.
@@ -106,20 +119,42 @@ fn balance_score(loads: impl Iterator<Item = f64>) -> f64 {
 
 #[tonic::async_trait]
 impl NlbService for NlbGrpc {
-    async fn register_module(&self, request: Request<pb::RegisterModuleRequest>) -> Result<pb::RegisterModuleResponse> {
+    async fn register_module(
+        &self,
+        request: Request<pb::RegisterModuleRequest>,
+    ) -> Result<pb::RegisterModuleResponse> {
         let request = request.into_inner();
-        let described = request.instance.as_ref().map(|i| (i.instance_id.clone(), i.address.clone(), i.version.clone()));
+        let described = request
+            .instance
+            .as_ref()
+            .map(|i| (i.instance_id.clone(), i.address.clone(), i.version.clone()));
         let routes = request.initial_routes.len();
         let wall = SystemTime::now();
         let registered = self.nlb.state().register(request, Instant::now(), wall);
         let registered = registered.map_err(NlbError::reject::<pb::RegisterModuleResponse>)?;
         let (id, address, version) = described.unwrap_or_default();
-        let kind = self.nlb.state().instance(&id).map(|i| i.kind).map_err(NlbError::reject::<pb::RegisterModuleResponse>)?;
-        let outcome = if registered.replaced { "replaced" } else { "new" };
+        let kind = self
+            .nlb
+            .state()
+            .instance(&id)
+            .map(|i| i.kind)
+            .map_err(NlbError::reject::<pb::RegisterModuleResponse>)?;
+        let outcome = if registered.replaced {
+            "replaced"
+        } else {
+            "new"
+        };
         info!(instance = %id, module_type = %kind, %address, %version, routes, weight = registered.version_weight, outcome, "module registered");
-        self.nlb.metrics.registrations.with_label_values(&[kind.name(), outcome]).inc();
+        self.nlb
+            .metrics
+            .registrations
+            .with_label_values(&[kind.name(), outcome])
+            .inc();
         self.nlb.activity.notify_waiters();
-        self.nlb.persist().await.map_err(NlbError::reject::<pb::RegisterModuleResponse>)?;
+        self.nlb
+            .persist()
+            .await
+            .map_err(NlbError::reject::<pb::RegisterModuleResponse>)?;
         Ok(Response::new(pb::RegisterModuleResponse {
             success: true,
             message: if registered.replaced {
@@ -133,12 +168,27 @@ impl NlbService for NlbGrpc {
         }))
     }
 
-    async fn unregister_module(&self, request: Request<pb::UnregisterModuleRequest>) -> Result<pb::UnregisterModuleResponse> {
+    async fn unregister_module(
+        &self,
+        request: Request<pb::UnregisterModuleRequest>,
+    ) -> Result<pb::UnregisterModuleResponse> {
         let request = request.into_inner();
         let reject = NlbError::reject::<pb::UnregisterModuleResponse>;
-        let kind = self.nlb.state().check_registration(&request.instance_id, &request.registration_id).map_err(reject)?;
-        let timeout = seconds("drain_timeout_seconds", request.drain_timeout_seconds, DEFAULT_DRAIN).map_err(reject)?;
-        let (id, registration) = (request.instance_id.as_str(), request.registration_id.as_str());
+        let kind = self
+            .nlb
+            .state()
+            .check_registration(&request.instance_id, &request.registration_id)
+            .map_err(reject)?;
+        let timeout = seconds(
+            "drain_timeout_seconds",
+            request.drain_timeout_seconds,
+            DEFAULT_DRAIN,
+        )
+        .map_err(reject)?;
+        let (id, registration) = (
+            request.instance_id.as_str(),
+            request.registration_id.as_str(),
+        );
         let mut drained = 0;
         if request.graceful {
             let open = self.nlb.state().start_drain(id);
@@ -151,16 +201,30 @@ impl NlbService for NlbGrpc {
         }
         let removed = self.nlb.state().remove(id, registration);
         self.nlb.activity.notify_waiters();
-        let mode = if request.graceful { "graceful" } else { "immediate" };
+        let mode = if request.graceful {
+            "graceful"
+        } else {
+            "immediate"
+        };
         let message = match removed {
             Some(_) => {
                 info!(instance = %id, module_type = %kind, mode, drained, "module unregistered");
-                self.nlb.metrics.unregistrations.with_label_values(&[kind.name(), mode]).inc();
-                self.nlb.metrics.drained_connections.with_label_values(&[kind.name()]).inc_by(drained as u64);
+                self.nlb
+                    .metrics
+                    .unregistrations
+                    .with_label_values(&[kind.name(), mode])
+                    .inc();
+                self.nlb
+                    .metrics
+                    .drained_connections
+                    .with_label_values(&[kind.name()])
+                    .inc_by(drained as u64);
                 self.nlb.persist().await.map_err(reject)?;
                 format!("instance {id} unregistered ({mode}, {drained} connections drained)")
             }
-            None => format!("instance {id} re-registered or left while draining; its current registration is kept"),
+            None => format!(
+                "instance {id} re-registered or left while draining; its current registration is kept"
+            ),
         };
         Ok(Response::new(pb::UnregisterModuleResponse {
             success: true,
@@ -170,17 +234,31 @@ impl NlbService for NlbGrpc {
         }))
     }
 
-    async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Result<pb::HeartbeatResponse> {
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<pb::HeartbeatResponse> {
         let request = request.into_inner();
         let id = request.instance_id.clone();
-        let outcome = self.nlb.state().heartbeat(request, Instant::now(), SystemTime::now())?;
+        let outcome = self
+            .nlb
+            .state()
+            .heartbeat(request, Instant::now(), SystemTime::now())?;
         self.nlb.activity.notify_waiters();
         let response = match outcome {
-            HeartbeatOutcome::Acknowledged { should_scale, instructions, recovered } => {
+            HeartbeatOutcome::Acknowledged {
+                should_scale,
+                instructions,
+                recovered,
+            } => {
                 if recovered {
                     info!(instance = %id, "module heartbeating again: healthy");
                 }
-                self.nlb.metrics.heartbeats.with_label_values(&["acknowledged"]).inc();
+                self.nlb
+                    .metrics
+                    .heartbeats
+                    .with_label_values(&["acknowledged"])
+                    .inc();
                 pb::HeartbeatResponse {
                     acknowledged: true,
                     message: "ok".into(),
@@ -192,7 +270,11 @@ impl NlbService for NlbGrpc {
             }
             HeartbeatOutcome::Reregister(message) => {
                 info!(instance = %id, "heartbeat from an unknown registration: asked to register");
-                self.nlb.metrics.heartbeats.with_label_values(&["reregister"]).inc();
+                self.nlb
+                    .metrics
+                    .heartbeats
+                    .with_label_values(&["reregister"])
+                    .inc();
                 pb::HeartbeatResponse {
                     acknowledged: false,
                     message,
@@ -206,7 +288,10 @@ impl NlbService for NlbGrpc {
         Ok(Response::new(response))
     }
 
-    async fn list_modules(&self, request: Request<pb::ListModulesRequest>) -> Result<pb::ListModulesResponse> {
+    async fn list_modules(
+        &self,
+        request: Request<pb::ListModulesRequest>,
+    ) -> Result<pb::ListModulesResponse> {
         let request = request.into_inner();
         let kind = kind_filter(request.module_type_filter, "module_type_filter")?;
         let health = health_filter(request.status_filter, "status_filter")?;
@@ -229,21 +314,32 @@ impl NlbService for NlbGrpc {
         }))
     }
 
-    async fn get_module_info(&self, request: Request<pb::GetModuleInfoRequest>) -> Result<pb::GetModuleInfoResponse> {
+    async fn get_module_info(
+        &self,
+        request: Request<pb::GetModuleInfoRequest>,
+    ) -> Result<pb::GetModuleInfoResponse> {
         let id = request.into_inner().instance_id;
         check_id("instance_id", &id)?;
         let state = self.nlb.state();
         let instance = state.instance(&id)?;
         let now = Instant::now();
         let mut details: HashMap<String, String> = [
-            ("registered_at", format!("{:?}", time::timestamp(instance.registered_at))),
+            (
+                "registered_at",
+                format!("{:?}", time::timestamp(instance.registered_at)),
+            ),
             ("draining", instance.draining.to_string()),
             ("routed_total", instance.routed_total.to_string()),
             (
                 "heartbeat_age_ms",
-                instance
-                    .last_heartbeat_at
-                    .map_or_else(|| "never".to_owned(), |_| now.duration_since(instance.last_seen).as_millis().to_string()),
+                instance.last_heartbeat_at.map_or_else(
+                    || "never".to_owned(),
+                    |_| {
+                        now.duration_since(instance.last_seen)
+                            .as_millis()
+                            .to_string()
+                    },
+                ),
             ),
         ]
         .into_iter()
@@ -253,29 +349,53 @@ impl NlbService for NlbGrpc {
             details.insert(format!("capability.{key}"), value.clone());
         }
         if let Some(health) = &instance.health_config {
-            details.insert("health_check.interval_seconds".into(), health.interval_seconds.to_string());
+            details.insert(
+                "health_check.interval_seconds".into(),
+                health.interval_seconds.to_string(),
+            );
             details.insert("health_check.path".into(), health.health_check_path.clone());
         }
         Ok(Response::new(pb::GetModuleInfoResponse {
             instance: Some(state.view(instance, now)),
-            routes: instance.routes.values().map(|r| pb::Route::from(&r.spec)).collect(),
+            routes: instance
+                .routes
+                .values()
+                .map(|r| pb::Route::from(&r.spec))
+                .collect(),
             stats: instance.stats.clone(),
             deployment_config: Some(state.deployment(instance.kind)),
             details,
         }))
     }
 
-    async fn update_routing(&self, request: Request<pb::UpdateRoutingRequest>) -> Result<pb::UpdateRoutingResponse> {
+    async fn update_routing(
+        &self,
+        request: Request<pb::UpdateRoutingRequest>,
+    ) -> Result<pb::UpdateRoutingResponse> {
         let request = request.into_inner();
         let source = request.source_instance_id.trim().to_owned();
         let reject = NlbError::reject::<pb::UpdateRoutingResponse>;
         if !source.is_empty() {
             check_id("source_instance_id", &source).map_err(reject)?;
-            self.nlb.state().instance(&source).map(|_| ()).map_err(reject)?;
+            self.nlb
+                .state()
+                .instance(&source)
+                .map(|_| ())
+                .map_err(reject)?;
         }
         let count = request.routes.len();
-        let outcome = self.nlb.state().update_routes(&source, request.routes, request.replace_all, request.validate_only, SystemTime::now());
-        let owner = if source.is_empty() { "operator".to_owned() } else { format!("instance {source}") };
+        let outcome = self.nlb.state().update_routes(
+            &source,
+            request.routes,
+            request.replace_all,
+            request.validate_only,
+            SystemTime::now(),
+        );
+        let owner = if source.is_empty() {
+            "operator".to_owned()
+        } else {
+            format!("instance {source}")
+        };
         match outcome {
             Ok(written) if request.validate_only => Ok(Response::new(pb::UpdateRoutingResponse {
                 success: true,
@@ -291,7 +411,11 @@ impl NlbService for NlbGrpc {
                     success: true,
                     message: format!(
                         "{written} routes of the {owner} {}",
-                        if request.replace_all { "now form its whole table" } else { "written" }
+                        if request.replace_all {
+                            "now form its whole table"
+                        } else {
+                            "written"
+                        }
                     ),
                     routes_updated: written as i32,
                     validation_errors: Vec::new(),
@@ -299,29 +423,50 @@ impl NlbService for NlbGrpc {
                 }))
             }
             Err(errors) => {
-                let message = format!("{} of {count} routes rejected; nothing changed: {}", errors.len(), errors.join("; "));
+                let message = format!(
+                    "{} of {count} routes rejected; nothing changed: {}",
+                    errors.len(),
+                    errors.join("; ")
+                );
                 let body = pb::UpdateRoutingResponse {
                     success: false,
                     message: message.clone(),
                     routes_updated: 0,
                     validation_errors: errors,
-                    error: Some(marchproxy::status::error_body(tonic::Code::InvalidArgument, &message)),
+                    error: Some(marchproxy::status::error_body(
+                        tonic::Code::InvalidArgument,
+                        &message,
+                    )),
                 };
                 if request.validate_only {
                     Ok(Response::new(body))
                 } else {
-                    Err(marchproxy::status::with_body(tonic::Code::InvalidArgument, &message, "UpdateRoutingResponse", &body))
+                    Err(marchproxy::status::with_body(
+                        tonic::Code::InvalidArgument,
+                        &message,
+                        <pb::UpdateRoutingResponse as marchproxy::status::FailureBody>::NAME,
+                        &body,
+                    ))
                 }
             }
         }
     }
 
-    async fn get_routing_table(&self, request: Request<pb::GetRoutingTableRequest>) -> Result<pb::GetRoutingTableResponse> {
+    async fn get_routing_table(
+        &self,
+        request: Request<pb::GetRoutingTableRequest>,
+    ) -> Result<pb::GetRoutingTableResponse> {
         let request = request.into_inner();
         let protocol = match pb::Protocol::try_from(request.protocol_filter) {
             Ok(pb::Protocol::Unspecified) => None,
             Ok(protocol) => Some(protocol),
-            Err(_) => return Err(NlbError::Invalid(format!("protocol_filter {} is not a Protocol value", request.protocol_filter)).into()),
+            Err(_) => {
+                return Err(NlbError::Invalid(format!(
+                    "protocol_filter {} is not a Protocol value",
+                    request.protocol_filter
+                ))
+                .into());
+            }
         };
         let destination = request.destination_filter.trim().to_ascii_lowercase();
         let entries: Vec<pb::RoutingEntry> = {
@@ -332,8 +477,14 @@ impl NlbService for NlbGrpc {
                 .filter(|(route, _, _)| protocol.is_none_or(|p| route.spec.protocol == p))
                 .filter(|(route, _, instance)| {
                     destination.is_empty()
-                        || route.spec.destination.to_ascii_lowercase().contains(&destination)
-                        || instance.is_some_and(|i| i.id.to_ascii_lowercase() == destination || i.kind.name() == destination)
+                        || route
+                            .spec
+                            .destination
+                            .to_ascii_lowercase()
+                            .contains(&destination)
+                        || instance.is_some_and(|i| {
+                            i.id.to_ascii_lowercase() == destination || i.kind.name() == destination
+                        })
                 })
                 .map(|(route, owner, instance)| {
                     let mut wire = pb::Route::from(&route.spec);
@@ -348,7 +499,8 @@ impl NlbService for NlbGrpc {
                         route: Some(wire),
                         target_instance_id: instance.map(|i| i.id.clone()).unwrap_or_default(),
                         target_module_type: instance.map_or(0, |i| i.kind.module_type() as i32),
-                        current_connections: instance.map_or(0, |i| i32::try_from(i.connections()).unwrap_or(i32::MAX)),
+                        current_connections: instance
+                            .map_or(0, |i| i32::try_from(i.connections()).unwrap_or(i32::MAX)),
                         created_at: Some(time::timestamp(route.created_at)),
                         last_used: route.last_used.map(time::timestamp),
                     }
@@ -363,17 +515,27 @@ impl NlbService for NlbGrpc {
         }))
     }
 
-    async fn route_request(&self, request: Request<pb::RouteRequestRequest>) -> Result<pb::RouteRequestResponse> {
+    async fn route_request(
+        &self,
+        request: Request<pb::RouteRequestRequest>,
+    ) -> Result<pb::RouteRequestResponse> {
         let request = request.into_inner();
         let route = request
             .route
             .ok_or_else(|| NlbError::Invalid("route is missing; describe the flow in route (protocol, source_port, source_pattern)".into()))?;
         let flow = Flow::from_request(&route, &request.context).map_err(NlbError::Invalid)?;
-        let decision = self.nlb.state().decide(&flow, request.dry_run, Instant::now(), SystemTime::now());
+        let decision =
+            self.nlb
+                .state()
+                .decide(&flow, request.dry_run, Instant::now(), SystemTime::now());
         let response = match decision {
             Ok(decision) => {
                 if !request.dry_run {
-                    self.nlb.metrics.route_decisions.with_label_values(&["routed", decision.kind.name()]).inc();
+                    self.nlb
+                        .metrics
+                        .route_decisions
+                        .with_label_values(&["routed", decision.kind.name()])
+                        .inc();
                 }
                 pb::RouteRequestResponse {
                     routed: true,
@@ -381,13 +543,21 @@ impl NlbService for NlbGrpc {
                     target_module_type: decision.kind.module_type() as i32,
                     target_address: decision.target_address,
                     priority: decision.route.priority,
-                    message: format!("matched route {}{}", decision.route.id, if request.dry_run { " (dry run)" } else { "" }),
+                    message: format!(
+                        "matched route {}{}",
+                        decision.route.id,
+                        if request.dry_run { " (dry run)" } else { "" }
+                    ),
                     error: None,
                 }
             }
             Err(no_route) => {
                 if !request.dry_run {
-                    self.nlb.metrics.route_decisions.with_label_values(&[no_route.label(), ""]).inc();
+                    self.nlb
+                        .metrics
+                        .route_decisions
+                        .with_label_values(&[no_route.label(), ""])
+                        .inc();
                 }
                 let code = match no_route {
                     crate::state::NoRoute::NoMatchingRoute => tonic::Code::NotFound,
@@ -405,11 +575,13 @@ impl NlbService for NlbGrpc {
         Ok(Response::new(response))
     }
 
-    async fn validate_route(&self, request: Request<pb::ValidateRouteRequest>) -> Result<pb::ValidateRouteResponse> {
-        let route = request
-            .into_inner()
-            .route
-            .ok_or_else(|| NlbError::Invalid("route is missing; send the route to validate".into()))?;
+    async fn validate_route(
+        &self,
+        request: Request<pb::ValidateRouteRequest>,
+    ) -> Result<pb::ValidateRouteResponse> {
+        let route = request.into_inner().route.ok_or_else(|| {
+            NlbError::Invalid("route is missing; send the route to validate".into())
+        })?;
         let spec = match RouteSpec::try_from(route.clone()) {
             Ok(spec) => spec,
             Err(error) => {
@@ -437,7 +609,12 @@ impl NlbService for NlbGrpc {
         let mut calls = JoinSet::new();
         for (id, address) in candidates {
             let (key, route) = (self.nlb.api_key.clone(), route.clone());
-            calls.spawn(async move { (id, module_client::can_handle(&address, key.as_deref(), route).await) });
+            calls.spawn(async move {
+                (
+                    id,
+                    module_client::can_handle(&address, key.as_deref(), route).await,
+                )
+            });
         }
         let mut capable = Vec::new();
         let mut details = HashMap::new();
@@ -456,7 +633,10 @@ impl NlbService for NlbGrpc {
         capable.sort();
         if let Some(OperatorTarget::Instance(id)) = &target {
             if !details.contains_key(&format!("instance.{id}")) {
-                details.insert("target".into(), format!("no instance `{id}` is registered yet"));
+                details.insert(
+                    "target".into(),
+                    format!("no instance `{id}` is registered yet"),
+                );
             }
         }
         Ok(Response::new(pb::ValidateRouteResponse {
@@ -468,7 +648,10 @@ impl NlbService for NlbGrpc {
         }))
     }
 
-    async fn report_metrics(&self, request: Request<pb::ReportMetricsRequest>) -> Result<pb::ReportMetricsResponse> {
+    async fn report_metrics(
+        &self,
+        request: Request<pb::ReportMetricsRequest>,
+    ) -> Result<pb::ReportMetricsResponse> {
         let request = request.into_inner();
         check_id("instance_id", &request.instance_id)?;
         let mut metrics = request
@@ -481,13 +664,22 @@ impl NlbService for NlbGrpc {
             ))
             .into());
         }
-        let stamp = request.reported_at.or(metrics.collected_at).unwrap_or_else(time::now);
+        let stamp = request
+            .reported_at
+            .or(metrics.collected_at)
+            .unwrap_or_else(time::now);
         for (index, point) in metrics.metrics.iter_mut().enumerate() {
             if point.name.trim().is_empty() {
-                return Err(NlbError::Invalid(format!("metrics.metrics[{index}].name is empty")).into());
+                return Err(
+                    NlbError::Invalid(format!("metrics.metrics[{index}].name is empty")).into(),
+                );
             }
             if !point.value.is_finite() {
-                return Err(NlbError::Invalid(format!("metrics.metrics[{index}] ({}) is not a finite number", point.name)).into());
+                return Err(NlbError::Invalid(format!(
+                    "metrics.metrics[{index}] ({}) is not a finite number",
+                    point.name
+                ))
+                .into());
             }
             point.timestamp.get_or_insert(stamp);
         }
@@ -501,16 +693,23 @@ impl NlbService for NlbGrpc {
         }))
     }
 
-    async fn get_nlb_metrics(&self, request: Request<pb::GetNlbMetricsRequest>) -> Result<pb::GetNlbMetricsResponse> {
+    async fn get_nlb_metrics(
+        &self,
+        request: Request<pb::GetNlbMetricsRequest>,
+    ) -> Result<pb::GetNlbMetricsResponse> {
         let request = request.into_inner();
         time_range(request.start_time.as_ref(), request.end_time.as_ref())?;
         let (start, end) = (request.start_time.as_ref(), request.end_time.as_ref());
-        let mut metrics = marchproxy::stats::select(self.nlb.own_points(), &request.metric_names, start, end);
+        let mut metrics =
+            marchproxy::stats::select(self.nlb.own_points(), &request.metric_names, start, end);
         let ids: Vec<String> = self.nlb.state().instances.keys().cloned().collect();
         let mut module_metrics = HashMap::new();
         for id in ids {
             // An instance may leave between listing and reading; it then simply has no metrics.
-            if let Ok(m) = self.nlb.module_metrics(&id, &request.metric_names, start, end) {
+            if let Ok(m) = self
+                .nlb
+                .module_metrics(&id, &request.metric_names, start, end)
+            {
                 module_metrics.insert(id, m);
             }
         }
@@ -522,17 +721,20 @@ impl NlbService for NlbGrpc {
                 }
             }
             let at = time::now();
-            metrics.extend(sums.into_iter().map(|((name, module_type), value)| pb::MetricDataPoint {
-                name: format!("modules.{name}"),
-                value,
-                labels: HashMap::from([
-                    ("aggregate".to_owned(), "sum".to_owned()),
-                    (
-                        "module_type".to_owned(),
-                        ModuleKind::from_module_type(module_type).map_or_else(String::new, |k| k.name().to_owned()),
-                    ),
-                ]),
-                timestamp: Some(at),
+            metrics.extend(sums.into_iter().map(|((name, module_type), value)| {
+                pb::MetricDataPoint {
+                    name: format!("modules.{name}"),
+                    value,
+                    labels: HashMap::from([
+                        ("aggregate".to_owned(), "sum".to_owned()),
+                        (
+                            "module_type".to_owned(),
+                            ModuleKind::from_module_type(module_type)
+                                .map_or_else(String::new, |k| k.name().to_owned()),
+                        ),
+                    ]),
+                    timestamp: Some(at),
+                }
             }));
             module_metrics.clear();
         }
@@ -543,7 +745,10 @@ impl NlbService for NlbGrpc {
         }))
     }
 
-    async fn get_module_metrics(&self, request: Request<pb::GetModuleMetricsRequest>) -> Result<pb::GetModuleMetricsResponse> {
+    async fn get_module_metrics(
+        &self,
+        request: Request<pb::GetModuleMetricsRequest>,
+    ) -> Result<pb::GetModuleMetricsResponse> {
         let request = request.into_inner();
         check_id("instance_id", &request.instance_id)?;
         time_range(request.start_time.as_ref(), request.end_time.as_ref())?;
@@ -559,11 +764,20 @@ impl NlbService for NlbGrpc {
         }))
     }
 
-    type StreamNLBMetricsStream = Pin<Box<dyn Stream<Item = std::result::Result<pb::StreamNlbMetricsResponse, Status>> + Send>>;
+    type StreamNLBMetricsStream = Pin<
+        Box<dyn Stream<Item = std::result::Result<pb::StreamNlbMetricsResponse, Status>> + Send>,
+    >;
 
-    async fn stream_nlb_metrics(&self, request: Request<pb::StreamNlbMetricsRequest>) -> Result<Self::StreamNLBMetricsStream> {
+    async fn stream_nlb_metrics(
+        &self,
+        request: Request<pb::StreamNlbMetricsRequest>,
+    ) -> Result<Self::StreamNLBMetricsStream> {
         let request = request.into_inner();
-        let interval = seconds("interval_seconds", request.interval_seconds, Duration::from_secs(5))?;
+        let interval = seconds(
+            "interval_seconds",
+            request.interval_seconds,
+            Duration::from_secs(5),
+        )?;
         let (sender, receiver) = tokio::sync::mpsc::channel(4);
         let nlb = Arc::clone(&self.nlb);
         let mut shutdown = self.nlb.shutdown.clone();
@@ -575,7 +789,8 @@ impl NlbService for NlbGrpc {
                     () = crate::nlb::stopped(&mut shutdown) => return,
                     () = sender.closed() => return,
                 }
-                let metrics = marchproxy::stats::select(nlb.own_points(), &request.metric_names, None, None);
+                let metrics =
+                    marchproxy::stats::select(nlb.own_points(), &request.metric_names, None, None);
                 let mut module_metrics = HashMap::new();
                 if request.include_modules {
                     let ids: Vec<String> = nlb.state().instances.keys().cloned().collect();
@@ -595,10 +810,15 @@ impl NlbService for NlbGrpc {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
     }
 
-    async fn check_health(&self, request: Request<pb::CheckHealthRequest>) -> Result<pb::CheckHealthResponse> {
+    async fn check_health(
+        &self,
+        request: Request<pb::CheckHealthRequest>,
+    ) -> Result<pb::CheckHealthResponse> {
         let request = request.into_inner();
         let mut checks = HashMap::new();
         let mut status = pb::HealthStatus::Healthy;
@@ -616,7 +836,11 @@ impl NlbService for NlbGrpc {
                 .filter(|i| !i.draining)
                 .map(|i| (i.id.clone(), i.address.clone()))
                 .collect();
-            (format!("{} instances registered", state.instances.len()), health, targets)
+            (
+                format!("{} instances registered", state.instances.len()),
+                health,
+                targets,
+            )
         };
         checks.insert("registry".to_owned(), registry_line);
         if request.deep_check {
@@ -635,7 +859,12 @@ impl NlbService for NlbGrpc {
             for (id, address) in targets {
                 let key = self.nlb.api_key.clone();
                 let deep = request.deep_check;
-                calls.spawn(async move { (id.clone(), module_client::health_check(&address, key.as_deref(), &id, deep).await) });
+                calls.spawn(async move {
+                    (
+                        id.clone(),
+                        module_client::health_check(&address, key.as_deref(), &id, deep).await,
+                    )
+                });
             }
             while let Some(joined) = calls.join_next().await {
                 let Ok((id, answer)) = joined else { continue };
@@ -649,14 +878,21 @@ impl NlbService for NlbGrpc {
         }
         let unhealthy = module_health
             .values()
-            .filter(|h| !matches!(pb::HealthStatus::try_from(**h), Ok(pb::HealthStatus::Healthy | pb::HealthStatus::Degraded)))
+            .filter(|h| {
+                !matches!(
+                    pb::HealthStatus::try_from(**h),
+                    Ok(pb::HealthStatus::Healthy | pb::HealthStatus::Degraded)
+                )
+            })
             .count();
         if unhealthy > 0 && status == pb::HealthStatus::Healthy {
             status = pb::HealthStatus::Degraded;
         }
         let message = match status {
             pb::HealthStatus::Healthy => "NLB healthy; all modules healthy".to_owned(),
-            pb::HealthStatus::Degraded => format!("NLB serving; {unhealthy} module instances not healthy"),
+            pb::HealthStatus::Degraded => {
+                format!("NLB serving; {unhealthy} module instances not healthy")
+            }
             _ => "NLB unhealthy: see checks".to_owned(),
         };
         Ok(Response::new(pb::CheckHealthResponse {
@@ -668,21 +904,41 @@ impl NlbService for NlbGrpc {
         }))
     }
 
-    async fn get_nlb_status(&self, request: Request<pb::GetNlbStatusRequest>) -> Result<pb::GetNlbStatusResponse> {
-        Ok(Response::new(self.nlb.status(request.into_inner().include_modules)))
+    async fn get_nlb_status(
+        &self,
+        request: Request<pb::GetNlbStatusRequest>,
+    ) -> Result<pb::GetNlbStatusResponse> {
+        Ok(Response::new(
+            self.nlb.status(request.into_inner().include_modules),
+        ))
     }
 
-    async fn update_nlb_config(&self, request: Request<pb::UpdateNlbConfigRequest>) -> Result<pb::UpdateNlbConfigResponse> {
+    async fn update_nlb_config(
+        &self,
+        request: Request<pb::UpdateNlbConfigRequest>,
+    ) -> Result<pb::UpdateNlbConfigResponse> {
         let request = request.into_inner();
         let reject = NlbError::reject::<pb::UpdateNlbConfigResponse>;
         let config = request
             .config
-            .ok_or_else(|| NlbError::Invalid("config is missing; send a ConfigUpdate with config_type and config_data".into()))
+            .ok_or_else(|| {
+                NlbError::Invalid(
+                    "config is missing; send a ConfigUpdate with config_type and config_data"
+                        .into(),
+                )
+            })
             .map_err(reject)?;
         let section = config.config_type.trim().to_ascii_lowercase();
         let mut errors = Vec::new();
-        if !config.checksum.is_empty() && !config.checksum.eq_ignore_ascii_case(&sha256_hex(&config.config_data)) {
-            errors.push("checksum does not match config_data (expected the SHA-256 of config_data in hex)".to_owned());
+        if !config.checksum.is_empty()
+            && !config
+                .checksum
+                .eq_ignore_ascii_case(&sha256_hex(&config.config_data))
+        {
+            errors.push(
+                "checksum does not match config_data (expected the SHA-256 of config_data in hex)"
+                    .to_owned(),
+            );
         }
         let data: serde_json::Value = match serde_json::from_slice(&config.config_data) {
             Ok(data) => data,
@@ -693,25 +949,43 @@ impl NlbService for NlbGrpc {
         };
         let next = if errors.is_empty() {
             let current = self.nlb.state().settings.clone();
-            current.with_section(&section, &data).map_err(|e| errors.extend(e)).ok()
+            current
+                .with_section(&section, &data)
+                .map_err(|e| errors.extend(e))
+                .ok()
         } else {
             None
         };
         let Some(next) = next.filter(|_| errors.is_empty()) else {
-            self.nlb.metrics.config_updates.with_label_values(&[section.as_str(), "rejected"]).inc();
-            let message = format!("config `{section}` rejected; nothing changed: {}", errors.join("; "));
+            self.nlb
+                .metrics
+                .config_updates
+                .with_label_values(&[section.as_str(), "rejected"])
+                .inc();
+            let message = format!(
+                "config `{section}` rejected; nothing changed: {}",
+                errors.join("; ")
+            );
             let body = pb::UpdateNlbConfigResponse {
                 success: false,
                 message: message.clone(),
                 validation_passed: false,
                 validation_errors: errors,
                 requires_restart: false,
-                error: Some(marchproxy::status::error_body(tonic::Code::InvalidArgument, &message)),
+                error: Some(marchproxy::status::error_body(
+                    tonic::Code::InvalidArgument,
+                    &message,
+                )),
             };
             return if request.validate_only {
                 Ok(Response::new(body))
             } else {
-                Err(marchproxy::status::with_body(tonic::Code::InvalidArgument, &message, "UpdateNlbConfigResponse", &body))
+                Err(marchproxy::status::with_body(
+                    tonic::Code::InvalidArgument,
+                    &message,
+                    <pb::UpdateNlbConfigResponse as marchproxy::status::FailureBody>::NAME,
+                    &body,
+                ))
             };
         };
         if request.validate_only {
@@ -722,9 +996,15 @@ impl NlbService for NlbGrpc {
                 ..Default::default()
             }));
         }
-        self.nlb.state().set_settings(&section, next.clone(), SystemTime::now());
+        self.nlb
+            .state()
+            .set_settings(&section, next.clone(), SystemTime::now());
         info!(section = %section, config = %next.section(&section).unwrap_or_default(), "NLB config updated");
-        self.nlb.metrics.config_updates.with_label_values(&[section.as_str(), "applied"]).inc();
+        self.nlb
+            .metrics
+            .config_updates
+            .with_label_values(&[section.as_str(), "applied"])
+            .inc();
         self.nlb.persist().await.map_err(reject)?;
         Ok(Response::new(pb::UpdateNlbConfigResponse {
             success: true,
@@ -736,10 +1016,17 @@ impl NlbService for NlbGrpc {
         }))
     }
 
-    async fn get_nlb_config(&self, request: Request<pb::GetNlbConfigRequest>) -> Result<pb::GetNlbConfigResponse> {
+    async fn get_nlb_config(
+        &self,
+        request: Request<pb::GetNlbConfigRequest>,
+    ) -> Result<pb::GetNlbConfigResponse> {
         let wanted = request.into_inner().config_type.trim().to_ascii_lowercase();
         if !wanted.is_empty() && !SECTIONS.contains(&wanted.as_str()) {
-            return Err(NlbError::NotFound(format!("no config section `{wanted}`; sections: {}", SECTIONS.join(", "))).into());
+            return Err(NlbError::NotFound(format!(
+                "no config section `{wanted}`; sections: {}",
+                SECTIONS.join(", ")
+            ))
+            .into());
         }
         let state = self.nlb.state();
         let mut last_updated = self.nlb.started_at;
@@ -757,7 +1044,10 @@ impl NlbService for NlbGrpc {
                     checksum: sha256_hex(&data),
                     config_data: data,
                     updated_at: Some(time::timestamp(updated)),
-                    metadata: HashMap::from([("source".to_owned(), if set_at.is_some() { "api" } else { "startup" }.to_owned())]),
+                    metadata: HashMap::from([(
+                        "source".to_owned(),
+                        if set_at.is_some() { "api" } else { "startup" }.to_owned(),
+                    )]),
                 })
             })
             .collect();
@@ -767,7 +1057,10 @@ impl NlbService for NlbGrpc {
         }))
     }
 
-    async fn rebalance_load(&self, request: Request<pb::RebalanceLoadRequest>) -> Result<pb::RebalanceLoadResponse> {
+    async fn rebalance_load(
+        &self,
+        request: Request<pb::RebalanceLoadRequest>,
+    ) -> Result<pb::RebalanceLoadResponse> {
         let request = request.into_inner();
         let reject = NlbError::reject::<pb::RebalanceLoadResponse>;
         let strategy = match request.strategy.trim() {
@@ -777,15 +1070,28 @@ impl NlbService for NlbGrpc {
             }).map_err(reject)?),
         };
         let plan = self.plan_rebalance(&request, strategy).map_err(reject)?;
-        let Rebalance { score, acted: act, asked, previous, new_distribution, strategy_note } = plan;
+        let Rebalance {
+            score,
+            acted: act,
+            asked,
+            previous,
+            new_distribution,
+            strategy_note,
+        } = plan;
         if strategy.is_some() {
             self.nlb.persist().await.map_err(reject)?;
         }
         let message = if act {
             info!(score, asked, force = request.force, "load rebalanced");
-            format!("balance score {score:.2}; {asked} instances asked to shed connections toward an even share{}", strategy_note.unwrap_or_default())
+            format!(
+                "balance score {score:.2}; {asked} instances asked to shed connections toward an even share{}",
+                strategy_note.unwrap_or_default()
+            )
         } else {
-            format!("balance score {score:.2} is already above {REBALANCE_BELOW}; nothing moved (use force){}", strategy_note.unwrap_or_default())
+            format!(
+                "balance score {score:.2} is already above {REBALANCE_BELOW}; nothing moved (use force){}",
+                strategy_note.unwrap_or_default()
+            )
         };
         Ok(Response::new(pb::RebalanceLoadResponse {
             success: true,
@@ -796,13 +1102,20 @@ impl NlbService for NlbGrpc {
         }))
     }
 
-    async fn get_load_distribution(&self, request: Request<pb::GetLoadDistributionRequest>) -> Result<pb::GetLoadDistributionResponse> {
+    async fn get_load_distribution(
+        &self,
+        request: Request<pb::GetLoadDistributionRequest>,
+    ) -> Result<pb::GetLoadDistributionResponse> {
         let request = request.into_inner();
         let kind = kind_filter(request.module_type_filter, "module_type_filter")?;
         let state = self.nlb.state();
         let now = Instant::now();
         let mut distribution = HashMap::new();
-        for instance in state.instances.values().filter(|i| kind.is_none_or(|k| i.kind == k)) {
+        for instance in state
+            .instances
+            .values()
+            .filter(|i| kind.is_none_or(|k| i.kind == k))
+        {
             let latest = instance.stats.clone().unwrap_or_default();
             let mut info = pb::LoadInfo {
                 instance_id: instance.id.clone(),
@@ -811,14 +1124,21 @@ impl NlbService for NlbGrpc {
                 memory_usage_mb: latest.memory_usage_mb,
                 requests_per_second: instance.requests_per_second(now, RATE_WINDOW),
                 avg_latency_ms: latest.avg_latency_ms,
-                queue_depth: latest.custom_stats.get("queue_depth").and_then(|q| q.parse().ok()).unwrap_or(0),
+                queue_depth: latest
+                    .custom_stats
+                    .get("queue_depth")
+                    .and_then(|q| q.parse().ok())
+                    .unwrap_or(0),
                 load_score: 0.0,
             };
             if request.include_historical {
-                let samples: Vec<&pb::ModuleStats> = instance.recent_stats(now, HISTORY_WINDOW).collect();
+                let samples: Vec<&pb::ModuleStats> =
+                    instance.recent_stats(now, HISTORY_WINDOW).collect();
                 if !samples.is_empty() {
                     let n = samples.len() as f64;
-                    let mean = |f: fn(&pb::ModuleStats) -> f64| samples.iter().map(|s| f(s)).sum::<f64>() / n;
+                    let mean = |f: fn(&pb::ModuleStats) -> f64| {
+                        samples.iter().map(|s| f(s)).sum::<f64>() / n
+                    };
                     info.active_connections = mean(|s| s.active_connections as f64).round() as i32;
                     info.cpu_usage_percent = mean(|s| s.cpu_usage_percent);
                     info.memory_usage_mb = mean(|s| s.memory_usage_mb);
@@ -843,22 +1163,47 @@ impl NlbService for NlbGrpc {
         }))
     }
 
-    async fn trigger_scaling(&self, request: Request<pb::TriggerScalingRequest>) -> Result<pb::TriggerScalingResponse> {
+    async fn trigger_scaling(
+        &self,
+        request: Request<pb::TriggerScalingRequest>,
+    ) -> Result<pb::TriggerScalingResponse> {
         let request = request.into_inner();
         let reject = NlbError::reject::<pb::TriggerScalingResponse>;
         let decided = self.decide_scaling(&request).map_err(reject)?;
         let (kind, action, current, desired, hook) = decided;
         let outcome = if hook.command.is_empty() {
-            Ok("no scaling hook configured (scaling.command); modules are told through heartbeats".to_owned())
+            Ok(
+                "no scaling hook configured (scaling.command); modules are told through heartbeats"
+                    .to_owned(),
+            )
         } else {
-            let decision = scaler::Decision { kind, action: &action, current, desired };
-            scaler::run_hook(&hook.command, Duration::from_secs(u64::from(hook.command_timeout_seconds)), &decision)
-                .await
-                .map(|out| if out.is_empty() { "scaling hook succeeded".to_owned() } else { format!("scaling hook: {out}") })
+            let decision = scaler::Decision {
+                kind,
+                action: &action,
+                current,
+                desired,
+            };
+            scaler::run_hook(
+                &hook.command,
+                Duration::from_secs(u64::from(hook.command_timeout_seconds)),
+                &decision,
+            )
+            .await
+            .map(|out| {
+                if out.is_empty() {
+                    "scaling hook succeeded".to_owned()
+                } else {
+                    format!("scaling hook: {out}")
+                }
+            })
         };
         self.nlb.persist().await.map_err(reject)?;
         let result = if outcome.is_ok() { "ok" } else { "hook_failed" };
-        self.nlb.metrics.scaling_decisions.with_label_values(&[kind.name(), action.as_str(), result]).inc();
+        self.nlb
+            .metrics
+            .scaling_decisions
+            .with_label_values(&[kind.name(), action.as_str(), result])
+            .inc();
         match outcome {
             Ok(note) => {
                 info!(module_type = %kind, %action, current, desired, "scaling decided");
@@ -880,7 +1225,10 @@ impl NlbService for NlbGrpc {
                     current_instances: current as i32,
                     target_instances: desired as i32,
                     scaling_action: action,
-                    error: Some(marchproxy::status::error_body(tonic::Code::Unavailable, &message)),
+                    error: Some(marchproxy::status::error_body(
+                        tonic::Code::Unavailable,
+                        &message,
+                    )),
                 };
                 Ok(Response::new(body))
             }
@@ -901,7 +1249,11 @@ struct Rebalance {
 impl NlbGrpc {
     /// Measures the balance of the chosen instances and, when it is poor (or `force`), asks the
     /// ones above their fair share (by `max_connections`) to shed the difference.
-    fn plan_rebalance(&self, request: &pb::RebalanceLoadRequest, strategy: Option<Strategy>) -> std::result::Result<Rebalance, NlbError> {
+    fn plan_rebalance(
+        &self,
+        request: &pb::RebalanceLoadRequest,
+        strategy: Option<Strategy>,
+    ) -> std::result::Result<Rebalance, NlbError> {
         let mut state = self.nlb.state();
         for id in &request.target_instances {
             state.instance(id)?;
@@ -911,12 +1263,27 @@ impl NlbGrpc {
             .instances
             .values()
             .filter(|i| !i.draining)
-            .filter(|i| request.target_instances.is_empty() || request.target_instances.contains(&i.id))
-            .map(|i| (i.id.clone(), i.connections(), if i.max_connections > 0 { f64::from(i.max_connections) } else { 1.0 }))
+            .filter(|i| {
+                request.target_instances.is_empty() || request.target_instances.contains(&i.id)
+            })
+            .map(|i| {
+                (
+                    i.id.clone(),
+                    i.connections(),
+                    if i.max_connections > 0 {
+                        f64::from(i.max_connections)
+                    } else {
+                        1.0
+                    },
+                )
+            })
             .collect();
         let total: i64 = members.iter().map(|m| m.1).sum();
         let capacity: f64 = members.iter().map(|m| m.2).sum();
-        let previous: HashMap<String, i32> = members.iter().map(|(id, c, _)| (id.clone(), *c as i32)).collect();
+        let previous: HashMap<String, i32> = members
+            .iter()
+            .map(|(id, c, _)| (id.clone(), *c as i32))
+            .collect();
         let score = balance_score(members.iter().map(|(_, c, w)| *c as f64 / w));
         let strategy_note = strategy.map(|s| {
             let before = state.set_strategy(s, SystemTime::now());
@@ -935,7 +1302,14 @@ impl NlbGrpc {
                 }
             }
         }
-        Ok(Rebalance { score, acted, asked, previous, new_distribution, strategy_note })
+        Ok(Rebalance {
+            score,
+            acted,
+            asked,
+            previous,
+            new_distribution,
+            strategy_note,
+        })
     }
 
     /// Validates a scaling request and records the desired count.
@@ -943,7 +1317,16 @@ impl NlbGrpc {
     fn decide_scaling(
         &self,
         request: &pb::TriggerScalingRequest,
-    ) -> std::result::Result<(ModuleKind, String, u32, u32, crate::settings::ScalingSettings), NlbError> {
+    ) -> std::result::Result<
+        (
+            ModuleKind,
+            String,
+            u32,
+            u32,
+            crate::settings::ScalingSettings,
+        ),
+        NlbError,
+    > {
         let mut state = self.nlb.state();
         let by_type = kind_filter(request.module_type, "module_type")?;
         let by_instance = match request.instance_id.trim() {
@@ -955,10 +1338,16 @@ impl NlbGrpc {
         };
         let kind = match (by_type, by_instance) {
             (Some(a), Some(b)) if a != b => {
-                return Err(NlbError::Invalid(format!("instance_id is a {b} but module_type says {a}")));
+                return Err(NlbError::Invalid(format!(
+                    "instance_id is a {b} but module_type says {a}"
+                )));
             }
             (Some(kind), _) | (None, Some(kind)) => kind,
-            (None, None) => return Err(NlbError::Invalid("name the module kind in module_type or an instance in instance_id".into())),
+            (None, None) => {
+                return Err(NlbError::Invalid(
+                    "name the module kind in module_type or an instance in instance_id".into(),
+                ));
+            }
         };
         let action = request.scaling_action.trim().to_ascii_lowercase();
         if !matches!(action.as_str(), "scale-up" | "scale-down" | "auto") {
@@ -968,7 +1357,10 @@ impl NlbGrpc {
             )));
         }
         if request.target_instances < 0 {
-            return Err(NlbError::Invalid(format!("target_instances must not be negative (got {})", request.target_instances)));
+            return Err(NlbError::Invalid(format!(
+                "target_instances must not be negative (got {})",
+                request.target_instances
+            )));
         }
         let config = request.config.unwrap_or_default();
         let numbers = [
@@ -979,7 +1371,9 @@ impl NlbGrpc {
             ("cooldown_seconds", config.cooldown_seconds),
         ];
         if let Some((name, value)) = numbers.iter().find(|(_, v)| *v < 0) {
-            return Err(NlbError::Invalid(format!("config.{name} must not be negative (got {value})")));
+            return Err(NlbError::Invalid(format!(
+                "config.{name} must not be negative (got {value})"
+            )));
         }
         if config.max_instances > 0 && config.min_instances > config.max_instances {
             return Err(NlbError::Invalid(format!(
@@ -988,7 +1382,11 @@ impl NlbGrpc {
             )));
         }
         let hook = state.settings.scaling.clone();
-        let cooldown = Duration::from_secs(if config.cooldown_seconds > 0 { config.cooldown_seconds as u64 } else { u64::from(hook.cooldown_seconds) });
+        let cooldown = Duration::from_secs(if config.cooldown_seconds > 0 {
+            config.cooldown_seconds as u64
+        } else {
+            u64::from(hook.cooldown_seconds)
+        });
         let now = Instant::now();
         if let Some(last) = state.desired.get(&kind) {
             let since = now.duration_since(last.changed);
@@ -1018,10 +1416,14 @@ impl NlbGrpc {
             desired = desired.min(config.max_instances as u32);
         }
         if action == "scale-up" && desired < current {
-            return Err(NlbError::Invalid(format!("scale-up to {desired} is below the current {current} instances")));
+            return Err(NlbError::Invalid(format!(
+                "scale-up to {desired} is below the current {current} instances"
+            )));
         }
         if action == "scale-down" && desired > current {
-            return Err(NlbError::Invalid(format!("scale-down to {desired} is above the current {current} instances")));
+            return Err(NlbError::Invalid(format!(
+                "scale-down to {desired} is above the current {current} instances"
+            )));
         }
         state.set_desired(kind, desired, now);
         Ok((kind, action, current, desired, hook))
@@ -1030,15 +1432,28 @@ impl NlbGrpc {
 
 /// Instances needed for the kind's reported load against the config's targets (connections per
 /// instance, CPU percent); the current count when no target is set.
-fn auto_desired(state: &crate::state::State, kind: ModuleKind, current: u32, config: &pb::ScalingConfig) -> u32 {
-    let members: Vec<_> = state.instances.values().filter(|i| i.kind == kind && !i.draining).collect();
+fn auto_desired(
+    state: &crate::state::State,
+    kind: ModuleKind,
+    current: u32,
+    config: &pb::ScalingConfig,
+) -> u32 {
+    let members: Vec<_> = state
+        .instances
+        .values()
+        .filter(|i| i.kind == kind && !i.draining)
+        .collect();
     let mut needed = Vec::new();
     if config.target_connections > 0 {
         let connections: i64 = members.iter().map(|i| i.connections()).sum();
         needed.push((connections as f64 / f64::from(config.target_connections)).ceil() as u32);
     }
     if config.target_cpu_percent > 0 && !members.is_empty() {
-        let cpu: f64 = members.iter().filter_map(|i| i.stats.as_ref()).map(|s| s.cpu_usage_percent).sum();
+        let cpu: f64 = members
+            .iter()
+            .filter_map(|i| i.stats.as_ref())
+            .map(|s| s.cpu_usage_percent)
+            .sum();
         needed.push((cpu / f64::from(config.target_cpu_percent)).ceil() as u32);
     }
     needed.into_iter().max().map_or(current, |n| n.max(1))

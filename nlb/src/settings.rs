@@ -134,7 +134,11 @@ impl Settings {
 
     /// These settings with `update` (a JSON object) merged over section `name`, or every problem
     /// found, each naming its field.
-    pub fn with_section(&self, name: &str, update: &serde_json::Value) -> Result<Settings, Vec<String>> {
+    pub fn with_section(
+        &self,
+        name: &str,
+        update: &serde_json::Value,
+    ) -> Result<Settings, Vec<String>> {
         let Some(mut merged) = self.section(name) else {
             return Err(vec![format!(
                 "unknown config_type `{name}`; use one of {}",
@@ -142,7 +146,9 @@ impl Settings {
             )]);
         };
         let Some(fields) = update.as_object() else {
-            return Err(vec![format!("config_data for `{name}` must be a JSON object")]);
+            return Err(vec![format!(
+                "config_data for `{name}` must be a JSON object"
+            )]);
         };
         if let Some(target) = merged.as_object_mut() {
             for (key, value) in fields {
@@ -158,7 +164,11 @@ impl Settings {
         }
         next.heartbeat.check(&mut errors);
         next.scaling.check(&mut errors);
-        if errors.is_empty() { Ok(next) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(next)
+        } else {
+            Err(errors)
+        }
     }
 }
 
@@ -193,7 +203,10 @@ mod tests {
         let errors = Settings::default()
             .with_section("heartbeat", &json!({"unhealthy_after_ms": "soon"}))
             .unwrap_err();
-        assert!(errors[0].contains("heartbeat.unhealthy_after_ms"), "{errors:?}");
+        assert!(
+            errors[0].contains("heartbeat.unhealthy_after_ms"),
+            "{errors:?}"
+        );
         let errors = Settings::default()
             .with_section("scaling", &json!({"comand": "x"}))
             .unwrap_err();
@@ -202,8 +215,16 @@ mod tests {
             .with_section("heartbeat", &json!({"expire_after_ms": 10}))
             .unwrap_err();
         assert!(errors[0].contains("expire_after_ms"), "{errors:?}");
-        assert!(Settings::default().with_section("colour", &json!({})).is_err());
-        assert!(Settings::default().with_section("balancing", &json!([1])).is_err());
+        assert!(
+            Settings::default()
+                .with_section("colour", &json!({}))
+                .is_err()
+        );
+        assert!(
+            Settings::default()
+                .with_section("balancing", &json!([1]))
+                .is_err()
+        );
         let errors = Settings::default()
             .with_section("balancing", &json!({"strategy": "fastest"}))
             .unwrap_err();

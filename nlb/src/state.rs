@@ -102,7 +102,8 @@ impl Instance {
 
     /// May get new connections: healthy or degraded, not draining, not silent, under its limit.
     pub fn routable(&self, now: Instant, settings: &Settings) -> bool {
-        let under_limit = self.max_connections <= 0 || self.connections() < i64::from(self.max_connections);
+        let under_limit =
+            self.max_connections <= 0 || self.connections() < i64::from(self.max_connections);
         matches!(
             self.health(now, settings),
             pb::HealthStatus::Healthy | pb::HealthStatus::Degraded
@@ -131,7 +132,11 @@ impl Instance {
     }
 
     /// Heartbeat samples newer than `window`.
-    pub fn recent_stats(&self, now: Instant, window: Duration) -> impl Iterator<Item = &pb::ModuleStats> {
+    pub fn recent_stats(
+        &self,
+        now: Instant,
+        window: Duration,
+    ) -> impl Iterator<Item = &pb::ModuleStats> {
         self.stats_history
             .iter()
             .filter(move |(at, _)| now.duration_since(*at) <= window)
@@ -144,7 +149,8 @@ impl Instance {
         if let Some(address) = self.metadata.get("data_address").filter(|a| !a.is_empty()) {
             return Some(address.clone());
         }
-        (route.destination_port != 0).then(|| format!("{}:{}", self.address.host(), route.destination_port))
+        (route.destination_port != 0)
+            .then(|| format!("{}:{}", self.address.host(), route.destination_port))
     }
 }
 
@@ -204,8 +210,16 @@ pub struct DesiredScale {
 /// Something that happened to an instance without an RPC asking for it.
 #[derive(Debug, PartialEq)]
 pub enum SweepEvent {
-    Unhealthy { id: String, kind: ModuleKind, silent_for: Duration },
-    Removed { id: String, kind: ModuleKind, silent_for: Duration },
+    Unhealthy {
+        id: String,
+        kind: ModuleKind,
+        silent_for: Duration,
+    },
+    Removed {
+        id: String,
+        kind: ModuleKind,
+        silent_for: Duration,
+    },
 }
 
 /// The outcome of a registration.
@@ -242,7 +256,8 @@ pub struct State {
 }
 
 fn unix_ms(at: SystemTime) -> u64 {
-    at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn from_unix_ms(ms: u64) -> SystemTime {
@@ -252,9 +267,15 @@ fn from_unix_ms(ms: u64) -> SystemTime {
 /// Checks an id the operator will type: instance ids, registration ids.
 pub fn check_id(field: &str, id: &str) -> Result<(), NlbError> {
     if id.trim().is_empty() {
-        return Err(NlbError::Invalid(format!("{field} is empty; name the instance")));
+        return Err(NlbError::Invalid(format!(
+            "{field} is empty; name the instance"
+        )));
     }
-    if id.len() > 128 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':')) {
+    if id.len() > 128
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    {
         return Err(NlbError::Invalid(format!(
             "{field} `{id}` must be at most 128 letters, digits or - _ . :"
         )));
@@ -269,13 +290,20 @@ fn check_routes(routes: Vec<pb::Route>) -> Result<Vec<RouteSpec>, Vec<String>> {
     for (index, route) in routes.into_iter().enumerate() {
         match RouteSpec::try_from(route) {
             Ok(spec) if !seen.insert(spec.id.clone()) => {
-                errors.push(format!("routes[{index}]: route_id `{}` appears twice", spec.id));
+                errors.push(format!(
+                    "routes[{index}]: route_id `{}` appears twice",
+                    spec.id
+                ));
             }
             Ok(spec) => specs.push(spec),
             Err(error) => errors.push(format!("routes[{index}]: {error}")),
         }
     }
-    if errors.is_empty() { Ok(specs) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(specs)
+    } else {
+        Err(errors)
+    }
 }
 
 fn check_stats(stats: &pb::ModuleStats) -> Result<(), NlbError> {
@@ -290,7 +318,9 @@ fn check_stats(stats: &pb::ModuleStats) -> Result<(), NlbError> {
     ];
     for (name, value) in counts {
         if value < 0 {
-            return Err(NlbError::Invalid(format!("current_stats.{name} must not be negative (got {value})")));
+            return Err(NlbError::Invalid(format!(
+                "current_stats.{name} must not be negative (got {value})"
+            )));
         }
     }
     let gauges = [
@@ -318,19 +348,35 @@ impl State {
         for (name, section) in persisted.config {
             settings = settings
                 .with_section(&name, &section.data)
-                .map_err(|errors| format!("persisted config section `{name}`: {}", errors.join("; ")))?;
+                .map_err(|errors| {
+                    format!("persisted config section `{name}`: {}", errors.join("; "))
+                })?;
             config_set_at.insert(name, from_unix_ms(section.updated_at_ms));
         }
         let operator_routes = persisted
             .operator_routes
             .into_iter()
-            .map(|r| (r.route.id.clone(), TableRoute::new(r.route, from_unix_ms(r.created_at_ms))))
+            .map(|r| {
+                (
+                    r.route.id.clone(),
+                    TableRoute::new(r.route, from_unix_ms(r.created_at_ms)),
+                )
+            })
             .collect();
-        let kind = |name: &str| name.parse::<ModuleKind>().map_err(|e| format!("persisted state: {e}"));
+        let kind = |name: &str| {
+            name.parse::<ModuleKind>()
+                .map_err(|e| format!("persisted state: {e}"))
+        };
         let now = Instant::now();
         let mut desired = BTreeMap::new();
         for (name, count) in persisted.desired_instances {
-            desired.insert(kind(&name)?, DesiredScale { count, changed: now });
+            desired.insert(
+                kind(&name)?,
+                DesiredScale {
+                    count,
+                    changed: now,
+                },
+            );
         }
         let mut weights = BTreeMap::new();
         for (name, versions) in persisted.version_weights {
@@ -391,9 +437,11 @@ impl State {
     }
 
     pub fn instance(&self, id: &str) -> Result<&Instance, NlbError> {
-        self.instances
-            .get(id)
-            .ok_or_else(|| NlbError::NotFound(format!("no module instance `{id}` is registered; list them with ListModules")))
+        self.instances.get(id).ok_or_else(|| {
+            NlbError::NotFound(format!(
+                "no module instance `{id}` is registered; list them with ListModules"
+            ))
+        })
     }
 
     /// Instances of `kind` that are not leaving.
@@ -420,7 +468,9 @@ impl State {
             address: instance.address.to_string(),
             health_status: instance.health(now, &self.settings) as i32,
             metadata: instance.metadata.clone(),
-            started_at: instance.started_at.or(Some(time::timestamp(instance.registered_at))),
+            started_at: instance
+                .started_at
+                .or(Some(time::timestamp(instance.registered_at))),
             current_connections: i32::try_from(instance.connections()).unwrap_or(i32::MAX),
             max_connections: instance.max_connections,
             version: instance.version.clone(),
@@ -436,7 +486,11 @@ impl State {
             .get(&kind)
             .into_iter()
             .flatten()
-            .filter(|(version, _)| self.instances.values().any(|i| i.kind == kind && &i.version == *version))
+            .filter(|(version, _)| {
+                self.instances
+                    .values()
+                    .any(|i| i.kind == kind && &i.version == *version)
+            })
             .map(|(version, weight)| (version.as_str(), *weight))
             .collect();
         versions.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
@@ -456,10 +510,15 @@ impl State {
 
     // ---- registration and liveness ----
 
-    pub fn register(&mut self, request: pb::RegisterModuleRequest, now: Instant, wall: SystemTime) -> Result<Registered, NlbError> {
-        let info = request
-            .instance
-            .ok_or_else(|| NlbError::Invalid("instance is missing; send the module's ModuleInstance".into()))?;
+    pub fn register(
+        &mut self,
+        request: pb::RegisterModuleRequest,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<Registered, NlbError> {
+        let info = request.instance.ok_or_else(|| {
+            NlbError::Invalid("instance is missing; send the module's ModuleInstance".into())
+        })?;
         check_id("instance.instance_id", &info.instance_id)?;
         let kind = ModuleKind::from_module_type(info.module_type).ok_or_else(|| {
             NlbError::Invalid(format!(
@@ -490,7 +549,11 @@ impl State {
         let version = match info.version.trim() {
             "" => UNVERSIONED.to_owned(),
             v if v.len() <= 64 && !v.contains(char::is_whitespace) => v.to_owned(),
-            v => return Err(NlbError::Invalid(format!("instance.version `{v}` must be at most 64 characters without spaces"))),
+            v => {
+                return Err(NlbError::Invalid(format!(
+                    "instance.version `{v}` must be at most 64 characters without spaces"
+                )));
+            }
         };
         if let Some(health) = &request.health_config {
             let numbers = [
@@ -501,10 +564,14 @@ impl State {
                 ("health_check_port", health.health_check_port),
             ];
             if let Some((name, value)) = numbers.iter().find(|(_, v)| *v < 0) {
-                return Err(NlbError::Invalid(format!("health_config.{name} must not be negative (got {value})")));
+                return Err(NlbError::Invalid(format!(
+                    "health_config.{name} must not be negative (got {value})"
+                )));
             }
             if health.health_check_port > 65535 {
-                return Err(NlbError::Invalid("health_config.health_check_port must be at most 65535".into()));
+                return Err(NlbError::Invalid(
+                    "health_config.health_check_port must be at most 65535".into(),
+                ));
             }
         }
         let routes = check_routes(request.initial_routes).map_err(|errors| {
@@ -516,12 +583,22 @@ impl State {
         let weights = self.weights.entry(kind).or_default();
         if !weights.contains_key(&version) {
             let serving = weights.iter().any(|(v, w)| {
-                *w > 0 && self.instances.values().any(|i| i.kind == kind && &i.version == v)
+                *w > 0
+                    && self
+                        .instances
+                        .values()
+                        .any(|i| i.kind == kind && &i.version == v)
             });
             // A version that appears beside a serving one waits for an operator; a lone one serves.
             weights.insert(version.clone(), if serving { 0 } else { 100 });
         } else if weights.get(&version) == Some(&0)
-            && !weights.iter().any(|(v, w)| *w > 0 && self.instances.values().any(|i| i.kind == kind && &i.version == v))
+            && !weights.iter().any(|(v, w)| {
+                *w > 0
+                    && self
+                        .instances
+                        .values()
+                        .any(|i| i.kind == kind && &i.version == v)
+            })
         {
             weights.insert(version.clone(), 100);
         }
@@ -563,11 +640,17 @@ impl State {
     }
 
     /// Checks the caller owns the registration, and returns its kind.
-    pub fn check_registration(&self, id: &str, registration_id: &str) -> Result<ModuleKind, NlbError> {
+    pub fn check_registration(
+        &self,
+        id: &str,
+        registration_id: &str,
+    ) -> Result<ModuleKind, NlbError> {
         check_id("instance_id", id)?;
         let instance = self.instance(id)?;
         if registration_id.is_empty() {
-            return Err(NlbError::Invalid("registration_id is empty; send the id RegisterModule returned".into()));
+            return Err(NlbError::Invalid(
+                "registration_id is empty; send the id RegisterModule returned".into(),
+            ));
         }
         if instance.registration_id != registration_id {
             return Err(NlbError::Denied(format!(
@@ -602,10 +685,19 @@ impl State {
             .map(Instance::connections)
     }
 
-    pub fn heartbeat(&mut self, request: pb::HeartbeatRequest, now: Instant, wall: SystemTime) -> Result<HeartbeatOutcome, NlbError> {
+    pub fn heartbeat(
+        &mut self,
+        request: pb::HeartbeatRequest,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<HeartbeatOutcome, NlbError> {
         check_id("instance_id", &request.instance_id)?;
-        let status = pb::HealthStatus::try_from(request.status)
-            .map_err(|_| NlbError::Invalid(format!("status {} is not a HealthStatus value", request.status)))?;
+        let status = pb::HealthStatus::try_from(request.status).map_err(|_| {
+            NlbError::Invalid(format!(
+                "status {} is not a HealthStatus value",
+                request.status
+            ))
+        })?;
         if let Some(stats) = &request.current_stats {
             check_stats(stats)?;
         }
@@ -641,7 +733,10 @@ impl State {
             instance.stats = Some(stats);
         }
         let recovered = std::mem::take(&mut instance.stale);
-        let mut instructions: HashMap<String, String> = std::mem::take(&mut instance.pending_instructions).into_iter().collect();
+        let mut instructions: HashMap<String, String> =
+            std::mem::take(&mut instance.pending_instructions)
+                .into_iter()
+                .collect();
         let should_scale = desired.is_some_and(|d| d != current);
         if let Some(desired) = desired.filter(|_| should_scale) {
             instructions.insert("desired_instances".into(), desired.to_string());
@@ -679,7 +774,10 @@ impl State {
             }
             true
         });
-        if events.iter().any(|e| matches!(e, SweepEvent::Removed { .. })) {
+        if events
+            .iter()
+            .any(|e| matches!(e, SweepEvent::Removed { .. }))
+        {
             self.changed();
         }
         events
@@ -705,7 +803,9 @@ impl State {
                     errors.push(error);
                 }
             }
-        } else if let Err(error) = check_id("source_instance_id", source).and_then(|()| self.instance(source).map(|_| ())) {
+        } else if let Err(error) =
+            check_id("source_instance_id", source).and_then(|()| self.instance(source).map(|_| ()))
+        {
             errors.push(error.to_string());
         }
         if !errors.is_empty() {
@@ -720,10 +820,18 @@ impl State {
         } else {
             match self.instances.get_mut(source) {
                 Some(instance) => &mut instance.routes,
-                None => return Err(vec![format!("instance `{source}` left while its routes were updated")]),
+                None => {
+                    return Err(vec![format!(
+                        "instance `{source}` left while its routes were updated"
+                    )]);
+                }
             }
         };
-        let mut next = if replace_all { BTreeMap::new() } else { table.clone() };
+        let mut next = if replace_all {
+            BTreeMap::new()
+        } else {
+            table.clone()
+        };
         for spec in specs {
             let created_at = table.get(&spec.id).map_or(wall, |old| old.created_at);
             next.insert(spec.id.clone(), TableRoute::new(spec, created_at));
@@ -734,7 +842,10 @@ impl State {
     }
 
     /// Instances an operator route sends to.
-    fn operator_targets<'a>(&'a self, spec: &'a RouteSpec) -> impl Iterator<Item = &'a Instance> + 'a {
+    fn operator_targets<'a>(
+        &'a self,
+        spec: &'a RouteSpec,
+    ) -> impl Iterator<Item = &'a Instance> + 'a {
         let target = OperatorTarget::of(spec).ok();
         self.instances.values().filter(move |i| match &target {
             Some(OperatorTarget::Kind(kind)) => i.kind == *kind,
@@ -757,7 +868,11 @@ impl State {
         }
         for instance in self.instances.values() {
             for route in instance.routes.values() {
-                rows.push((route, RouteOwner::Module(instance.id.clone()), Some(instance)));
+                rows.push((
+                    route,
+                    RouteOwner::Module(instance.id.clone()),
+                    Some(instance),
+                ));
             }
         }
         rows
@@ -766,11 +881,21 @@ impl State {
     /// Routes a flow the way the data plane does: the best matching route that has a healthy
     /// instance, then a version by weight, then an instance by the balancing strategy.
     /// With `dry_run` nothing is counted and the turn-taking cursor does not move.
-    pub fn decide(&mut self, flow: &Flow, dry_run: bool, now: Instant, wall: SystemTime) -> Result<Decision, NoRoute> {
+    pub fn decide(
+        &mut self,
+        flow: &Flow,
+        dry_run: bool,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<Decision, NoRoute> {
         // Candidate routes: operator routes, and module routes grouped by (kind, route id) so
         // blue and green instances carrying the same route share it.
         let mut candidates: Vec<(RouteSpec, RouteOwner, Vec<&Instance>)> = Vec::new();
-        for route in self.operator_routes.values().filter(|r| r.spec.matches(flow)) {
+        for route in self
+            .operator_routes
+            .values()
+            .filter(|r| r.spec.matches(flow))
+        {
             let targets = self.operator_targets(&route.spec).collect();
             candidates.push((route.spec.clone(), RouteOwner::Operator, targets));
         }
@@ -829,7 +954,10 @@ impl State {
             self.route_requests += 1;
             let table = match &decision.owner {
                 RouteOwner::Operator => Some(&mut self.operator_routes),
-                RouteOwner::Module(_) => self.instances.get_mut(&decision.instance_id).map(|i| &mut i.routes),
+                RouteOwner::Module(_) => self
+                    .instances
+                    .get_mut(&decision.instance_id)
+                    .map(|i| &mut i.routes),
             };
             if let Some(route) = table.and_then(|t| t.get_mut(&decision.route.id)) {
                 route.last_used = Some(wall);
@@ -856,7 +984,9 @@ impl State {
     /// Asks an instance, through its next heartbeat answer, to shed connections.
     pub fn ask_to_shed(&mut self, id: &str, connections: i64) {
         if let Some(instance) = self.instances.get_mut(id) {
-            instance.pending_instructions.insert("action".into(), "rebalance".into());
+            instance
+                .pending_instructions
+                .insert("action".into(), "rebalance".into());
             instance
                 .pending_instructions
                 .insert("shed_connections".into(), connections.to_string());
@@ -864,7 +994,13 @@ impl State {
     }
 
     pub fn set_desired(&mut self, kind: ModuleKind, count: u32, now: Instant) {
-        self.desired.insert(kind, DesiredScale { count, changed: now });
+        self.desired.insert(
+            kind,
+            DesiredScale {
+                count,
+                changed: now,
+            },
+        );
         self.changed();
     }
 
@@ -877,7 +1013,12 @@ impl State {
 
 /// Picks among usable instances: a version by weight (versions whose weight is 0 only when no
 /// weighted version has a usable instance), then an instance by strategy. Returns an index.
-fn pick(usable: &[&Instance], weights: &BTreeMap<ModuleKind, BTreeMap<String, u32>>, strategy: Strategy, cursor: u64) -> usize {
+fn pick(
+    usable: &[&Instance],
+    weights: &BTreeMap<ModuleKind, BTreeMap<String, u32>>,
+    strategy: Strategy,
+    cursor: u64,
+) -> usize {
     let weight = |i: &Instance| {
         weights
             .get(&i.kind)
@@ -912,8 +1053,15 @@ fn pick(usable: &[&Instance], weights: &BTreeMap<ModuleKind, BTreeMap<String, u3
         Strategy::RoundRobin => pool[turn],
         Strategy::Random => pool[rand::random_range(0..pool.len())],
         Strategy::LeastConnections => {
-            let least = pool.iter().map(|&i| usable[i].connections()).min().unwrap_or(0);
-            let tied: Vec<usize> = pool.into_iter().filter(|&i| usable[i].connections() == least).collect();
+            let least = pool
+                .iter()
+                .map(|&i| usable[i].connections())
+                .min()
+                .unwrap_or(0);
+            let tied: Vec<usize> = pool
+                .into_iter()
+                .filter(|&i| usable[i].connections() == least)
+                .collect();
             tied[(cursor % tied.len() as u64) as usize]
         }
     }
@@ -957,8 +1105,20 @@ mod tests {
     fn new_version_waits_beside_a_serving_one() {
         let mut state = state();
         let (now, wall) = (Instant::now(), SystemTime::now());
-        assert_eq!(state.register(registration("a", "v1", "127.0.0.1:1"), now, wall).unwrap().version_weight, 100);
-        assert_eq!(state.register(registration("b", "v2", "127.0.0.1:2"), now, wall).unwrap().version_weight, 0);
+        assert_eq!(
+            state
+                .register(registration("a", "v1", "127.0.0.1:1"), now, wall)
+                .unwrap()
+                .version_weight,
+            100
+        );
+        assert_eq!(
+            state
+                .register(registration("b", "v2", "127.0.0.1:2"), now, wall)
+                .unwrap()
+                .version_weight,
+            0
+        );
         for _ in 0..20 {
             let decision = state.decide(&http(), false, now, wall).unwrap();
             assert_eq!(decision.instance_id, "a");
@@ -969,12 +1129,21 @@ mod tests {
     fn sequential_flows_spread_over_equal_instances_and_dry_run_counts_nothing() {
         let mut state = state();
         let (now, wall) = (Instant::now(), SystemTime::now());
-        state.register(registration("a", "v1", "127.0.0.1:1"), now, wall).unwrap();
-        state.register(registration("b", "v1", "127.0.0.1:2"), now, wall).unwrap();
+        state
+            .register(registration("a", "v1", "127.0.0.1:1"), now, wall)
+            .unwrap();
+        state
+            .register(registration("b", "v1", "127.0.0.1:2"), now, wall)
+            .unwrap();
         let first = state.decide(&http(), true, now, wall).unwrap().instance_id;
-        assert_eq!(state.decide(&http(), true, now, wall).unwrap().instance_id, first);
+        assert_eq!(
+            state.decide(&http(), true, now, wall).unwrap().instance_id,
+            first
+        );
         assert_eq!(state.route_requests, 0);
-        let picks: BTreeSet<_> = (0..4).map(|_| state.decide(&http(), false, now, wall).unwrap().instance_id).collect();
+        let picks: BTreeSet<_> = (0..4)
+            .map(|_| state.decide(&http(), false, now, wall).unwrap().instance_id)
+            .collect();
         assert_eq!(picks.len(), 2);
         assert_eq!(state.route_requests, 4);
     }
@@ -983,12 +1152,26 @@ mod tests {
     fn silent_instances_turn_unhealthy_then_go() {
         let mut state = state();
         let (now, wall) = (Instant::now(), SystemTime::now());
-        state.register(registration("a", "v1", "127.0.0.1:1"), now, wall).unwrap();
+        state
+            .register(registration("a", "v1", "127.0.0.1:1"), now, wall)
+            .unwrap();
         let later = now + Duration::from_secs(31);
-        assert!(matches!(state.sweep(later)[..], [SweepEvent::Unhealthy { .. }]));
-        assert_eq!(state.decide(&http(), true, later, wall).unwrap_err().label(), "no_instance");
+        assert!(matches!(
+            state.sweep(later)[..],
+            [SweepEvent::Unhealthy { .. }]
+        ));
+        assert_eq!(
+            state
+                .decide(&http(), true, later, wall)
+                .unwrap_err()
+                .label(),
+            "no_instance"
+        );
         assert!(state.sweep(later).is_empty());
-        assert!(matches!(state.sweep(now + Duration::from_secs(121))[..], [SweepEvent::Removed { .. }]));
+        assert!(matches!(
+            state.sweep(now + Duration::from_secs(121))[..],
+            [SweepEvent::Removed { .. }]
+        ));
         assert!(state.instances.is_empty());
     }
 
@@ -1001,14 +1184,18 @@ mod tests {
             destination_pattern: "alb".into(),
             ..Default::default()
         };
-        state.update_routes("", vec![good.clone()], false, false, wall).unwrap();
+        state
+            .update_routes("", vec![good.clone()], false, false, wall)
+            .unwrap();
         let bad = pb::Route {
             route_id: "r2".into(),
             source_port: -1,
             destination_pattern: "alb".into(),
             ..Default::default()
         };
-        let errors = state.update_routes("", vec![good, bad], true, false, wall).unwrap_err();
+        let errors = state
+            .update_routes("", vec![good, bad], true, false, wall)
+            .unwrap_err();
         assert!(errors[0].contains("routes[1]"), "{errors:?}");
         assert_eq!(state.operator_routes.keys().collect::<Vec<_>>(), ["r1"]);
     }

@@ -50,9 +50,15 @@ pub struct PersistedSection {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot use state directory {path}: {source}; create it or pass another --state-dir")]
-    Dir { path: PathBuf, source: std::io::Error },
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "state file {path} is unreadable ({reason}); fix it, or move it away to start with empty operator state"
     )]
@@ -93,7 +99,9 @@ impl Store {
                 path,
                 reason: error.to_string(),
             }),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(PersistedState::default()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                Ok(PersistedState::default())
+            }
             Err(error) => Err(StoreError::Corrupt {
                 path,
                 reason: error.to_string(),

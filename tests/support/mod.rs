@@ -17,7 +17,8 @@ use marchproxy_nlb::{Config, Server, StartError};
 use tokio::{io::AsyncReadExt, io::AsyncWriteExt, sync::oneshot, task::JoinHandle};
 use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
-pub type NlbClient = pb::nlb_service_client::NlbServiceClient<InterceptedService<Channel, AttachApiKey>>;
+pub type NlbClient =
+    pb::nlb_service_client::NlbServiceClient<InterceptedService<Channel, AttachApiKey>>;
 
 /// A running NLB; dropped or stopped, it shuts down.
 pub struct TestNlb {
@@ -57,7 +58,12 @@ pub async fn start_with(mut config: Config) -> TestNlb {
     let client = nlb.client().await;
     eventually("the NLB answers", Duration::from_secs(10), || {
         let mut client = client.clone();
-        async move { client.get_nlb_status(pb::GetNlbStatusRequest::default()).await.is_ok() }
+        async move {
+            client
+                .get_nlb_status(pb::GetNlbStatusRequest::default())
+                .await
+                .is_ok()
+        }
     })
     .await;
     nlb
@@ -78,7 +84,11 @@ impl TestNlb {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url()).unwrap().connect().await.expect("connects to the NLB")
+        Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connects to the NLB")
     }
 
     /// A client carrying the NLB's key, if it has one.
@@ -87,7 +97,10 @@ impl TestNlb {
     }
 
     pub async fn client_with_key(&self, key: Option<&str>) -> NlbClient {
-        pb::nlb_service_client::NlbServiceClient::with_interceptor(self.channel().await, AttachApiKey::new(key).unwrap())
+        pb::nlb_service_client::NlbServiceClient::with_interceptor(
+            self.channel().await,
+            AttachApiKey::new(key).unwrap(),
+        )
     }
 
     /// Stops the NLB and waits for it to exit cleanly.
@@ -103,7 +116,9 @@ impl TestNlb {
             let result = tokio::time::timeout(Duration::from_secs(10), task)
                 .await
                 .expect("the NLB stops within 10 s");
-            result.expect("the NLB task did not panic").expect("the NLB exits without error");
+            result
+                .expect("the NLB task did not panic")
+                .expect("the NLB exits without error");
         }
     }
 }
@@ -127,13 +142,21 @@ where
         if check().await {
             return;
         }
-        assert!(Instant::now() < until, "timed out after {deadline:?} waiting for: {what}");
+        assert!(
+            Instant::now() < until,
+            "timed out after {deadline:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// A module instance as a module would register it.
-pub fn instance(id: &str, kind: pb::ModuleType, version: &str, data_address: &str) -> pb::ModuleInstance {
+pub fn instance(
+    id: &str,
+    kind: pb::ModuleType,
+    version: &str,
+    data_address: &str,
+) -> pb::ModuleInstance {
     pb::ModuleInstance {
         instance_id: id.into(),
         module_type: kind as i32,
@@ -145,7 +168,13 @@ pub fn instance(id: &str, kind: pb::ModuleType, version: &str, data_address: &st
     }
 }
 
-pub fn route(id: &str, protocol: pb::Protocol, source: &str, destination: &str, priority: i32) -> pb::Route {
+pub fn route(
+    id: &str,
+    protocol: pb::Protocol,
+    source: &str,
+    destination: &str,
+    priority: i32,
+) -> pb::Route {
     pb::Route {
         route_id: id.into(),
         protocol: protocol as i32,
@@ -157,7 +186,11 @@ pub fn route(id: &str, protocol: pb::Protocol, source: &str, destination: &str, 
 }
 
 /// Registers an instance; returns its registration id.
-pub async fn register(client: &mut NlbClient, instance: pb::ModuleInstance, routes: Vec<pb::Route>) -> String {
+pub async fn register(
+    client: &mut NlbClient,
+    instance: pb::ModuleInstance,
+    routes: Vec<pb::Route>,
+) -> String {
     let response = client
         .register_module(pb::RegisterModuleRequest {
             instance: Some(instance),
@@ -172,7 +205,12 @@ pub async fn register(client: &mut NlbClient, instance: pb::ModuleInstance, rout
     response.registration_id
 }
 
-pub async fn heartbeat(client: &mut NlbClient, id: &str, registration: &str, active: i64) -> pb::HeartbeatResponse {
+pub async fn heartbeat(
+    client: &mut NlbClient,
+    id: &str,
+    registration: &str,
+    active: i64,
+) -> pb::HeartbeatResponse {
     client
         .heartbeat(pb::HeartbeatRequest {
             instance_id: id.into(),
@@ -191,7 +229,9 @@ pub async fn heartbeat(client: &mut NlbClient, id: &str, registration: &str, act
 
 /// One plain HTTP/1.1 GET; returns (status code, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("admin port open");
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("admin port open");
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
@@ -201,6 +241,9 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|code| code.parse().ok())
         .unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }

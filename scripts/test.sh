@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian machine: installs what the tests need (as root, with
+# apt-get or pip) or stops with the exact command to run, then checks formatting and lints and runs
+# every test. CI (.ci/run) runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n== %s\n' "$*"; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
+
+if ! command -v cargo >/dev/null; then
+  echo "cargo is missing. Install Rust (1.85 or newer) with rustup, then run this again:" >&2
+  echo "  curl --proto '=https' -sSf https://sh.rustup.rs | sh -s -- -y --component rustfmt,clippy && . \"\$HOME/.cargo/env\"" >&2
+  exit 1
+fi
+for component in rustfmt clippy; do
+  if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    rustup component add "$component" || { echo "run: rustup component add $component" >&2; exit 1; }
+  fi
+done
+
+# Python grpcio stubs act as a client written by someone else (tests/python_client.rs).
+if ! python3 -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
+  say "installing Python grpcio and grpcio-tools"
+  python3 -m pip install --quiet grpcio grpcio-tools 2>/dev/null \
+    || as_root apt-get install -y -q python3-grpcio python3-grpc-tools \
+    || { as_root apt-get update -q && as_root apt-get install -y -q python3 python3-grpcio python3-grpc-tools; } \
+    || { echo "cannot install grpcio; run: sudo apt-get install -y python3-grpcio python3-grpc-tools" >&2; exit 1; }
+  python3 -c 'import grpc, grpc_tools' || { echo "grpcio still missing; run: python3 -m pip install grpcio grpcio-tools" >&2; exit 1; }
+fi
+
+say "cargo fmt --check"
+cargo fmt --all -- --check
+say "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+say "cargo test"
+cargo test --workspace --locked
+say "all tests passed"

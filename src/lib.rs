@@ -2,14 +2,18 @@
 //!
 //! - [`pb`]: the generated code of package `marchproxy` (NLBService, ModuleService and their
 //!   messages), wire-compatible with MarchProxy's interface.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz` for every server.
 //! - [`auth`]: the cluster API key, checked by servers and attached by clients.
 //! - [`query`]: the `Query` message (filters, sort, pagination) applied to any listing.
 //! - [`status`]: errors that travel both as a gRPC status and as the response body.
 //! - [`telemetry`], [`time`]: logging set-up, timestamps and durations.
 
+pub mod admin;
 pub mod auth;
 pub mod names;
 pub mod query;
+pub mod route;
+pub mod serve;
 pub mod signal;
 pub mod stats;
 pub mod status;

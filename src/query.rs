@@ -110,10 +110,8 @@ fn parse_op(op: &str) -> Result<Op, QueryError> {
     })
 }
 
-fn known_field<T: Queryable>(item: Option<&T>, field: &str) -> bool {
-    T::FIELDS.contains(&field)
-        || field.starts_with("metadata.")
-        || item.is_some_and(|i| i.field(field).is_some())
+fn known_field<T: Queryable>(field: &str) -> bool {
+    T::FIELDS.contains(&field) || field.starts_with("metadata.")
 }
 
 fn unknown<T: Queryable>(field: &str) -> QueryError {
@@ -168,7 +166,7 @@ pub fn apply<T: Queryable>(
     let query = query.unwrap_or(&default);
     let mut filters = Vec::with_capacity(query.filters.len());
     for filter in &query.filters {
-        if !known_field(items.first(), &filter.field) {
+        if !known_field::<T>(&filter.field) {
             return Err(unknown::<T>(&filter.field));
         }
         filters.push((
@@ -183,7 +181,7 @@ pub fn apply<T: Queryable>(
             .all(|(field, op, wanted)| matches(item.field(field), op, wanted))
     });
     if !query.sort_by.is_empty() {
-        if !known_field(items.first(), &query.sort_by) {
+        if !known_field::<T>(&query.sort_by) {
             return Err(unknown::<T>(&query.sort_by));
         }
         items.sort_by(|a, b| {
@@ -314,10 +312,14 @@ impl Queryable for pb::RoutingEntry {
         "protocol",
         "source_pattern",
         "destination_pattern",
+        "source_port",
+        "destination_port",
+        "path_pattern",
         "priority",
         "target_instance_id",
         "target_module_type",
         "current_connections",
+        "metadata.<key>",
     ];
 
     fn field(&self, field: &str) -> Option<Value> {

@@ -508,6 +508,41 @@ async fn config_sections_validate_apply_and_persist() {
 }
 
 #[tokio::test]
+async fn flags_govern_the_keys_the_api_never_set() {
+    let dir = state_dir();
+    let nlb = start(&dir).await;
+    let mut client = nlb.client().await;
+    client
+        .update_nlb_config(pb::UpdateNlbConfigRequest {
+            config: Some(config_update("heartbeat", r#"{"expire_after_ms": 600000}"#)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    nlb.stop().await;
+
+    // Restarted with another --unhealthy-after: the flag applies, the API's key is kept.
+    let mut config = Config {
+        state_dir: Some(dir.path().to_owned()),
+        ..Config::local()
+    };
+    config.settings.heartbeat.unhealthy_after_ms = 5000;
+    let nlb = start_with(config).await;
+    let mut client = nlb.client().await;
+    let section = client
+        .get_nlb_config(pb::GetNlbConfigRequest {
+            config_type: "heartbeat".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let data: serde_json::Value = serde_json::from_slice(&section.configs[0].config_data).unwrap();
+    assert_eq!(data["unhealthy_after_ms"], 5000);
+    assert_eq!(data["expire_after_ms"], 600000);
+    assert_eq!(section.configs[0].metadata["api_keys"], "expire_after_ms");
+}
+
+#[tokio::test]
 async fn load_distribution_and_rebalancing() {
     let dir = state_dir();
     let nlb = start(&dir).await;
@@ -748,17 +783,33 @@ async fn scaling_records_tells_modules_and_runs_the_hook() {
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
 
-    // A failing hook is reported; the desired count is still recorded for heartbeats.
-    client
+    // Commands come from the NLB's own flags, never from an API caller.
+    let refused = client
         .update_nlb_config(pb::UpdateNlbConfigRequest {
             config: Some(config_update(
                 "scaling",
-                r#"{"command": "echo out of capacity >&2; exit 2"}"#,
+                r#"{"command": "touch /tmp/pwned"}"#,
             )),
             ..Default::default()
         })
         .await
-        .unwrap();
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("--scaler-command"),
+        "{}",
+        refused.message()
+    );
+    nlb.stop().await;
+
+    // A failing hook is reported; the desired count is still recorded for heartbeats.
+    let mut config = Config {
+        state_dir: Some(dir.path().to_owned()),
+        ..Config::local()
+    };
+    config.settings.scaling.command = "echo out of capacity >&2; exit 2".into();
+    let nlb = start_with(config).await;
+    let mut client = nlb.client().await;
     let failed = client
         .trigger_scaling(pb::TriggerScalingRequest {
             module_type: pb::ModuleType::Dblb as i32,
@@ -905,10 +956,6 @@ async fn the_cluster_key_guards_every_call_but_health() {
         serving.status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
-    let mut reflection =
-        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
-            nlb.channel().await,
-        );
     let request = tonic_reflection::pb::v1::ServerReflectionRequest {
         host: String::new(),
         message_request: Some(
@@ -917,6 +964,23 @@ async fn the_cluster_key_guards_every_call_but_health() {
             ),
         ),
     };
+    let mut anonymous_reflection =
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
+            nlb.channel().await,
+        );
+    let status = anonymous_reflection
+        .server_reflection_info(tokio_stream::iter([request.clone()]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::Unauthenticated,
+        "reflection maps the API: it needs the key"
+    );
+    let mut reflection = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::with_interceptor(
+        nlb.channel().await,
+        marchproxy::auth::AttachApiKey::new(Some("s3cret-key")).unwrap(),
+    );
     let mut answers = reflection
         .server_reflection_info(tokio_stream::iter([request]))
         .await

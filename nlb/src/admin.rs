@@ -1,36 +1,27 @@
-//! The admin HTTP server: Prometheus `/metrics`, `/healthz` (the process answers), `/readyz`
-//! (serving gRPC and not shutting down) and `/status` (JSON summary for humans and scripts).
+//! The NLB's admin HTTP server: the shared `/metrics`, `/healthz`, `/readyz` (serving gRPC and
+//! not shutting down), and `/status` (JSON summary for humans and scripts).
 
 use std::{sync::Arc, time::Instant};
 
-use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
-use marchproxy::names;
+use axum::{Router, extract::State, response::IntoResponse, routing::get};
+use marchproxy::{admin::AdminState, names};
 
 use crate::nlb::Nlb;
 
-pub fn router(nlb: Arc<Nlb>) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ready))
-        .route("/status", get(status))
-        .with_state(nlb)
-}
-
-async fn metrics(State(nlb): State<Arc<Nlb>>) -> impl IntoResponse {
-    nlb.metrics.refresh(&nlb.state(), Instant::now());
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        nlb.metrics.render(),
-    )
-}
-
-async fn ready(State(nlb): State<Arc<Nlb>>) -> impl IntoResponse {
-    if nlb.is_ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+impl AdminState for Nlb {
+    fn metrics(&self) -> String {
+        self.metrics.refresh(&self.state(), Instant::now());
+        marchproxy::admin::render(&self.metrics.registry)
     }
+
+    fn ready(&self) -> bool {
+        self.is_ready()
+    }
+}
+
+pub fn router(nlb: Arc<Nlb>) -> Router {
+    marchproxy::admin::router(Arc::clone(&nlb))
+        .merge(Router::new().route("/status", get(status)).with_state(nlb))
 }
 
 async fn status(State(nlb): State<Arc<Nlb>>) -> impl IntoResponse {

@@ -14,12 +14,12 @@ pub mod error;
 pub mod metrics;
 mod module_client;
 pub mod nlb;
-pub mod route;
 mod scaler;
 pub mod service;
 pub mod settings;
 pub mod state;
 pub mod store;
+mod target;
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
@@ -43,8 +43,8 @@ pub enum StartError {
     Store(#[from] store::StoreError),
     #[error("cannot restore state: {0}")]
     Restore(String),
-    #[error("reflection: {0}")]
-    Reflection(String),
+    #[error(transparent)]
+    Reflection(#[from] marchproxy::serve::ReflectionError),
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
     #[error("admin server failed: {0}")]
@@ -127,21 +127,11 @@ impl Server {
         let grpc_addr = grpc.local_addr().ok();
         let admin_addr = admin.local_addr().ok();
 
-        let (health, health_service) = tonic_health::server::health_reporter();
+        let auth = RequireApiKey::new(nlb.api_key.clone());
+        let (health, routes) = marchproxy::serve::standard_routes(auth.clone())?;
         health
             .set_serving::<pb::nlb_service_server::NlbServiceServer<service::NlbGrpc>>()
             .await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| StartError::Reflection(e.to_string()))?;
-        let reflection_alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .map_err(|e| StartError::Reflection(e.to_string()))?;
-        let auth = RequireApiKey::new(nlb.api_key.clone());
         let nlb_service = pb::nlb_service_server::NlbServiceServer::with_interceptor(
             service::NlbGrpc::new(Arc::clone(&nlb)),
             auth,
@@ -166,10 +156,7 @@ impl Server {
         nlb.mark_ready();
         info!(grpc = ?grpc_addr, admin = ?admin_addr, "NLB listening");
         let served = tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(reflection_alpha)
-            .add_service(nlb_service)
+            .add_routes(routes.add_service(nlb_service))
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
                 nlb::stopped(&mut stopped).await;
             })

@@ -160,13 +160,4 @@ impl NlbMetrics {
             }
         }
     }
-
-    /// The text exposition format.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        // Encoding into a String only fails on a metric family that cannot be encoded, which the
-        // fixed set above never produces; an empty page is the safe answer if it ever did.
-        let _ = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out);
-        out
-    }
 }

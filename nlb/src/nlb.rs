@@ -150,7 +150,57 @@ impl Nlb {
         }
     }
 
-    /// Waits until the instance reports no connections, leaves, or `timeout` passes.
+    /// Removes an instance, after a drain of up to `timeout` when `graceful`.
+    /// Returns the connections drained and what happened, in words.
+    pub async fn unregister(
+        &self,
+        id: &str,
+        registration: &str,
+        graceful: bool,
+        timeout: Duration,
+    ) -> Result<(i64, String), NlbError> {
+        let mut drained = 0;
+        let kind = if graceful {
+            let (kind, open) = self.state().start_drain(id, registration)?;
+            info!(instance = %id, module_type = %kind, open_connections = open, timeout_s = timeout.as_secs(), "draining module: no new connections");
+            let remaining = self.wait_drained(id, registration, timeout).await;
+            drained = (open - remaining).max(0);
+            if remaining > 0 {
+                warn!(instance = %id, remaining, "drain ended with connections still open");
+            }
+            kind
+        } else {
+            self.state().check_registration(id, registration)?
+        };
+        let removed = self.state().remove(id, registration);
+        self.activity.notify_waiters();
+        let mode = if graceful { "graceful" } else { "immediate" };
+        if removed.is_none() {
+            return Ok((
+                drained,
+                format!(
+                    "instance {id} re-registered or left while draining; its current registration is kept"
+                ),
+            ));
+        }
+        info!(instance = %id, module_type = %kind, mode, drained, "module unregistered");
+        self.metrics
+            .unregistrations
+            .with_label_values(&[kind.name(), mode])
+            .inc();
+        self.metrics
+            .drained_connections
+            .with_label_values(&[kind.name()])
+            .inc_by(drained as u64);
+        self.persist().await?;
+        Ok((
+            drained,
+            format!("instance {id} unregistered ({mode}, {drained} connections drained)"),
+        ))
+    }
+
+    /// Waits until the instance reports no connections, leaves, `timeout` passes or the NLB
+    /// shuts down.
     /// Returns the connections still open at the end.
     pub async fn wait_drained(&self, id: &str, registration_id: &str, timeout: Duration) -> i64 {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -162,9 +212,11 @@ impl Nlb {
                 Some(0) | None => return 0,
                 Some(open) => open,
             };
+            let mut shutdown = self.shutdown.clone();
             tokio::select! {
                 () = &mut woken => {}
                 () = tokio::time::sleep_until(deadline) => return remaining,
+                () = stopped(&mut shutdown) => return remaining,
             }
         }
     }

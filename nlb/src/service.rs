@@ -11,7 +11,9 @@ use std::{
 use marchproxy::{
     names::{self, ModuleKind},
     pb::{self, nlb_service_server::NlbService},
-    query, time,
+    query,
+    route::{Flow, RouteSpec},
+    time,
 };
 use sha2::{Digest, Sha256};
 use tokio::task::JoinSet;
@@ -23,16 +25,21 @@ use crate::{
     error::NlbError,
     module_client,
     nlb::Nlb,
-    route::{Flow, OperatorTarget, RouteSpec},
     scaler,
     settings::{SECTIONS, Strategy},
     state::{HeartbeatOutcome, RouteOwner, check_id},
+    target::OperatorTarget,
 };
 
 /// Drain time when `UnregisterModule` asks for a graceful drain without saying how long.
 const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 /// Longest interval and drain a caller may ask for.
 const MAX_SECONDS: i32 = 3600;
+/// Most instances of one kind a scaling decision may ask for.
+const MAX_INSTANCES: i32 = 10_000;
+/// Most data points in one metrics report, and labels on one point.
+const MAX_POINTS: usize = 1000;
+const MAX_LABELS: usize = 32;
 /// Heartbeat samples averaged for historical load.
 const HISTORY_WINDOW: Duration = Duration::from_secs(300);
 /// Window for the current request rate.
@@ -174,58 +181,25 @@ impl NlbService for NlbGrpc {
     ) -> Result<pb::UnregisterModuleResponse> {
         let request = request.into_inner();
         let reject = NlbError::reject::<pb::UnregisterModuleResponse>;
-        let kind = self
-            .nlb
-            .state()
-            .check_registration(&request.instance_id, &request.registration_id)
-            .map_err(reject)?;
         let timeout = seconds(
             "drain_timeout_seconds",
             request.drain_timeout_seconds,
             DEFAULT_DRAIN,
         )
         .map_err(reject)?;
-        let (id, registration) = (
-            request.instance_id.as_str(),
-            request.registration_id.as_str(),
-        );
-        let mut drained = 0;
-        if request.graceful {
-            let open = self.nlb.state().start_drain(id);
-            info!(instance = %id, module_type = %kind, open_connections = open, timeout_s = timeout.as_secs(), "draining module: no new connections");
-            let remaining = self.nlb.wait_drained(id, registration, timeout).await;
-            drained = (open - remaining).max(0);
-            if remaining > 0 {
-                warn!(instance = %id, remaining, "drain timed out with connections still open");
-            }
-        }
-        let removed = self.nlb.state().remove(id, registration);
-        self.nlb.activity.notify_waiters();
-        let mode = if request.graceful {
-            "graceful"
-        } else {
-            "immediate"
-        };
-        let message = match removed {
-            Some(_) => {
-                info!(instance = %id, module_type = %kind, mode, drained, "module unregistered");
-                self.nlb
-                    .metrics
-                    .unregistrations
-                    .with_label_values(&[kind.name(), mode])
-                    .inc();
-                self.nlb
-                    .metrics
-                    .drained_connections
-                    .with_label_values(&[kind.name()])
-                    .inc_by(drained as u64);
-                self.nlb.persist().await.map_err(reject)?;
-                format!("instance {id} unregistered ({mode}, {drained} connections drained)")
-            }
-            None => format!(
-                "instance {id} re-registered or left while draining; its current registration is kept"
-            ),
-        };
+        // The drain runs in its own task: a caller that gives up (deadline, SIGKILL) must not
+        // leave the instance half-drained forever.
+        let nlb = Arc::clone(&self.nlb);
+        let (id, registration) = (request.instance_id.clone(), request.registration_id.clone());
+        let outcome = tokio::spawn(async move {
+            nlb.unregister(&id, &registration, request.graceful, timeout)
+                .await
+        })
+        .await
+        .map_err(|e| NlbError::Unavailable(format!("unregistering failed: {e}")))
+        .and_then(|result| result)
+        .map_err(reject)?;
+        let (drained, message) = outcome;
         Ok(Response::new(pb::UnregisterModuleResponse {
             success: true,
             message,
@@ -664,6 +638,21 @@ impl NlbService for NlbGrpc {
             ))
             .into());
         }
+        if metrics.metrics.len() > MAX_POINTS {
+            return Err(NlbError::Invalid(format!(
+                "{} data points in one report; send at most {MAX_POINTS}",
+                metrics.metrics.len()
+            ))
+            .into());
+        }
+        if let Some(point) = metrics.metrics.iter().find(|p| p.labels.len() > MAX_LABELS) {
+            return Err(NlbError::Invalid(format!(
+                "metric {} has {} labels; at most {MAX_LABELS}",
+                point.name,
+                point.labels.len()
+            ))
+            .into());
+        }
         let stamp = request
             .reported_at
             .or(metrics.collected_at)
@@ -714,10 +703,27 @@ impl NlbService for NlbGrpc {
             }
         }
         if request.aggregate {
+            // Each instance contributes the latest value of each series (name and labels), so a
+            // gauge reported many times counts once.
             let mut sums: std::collections::BTreeMap<(String, i32), f64> = Default::default();
             for m in module_metrics.values() {
+                let mut latest: std::collections::BTreeMap<
+                    (&str, Vec<(&String, &String)>),
+                    (Option<(i64, i32)>, f64),
+                > = Default::default();
                 for point in &m.metrics {
-                    *sums.entry((point.name.clone(), m.module_type)).or_default() += point.value;
+                    let mut labels: Vec<_> = point.labels.iter().collect();
+                    labels.sort();
+                    let at = point.timestamp.map(|t| (t.seconds, t.nanos));
+                    let entry = latest
+                        .entry((point.name.as_str(), labels))
+                        .or_insert((at, point.value));
+                    if at >= entry.0 {
+                        *entry = (at, point.value);
+                    }
+                }
+                for ((name, _), (_, value)) in latest {
+                    *sums.entry((name.to_owned(), m.module_type)).or_default() += value;
                 }
             }
             let at = time::now();
@@ -947,20 +953,28 @@ impl NlbService for NlbGrpc {
                 serde_json::Value::Null
             }
         };
-        let next = if errors.is_empty() {
-            let current = self.nlb.state().settings.clone();
-            current
-                .with_section(&section, &data)
-                .map_err(|e| errors.extend(e))
-                .ok()
+        // Checked and applied under one lock, so concurrent updates cannot undo each other.
+        if errors.is_empty() {
+            let mut state = self.nlb.state();
+            let outcome = if request.validate_only {
+                state.check_config(&section, &data).map(|_| ())
+            } else {
+                state.apply_config(&section, &data, SystemTime::now())
+            };
+            if let Err(problems) = outcome {
+                errors.extend(problems);
+            }
+        }
+        let label = if SECTIONS.contains(&section.as_str()) {
+            section.as_str()
         } else {
-            None
+            "unknown"
         };
-        let Some(next) = next.filter(|_| errors.is_empty()) else {
+        if !errors.is_empty() {
             self.nlb
                 .metrics
                 .config_updates
-                .with_label_values(&[section.as_str(), "rejected"])
+                .with_label_values(&[label, "rejected"])
                 .inc();
             let message = format!(
                 "config `{section}` rejected; nothing changed: {}",
@@ -987,7 +1001,7 @@ impl NlbService for NlbGrpc {
                     &body,
                 ))
             };
-        };
+        }
         if request.validate_only {
             return Ok(Response::new(pb::UpdateNlbConfigResponse {
                 success: true,
@@ -996,14 +1010,17 @@ impl NlbService for NlbGrpc {
                 ..Default::default()
             }));
         }
-        self.nlb
+        let now_in_effect = self
+            .nlb
             .state()
-            .set_settings(&section, next.clone(), SystemTime::now());
-        info!(section = %section, config = %next.section(&section).unwrap_or_default(), "NLB config updated");
+            .settings
+            .section(&section)
+            .unwrap_or_default();
+        info!(section = %section, config = %now_in_effect, "NLB config updated");
         self.nlb
             .metrics
             .config_updates
-            .with_label_values(&[section.as_str(), "applied"])
+            .with_label_values(&[label, "applied"])
             .inc();
         self.nlb.persist().await.map_err(reject)?;
         Ok(Response::new(pb::UpdateNlbConfigResponse {
@@ -1035,8 +1052,8 @@ impl NlbService for NlbGrpc {
             .filter(|name| wanted.is_empty() || **name == wanted)
             .filter_map(|name| {
                 let data = serde_json::to_vec(&state.settings.section(name)?).ok()?;
-                let set_at = state.config_set_at.get(*name).copied();
-                let updated = set_at.unwrap_or(self.nlb.started_at);
+                let set = state.overrides.get(*name);
+                let updated = set.map_or(self.nlb.started_at, |o| o.set_at);
                 last_updated = last_updated.max(updated);
                 Some(pb::ConfigUpdate {
                     config_id: format!("nlb/{name}"),
@@ -1044,10 +1061,17 @@ impl NlbService for NlbGrpc {
                     checksum: sha256_hex(&data),
                     config_data: data,
                     updated_at: Some(time::timestamp(updated)),
-                    metadata: HashMap::from([(
-                        "source".to_owned(),
-                        if set_at.is_some() { "api" } else { "startup" }.to_owned(),
-                    )]),
+                    metadata: HashMap::from([
+                        (
+                            "source".to_owned(),
+                            if set.is_some() { "api" } else { "startup" }.to_owned(),
+                        ),
+                        (
+                            "api_keys".to_owned(),
+                            set.map(|o| o.keys.keys().cloned().collect::<Vec<_>>().join(","))
+                                .unwrap_or_default(),
+                        ),
+                    ]),
                 })
             })
             .collect();
@@ -1146,7 +1170,8 @@ impl NlbService for NlbGrpc {
                     info.requests_per_second = instance.requests_per_second(now, HISTORY_WINDOW);
                 }
             }
-            // Utilisation in percent: of max_connections when set, of the CPU otherwise.
+            // The larger of connection use (percent of max_connections; the raw count for an
+            // unlimited instance) and CPU percent.
             let connection_use = if instance.max_connections > 0 {
                 100.0 * f64::from(info.active_connections) / f64::from(instance.max_connections)
             } else {
@@ -1258,31 +1283,34 @@ impl NlbGrpc {
         for id in &request.target_instances {
             state.instance(id)?;
         }
-        // (instance, connections, capacity weight)
-        let members: Vec<(String, i64, f64)> = state
+        let chosen: Vec<&crate::state::Instance> = state
             .instances
             .values()
             .filter(|i| !i.draining)
             .filter(|i| {
                 request.target_instances.is_empty() || request.target_instances.contains(&i.id)
             })
+            .collect();
+        // Shares follow max_connections when every instance has one; otherwise they are equal
+        // (an unlimited instance has no capacity to compare).
+        let by_capacity = chosen.iter().all(|i| i.max_connections > 0);
+        // (instance, connections, capacity weight)
+        let members: Vec<(String, i64, f64)> = chosen
+            .iter()
             .map(|i| {
-                (
-                    i.id.clone(),
-                    i.connections(),
-                    if i.max_connections > 0 {
-                        f64::from(i.max_connections)
-                    } else {
-                        1.0
-                    },
-                )
+                let weight = if by_capacity {
+                    f64::from(i.max_connections)
+                } else {
+                    1.0
+                };
+                (i.id.clone(), i.connections(), weight)
             })
             .collect();
         let total: i64 = members.iter().map(|m| m.1).sum();
         let capacity: f64 = members.iter().map(|m| m.2).sum();
         let previous: HashMap<String, i32> = members
             .iter()
-            .map(|(id, c, _)| (id.clone(), *c as i32))
+            .map(|(id, c, _)| (id.clone(), i32::try_from(*c).unwrap_or(i32::MAX)))
             .collect();
         let score = balance_score(members.iter().map(|(_, c, w)| *c as f64 / w));
         let strategy_note = strategy.map(|s| {
@@ -1295,7 +1323,7 @@ impl NlbGrpc {
         if acted && capacity > 0.0 {
             for (id, connections, weight) in &members {
                 let share = (total as f64 * weight / capacity).round() as i64;
-                new_distribution.insert(id.clone(), share as i32);
+                new_distribution.insert(id.clone(), i32::try_from(share).unwrap_or(i32::MAX));
                 if *connections > share {
                     state.ask_to_shed(id, connections - share);
                     asked += 1;
@@ -1356,23 +1384,30 @@ impl NlbGrpc {
                 request.scaling_action
             )));
         }
-        if request.target_instances < 0 {
+        if !(0..=MAX_INSTANCES).contains(&request.target_instances) {
             return Err(NlbError::Invalid(format!(
-                "target_instances must not be negative (got {})",
+                "target_instances must be from 0 to {MAX_INSTANCES} (got {})",
                 request.target_instances
             )));
         }
         let config = request.config.unwrap_or_default();
         let numbers = [
-            ("min_instances", config.min_instances),
-            ("max_instances", config.max_instances),
-            ("target_cpu_percent", config.target_cpu_percent),
-            ("target_connections", config.target_connections),
-            ("cooldown_seconds", config.cooldown_seconds),
+            ("min_instances", config.min_instances, MAX_INSTANCES),
+            ("max_instances", config.max_instances, MAX_INSTANCES),
+            ("target_cpu_percent", config.target_cpu_percent, 100),
+            ("target_memory_percent", config.target_memory_percent, 100),
+            ("target_connections", config.target_connections, i32::MAX),
+            ("scale_up_threshold", config.scale_up_threshold, i32::MAX),
+            (
+                "scale_down_threshold",
+                config.scale_down_threshold,
+                i32::MAX,
+            ),
+            ("cooldown_seconds", config.cooldown_seconds, MAX_SECONDS),
         ];
-        if let Some((name, value)) = numbers.iter().find(|(_, v)| *v < 0) {
+        if let Some((name, value, max)) = numbers.iter().find(|(_, v, max)| *v < 0 || v > max) {
             return Err(NlbError::Invalid(format!(
-                "config.{name} must not be negative (got {value})"
+                "config.{name} must be from 0 to {max} (got {value})"
             )));
         }
         if config.max_instances > 0 && config.min_instances > config.max_instances {
@@ -1456,5 +1491,8 @@ fn auto_desired(
             .sum();
         needed.push((cpu / f64::from(config.target_cpu_percent)).ceil() as u32);
     }
-    needed.into_iter().max().map_or(current, |n| n.max(1))
+    needed
+        .into_iter()
+        .max()
+        .map_or(current, |n| n.clamp(1, MAX_INSTANCES as u32))
 }

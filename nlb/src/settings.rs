@@ -121,6 +121,28 @@ impl Default for Settings {
 /// The section names `config_type` accepts.
 pub const SECTIONS: [&str; 3] = ["heartbeat", "scaling", "balancing"];
 
+/// Keys only flags and the config file may set: running a command is not something a gRPC
+/// caller may ask for.
+const FLAG_ONLY: [(&str, &str, &str); 1] = [("scaling", "command", "--scaler-command")];
+
+/// Refuses updates to keys that only flags may set.
+pub fn check_api_keys(section: &str, update: &serde_json::Value) -> Result<(), Vec<String>> {
+    let errors: Vec<String> = FLAG_ONLY
+        .iter()
+        .filter(|(s, key, _)| *s == section && update.get(key).is_some())
+        .map(|(s, key, flag)| {
+            format!(
+                "{s}.{key} can only be set with {flag} on the NLB's command line or config file"
+            )
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
 impl Settings {
     /// One section as JSON.
     pub fn section(&self, name: &str) -> Option<serde_json::Value> {
@@ -207,6 +229,8 @@ mod tests {
             errors[0].contains("heartbeat.unhealthy_after_ms"),
             "{errors:?}"
         );
+        assert!(check_api_keys("scaling", &json!({"command": "rm -rf /"})).is_err());
+        assert!(check_api_keys("scaling", &json!({"cooldown_seconds": 5})).is_ok());
         let errors = Settings::default()
             .with_section("scaling", &json!({"comand": "x"}))
             .unwrap_err();

@@ -12,14 +12,16 @@ use std::{
 
 use marchproxy::{
     names::{Endpoint, ModuleKind},
-    pb, time,
+    pb,
+    route::{Flow, RouteSpec},
+    time,
 };
 
 use crate::{
     error::NlbError,
-    route::{Flow, OperatorTarget, RouteSpec},
     settings::{Settings, Strategy},
     store::{PersistedRoute, PersistedSection, PersistedState},
+    target::OperatorTarget,
 };
 
 /// Heartbeat samples kept per instance (rates and historical load come from them).
@@ -72,6 +74,8 @@ pub struct Instance {
     /// Marked unhealthy for missed heartbeats (logged once, cleared by the next heartbeat).
     pub stale: bool,
     pub routed_total: u64,
+    /// Flows sent here since the last heartbeat, which the reported count does not include yet.
+    routed_since_heartbeat: i64,
     /// Instructions for the next heartbeat answer only (rebalancing).
     pending_instructions: BTreeMap<String, String>,
     metrics: VecDeque<pb::ModuleMetrics>,
@@ -103,7 +107,7 @@ impl Instance {
     /// May get new connections: healthy or degraded, not draining, not silent, under its limit.
     pub fn routable(&self, now: Instant, settings: &Settings) -> bool {
         let under_limit =
-            self.max_connections <= 0 || self.connections() < i64::from(self.max_connections);
+            self.max_connections <= 0 || self.load() < i64::from(self.max_connections);
         matches!(
             self.health(now, settings),
             pb::HealthStatus::Healthy | pb::HealthStatus::Degraded
@@ -113,6 +117,12 @@ impl Instance {
     /// Live connections as the module last reported them.
     pub fn connections(&self) -> i64 {
         self.stats.as_ref().map_or(0, |s| s.active_connections)
+    }
+
+    /// Connections to expect now: the last report plus what was routed here since.
+    pub fn load(&self) -> i64 {
+        self.connections()
+            .saturating_add(self.routed_since_heartbeat)
     }
 
     /// Requests per second over the heartbeat samples newer than `window`.
@@ -162,6 +172,9 @@ pub enum RouteOwner {
     /// Set by an operator through `UpdateRouting`.
     Operator,
 }
+
+/// The instances a route may send to, each with its own copy of the route.
+type Members<'a> = Vec<(&'a Instance, &'a RouteSpec)>;
 
 /// The outcome of routing one flow.
 #[derive(Clone, Debug)]
@@ -240,13 +253,21 @@ pub enum HeartbeatOutcome {
     Reregister(String),
 }
 
+/// Config keys an operator set through the API.
+#[derive(Clone, Debug)]
+pub struct Override {
+    pub keys: serde_json::Map<String, serde_json::Value>,
+    pub set_at: SystemTime,
+}
+
 /// Everything the NLB knows.
 pub struct State {
     pub instances: BTreeMap<String, Instance>,
     pub operator_routes: BTreeMap<String, TableRoute>,
     pub settings: Settings,
-    /// Sections set through the API, with when.
-    pub config_set_at: BTreeMap<String, SystemTime>,
+    /// Keys set through the API, per section, with when: persisted and applied over the flags
+    /// at start, so flags still govern every key the API never touched.
+    pub overrides: BTreeMap<String, Override>,
     pub desired: BTreeMap<ModuleKind, DesiredScale>,
     pub weights: BTreeMap<ModuleKind, BTreeMap<String, u32>>,
     pub route_requests: u64,
@@ -306,6 +327,10 @@ fn check_routes(routes: Vec<pb::Route>) -> Result<Vec<RouteSpec>, Vec<String>> {
     }
 }
 
+/// Largest counter a module may report: sums over any number of instances stay far from
+/// overflowing, and every value is exact as a double.
+const MAX_COUNT: i64 = 1 << 53;
+
 fn check_stats(stats: &pb::ModuleStats) -> Result<(), NlbError> {
     let counts = [
         ("total_requests", stats.total_requests),
@@ -317,9 +342,9 @@ fn check_stats(stats: &pb::ModuleStats) -> Result<(), NlbError> {
         ("bytes_sent", stats.bytes_sent),
     ];
     for (name, value) in counts {
-        if value < 0 {
+        if !(0..=MAX_COUNT).contains(&value) {
             return Err(NlbError::Invalid(format!(
-                "current_stats.{name} must not be negative (got {value})"
+                "current_stats.{name} must be from 0 to {MAX_COUNT} (got {value})"
             )));
         }
     }
@@ -344,14 +369,27 @@ fn check_stats(stats: &pb::ModuleStats) -> Result<(), NlbError> {
 impl State {
     /// State from what was persisted, over settings from flags.
     pub fn restore(persisted: PersistedState, mut settings: Settings) -> Result<Self, String> {
-        let mut config_set_at = BTreeMap::new();
+        let mut overrides = BTreeMap::new();
         for (name, section) in persisted.config {
-            settings = settings
-                .with_section(&name, &section.data)
+            let serde_json::Value::Object(keys) = section.data else {
+                return Err(format!(
+                    "persisted config section `{name}` is not a JSON object"
+                ));
+            };
+            let data = serde_json::Value::Object(keys.clone());
+            crate::settings::check_api_keys(&name, &data)
+                .and_then(|()| settings.with_section(&name, &data))
+                .map(|next| settings = next)
                 .map_err(|errors| {
                     format!("persisted config section `{name}`: {}", errors.join("; "))
                 })?;
-            config_set_at.insert(name, from_unix_ms(section.updated_at_ms));
+            overrides.insert(
+                name,
+                Override {
+                    keys,
+                    set_at: from_unix_ms(section.updated_at_ms),
+                },
+            );
         }
         let operator_routes = persisted
             .operator_routes
@@ -380,13 +418,18 @@ impl State {
         }
         let mut weights = BTreeMap::new();
         for (name, versions) in persisted.version_weights {
+            if let Some((version, weight)) = versions.iter().find(|(_, w)| **w > 100) {
+                return Err(format!(
+                    "persisted weight {weight} of {name} {version} is above 100"
+                ));
+            }
             weights.insert(kind(&name)?, versions);
         }
         Ok(State {
             instances: BTreeMap::new(),
             operator_routes,
             settings,
-            config_set_at,
+            overrides,
             desired,
             weights,
             route_requests: 0,
@@ -407,16 +450,16 @@ impl State {
                 })
                 .collect(),
             config: self
-                .config_set_at
+                .overrides
                 .iter()
-                .filter_map(|(name, at)| {
-                    Some((
+                .map(|(name, set)| {
+                    (
                         name.clone(),
                         PersistedSection {
-                            data: self.settings.section(name)?,
-                            updated_at_ms: unix_ms(*at),
+                            data: serde_json::Value::Object(set.keys.clone()),
+                            updated_at_ms: unix_ms(set.set_at),
                         },
-                    ))
+                    )
                 })
                 .collect(),
             desired_instances: self
@@ -573,6 +616,16 @@ impl State {
                     "health_config.health_check_port must be at most 65535".into(),
                 ));
             }
+            if pb::Protocol::try_from(health.health_check_protocol).is_err() {
+                return Err(NlbError::Invalid(format!(
+                    "health_config.health_check_protocol {} is not a Protocol value",
+                    health.health_check_protocol
+                )));
+            }
+        }
+        if let Some(data) = info.metadata.get("data_address").filter(|a| !a.is_empty()) {
+            data.parse::<Endpoint>()
+                .map_err(|e| NlbError::Invalid(format!("instance.metadata[data_address]: {e}")))?;
         }
         let routes = check_routes(request.initial_routes).map_err(|errors| {
             NlbError::Invalid(format!("initial_{}", errors.join("; initial_")))
@@ -591,16 +644,6 @@ impl State {
             });
             // A version that appears beside a serving one waits for an operator; a lone one serves.
             weights.insert(version.clone(), if serving { 0 } else { 100 });
-        } else if weights.get(&version) == Some(&0)
-            && !weights.iter().any(|(v, w)| {
-                *w > 0
-                    && self
-                        .instances
-                        .values()
-                        .any(|i| i.kind == kind && &i.version == v)
-            })
-        {
-            weights.insert(version.clone(), 100);
         }
         let version_weight = weights[&version];
         let instance = Instance {
@@ -627,6 +670,7 @@ impl State {
             draining: false,
             stale: false,
             routed_total: 0,
+            routed_since_heartbeat: 0,
             pending_instructions: BTreeMap::new(),
             metrics: VecDeque::new(),
         };
@@ -661,11 +705,21 @@ impl State {
     }
 
     /// Stops new traffic to an instance; returns the connections it had then.
-    pub fn start_drain(&mut self, id: &str) -> i64 {
-        self.instances.get_mut(id).map_or(0, |instance| {
-            instance.draining = true;
-            instance.connections()
-        })
+    /// Checks the caller owns the registration and stops new traffic to it, in one step so a
+    /// concurrent re-registration cannot be drained by mistake. Returns the kind and the
+    /// connections open now.
+    pub fn start_drain(
+        &mut self,
+        id: &str,
+        registration_id: &str,
+    ) -> Result<(ModuleKind, i64), NlbError> {
+        let kind = self.check_registration(id, registration_id)?;
+        let instance = self
+            .instances
+            .get_mut(id)
+            .ok_or_else(|| NlbError::NotFound(format!("instance `{id}` left")))?;
+        instance.draining = true;
+        Ok((kind, instance.connections()))
     }
 
     /// Removes an instance if it still has `registration_id`; returns its remaining connections.
@@ -721,6 +775,7 @@ impl State {
         };
         instance.last_seen = now;
         instance.last_heartbeat_at = Some(wall);
+        instance.routed_since_heartbeat = 0;
         if status != pb::HealthStatus::Unspecified {
             instance.reported = status;
         }
@@ -890,30 +945,34 @@ impl State {
     ) -> Result<Decision, NoRoute> {
         // Candidate routes: operator routes, and module routes grouped by (kind, route id) so
         // blue and green instances carrying the same route share it.
-        let mut candidates: Vec<(RouteSpec, RouteOwner, Vec<&Instance>)> = Vec::new();
+        let mut candidates: Vec<(RouteSpec, RouteOwner, Members)> = Vec::new();
         for route in self
             .operator_routes
             .values()
             .filter(|r| r.spec.matches(flow))
         {
-            let targets = self.operator_targets(&route.spec).collect();
+            let targets = self
+                .operator_targets(&route.spec)
+                .map(|i| (i, &route.spec))
+                .collect();
             candidates.push((route.spec.clone(), RouteOwner::Operator, targets));
         }
-        let mut groups: BTreeMap<(ModuleKind, &str), (RouteSpec, Vec<&Instance>)> = BTreeMap::new();
+        // Each member keeps its own copy of the route (its destination port may differ); the
+        // highest-ranked copy places the group among the candidates.
+        let mut groups: BTreeMap<(ModuleKind, &str), (RouteSpec, Members)> = BTreeMap::new();
         for instance in self.instances.values() {
             for route in instance.routes.values().filter(|r| r.spec.matches(flow)) {
                 let group = groups
                     .entry((instance.kind, route.spec.id.as_str()))
                     .or_insert_with(|| (route.spec.clone(), Vec::new()));
-                // The highest priority among the group's copies speaks for the group.
                 if route.spec.rank() > group.0.rank() {
                     group.0 = route.spec.clone();
                 }
-                group.1.push(instance);
+                group.1.push((instance, &route.spec));
             }
         }
-        for ((_, _), (spec, members)) in groups {
-            let owner = RouteOwner::Module(members[0].id.clone());
+        for (spec, members) in groups.into_values() {
+            let owner = RouteOwner::Module(members[0].0.id.clone());
             candidates.push((spec, owner, members));
         }
         if candidates.is_empty() {
@@ -928,22 +987,31 @@ impl State {
         let strategy = self.settings.balancing.strategy;
         let mut tried = Vec::new();
         let mut chosen = None;
-        for (spec, owner, targets) in candidates {
-            let usable: Vec<&Instance> = targets
+        for (spec, owner, members) in candidates {
+            let usable: Vec<(&Instance, String)> = members
                 .into_iter()
-                .filter(|i| i.routable(now, &self.settings) && i.data_address(&spec).is_some())
+                .filter(|(i, _)| i.routable(now, &self.settings))
+                .filter_map(|(i, own)| Some((i, i.data_address(own)?)))
                 .collect();
             if usable.is_empty() {
                 tried.push(spec.id.clone());
                 continue;
             }
-            let picked = pick(&usable, &self.weights, strategy, self.cursor);
-            let instance = usable[picked];
+            let instances: Vec<&Instance> = usable.iter().map(|(i, _)| *i).collect();
+            let (instance, target_address) =
+                &usable[pick(&instances, &self.weights, strategy, self.cursor)];
+            let route = match &owner {
+                RouteOwner::Operator => spec,
+                RouteOwner::Module(_) => instance
+                    .routes
+                    .get(&spec.id)
+                    .map_or(spec, |own| own.spec.clone()),
+            };
             chosen = Some(Decision {
-                target_address: instance.data_address(&spec).unwrap_or_default(),
+                target_address: target_address.clone(),
                 instance_id: instance.id.clone(),
                 kind: instance.kind,
-                route: spec,
+                route,
                 owner,
             });
             break;
@@ -964,6 +1032,7 @@ impl State {
             }
             if let Some(instance) = self.instances.get_mut(&decision.instance_id) {
                 instance.routed_total += 1;
+                instance.routed_since_heartbeat += 1;
             }
         }
         Ok(decision)
@@ -973,10 +1042,11 @@ impl State {
 
     /// Sets how new connections are balanced; returns the previous strategy.
     pub fn set_strategy(&mut self, strategy: Strategy, wall: SystemTime) -> Strategy {
-        let previous = std::mem::replace(&mut self.settings.balancing.strategy, strategy);
+        let previous = self.settings.balancing.strategy;
         if previous != strategy {
-            self.config_set_at.insert("balancing".into(), wall);
-            self.changed();
+            let update = serde_json::json!({ "strategy": strategy.name() });
+            // A strategy is always a valid balancing section.
+            let _ = self.apply_config("balancing", &update, wall);
         }
         previous
     }
@@ -1004,10 +1074,38 @@ impl State {
         self.changed();
     }
 
-    pub fn set_settings(&mut self, section: &str, settings: Settings, wall: SystemTime) {
-        self.settings = settings;
-        self.config_set_at.insert(section.to_owned(), wall);
+    /// The settings `update` (a JSON object of keys to change in `section`) would give, or every
+    /// problem with it.
+    pub fn check_config(
+        &self,
+        section: &str,
+        update: &serde_json::Value,
+    ) -> Result<Settings, Vec<String>> {
+        crate::settings::check_api_keys(section, update)?;
+        self.settings.with_section(section, update)
+    }
+
+    /// Applies and remembers an API config update, all of it or none.
+    pub fn apply_config(
+        &mut self,
+        section: &str,
+        update: &serde_json::Value,
+        wall: SystemTime,
+    ) -> Result<(), Vec<String>> {
+        self.settings = self.check_config(section, update)?;
+        let set = self
+            .overrides
+            .entry(section.to_owned())
+            .or_insert_with(|| Override {
+                keys: serde_json::Map::new(),
+                set_at: wall,
+            });
+        if let Some(keys) = update.as_object() {
+            set.keys.extend(keys.clone());
+        }
+        set.set_at = wall;
         self.changed();
+        Ok(())
     }
 }
 
@@ -1053,14 +1151,10 @@ fn pick(
         Strategy::RoundRobin => pool[turn],
         Strategy::Random => pool[rand::random_range(0..pool.len())],
         Strategy::LeastConnections => {
-            let least = pool
-                .iter()
-                .map(|&i| usable[i].connections())
-                .min()
-                .unwrap_or(0);
+            let least = pool.iter().map(|&i| usable[i].load()).min().unwrap_or(0);
             let tied: Vec<usize> = pool
                 .into_iter()
-                .filter(|&i| usable[i].connections() == least)
+                .filter(|&i| usable[i].load() == least)
                 .collect();
             tied[(cursor % tied.len() as u64) as usize]
         }
@@ -1146,6 +1240,67 @@ mod tests {
             .collect();
         assert_eq!(picks.len(), 2);
         assert_eq!(state.route_requests, 4);
+    }
+
+    #[test]
+    fn least_connections_counts_what_it_routed_since_the_last_heartbeat() {
+        let mut state = state();
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let a = state
+            .register(registration("a", "v1", "127.0.0.1:1"), now, wall)
+            .unwrap();
+        let b = state
+            .register(registration("b", "v1", "127.0.0.1:2"), now, wall)
+            .unwrap();
+        let _ = a;
+        let busy = pb::HeartbeatRequest {
+            instance_id: "b".into(),
+            registration_id: b.registration_id,
+            current_stats: Some(pb::ModuleStats {
+                active_connections: 3,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(matches!(
+            state.heartbeat(busy, now, wall),
+            Ok(HeartbeatOutcome::Acknowledged { .. })
+        ));
+        let picks: Vec<String> = (0..8)
+            .map(|_| state.decide(&http(), false, now, wall).unwrap().instance_id)
+            .collect();
+        assert_eq!(
+            &picks[..3],
+            ["a", "a", "a"],
+            "a catches up with b's 3 first"
+        );
+        assert!(
+            picks[3..].iter().filter(|p| *p == "b").count() >= 2,
+            "then they share: {picks:?}"
+        );
+    }
+
+    #[test]
+    fn each_instance_keeps_its_own_destination_port() {
+        let mut state = state();
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        for (id, port) in [("blue", 8081), ("green", 8082)] {
+            let mut request = registration(id, "v1", "");
+            request.instance.as_mut().unwrap().metadata.clear();
+            request.initial_routes[0].destination_port = port;
+            state.register(request, now, wall).unwrap();
+        }
+        let mut targets = BTreeSet::new();
+        for _ in 0..4 {
+            let decision = state.decide(&http(), false, now, wall).unwrap();
+            targets.insert((decision.instance_id, decision.target_address));
+        }
+        let expected: BTreeSet<(String, String)> = [
+            ("blue".to_string(), "127.0.0.1:8081".to_string()),
+            ("green".to_string(), "127.0.0.1:8082".to_string()),
+        ]
+        .into();
+        assert_eq!(targets, expected);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::route::RouteSpec;
+use marchproxy::route::RouteSpec;
 
 const FILE: &str = "state.json";
 

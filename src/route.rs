@@ -7,11 +7,9 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use ipnet::IpNet;
-use marchproxy::{
-    names::{self, ModuleKind},
-    pb,
-};
 use serde::{Deserialize, Serialize};
+
+use crate::{names, pb};
 
 /// What a route matches on the client side (`source_pattern`).
 #[derive(Clone, Debug, PartialEq)]
@@ -237,29 +235,6 @@ impl From<&RouteSpec> for pb::Route {
             priority: route.priority,
             metadata: route.metadata.clone().into_iter().collect(),
         }
-    }
-}
-
-/// What an operator route sends traffic to (`destination_pattern`): a module kind or one instance.
-#[derive(Clone, Debug, PartialEq)]
-pub enum OperatorTarget {
-    Kind(ModuleKind),
-    Instance(String),
-}
-
-impl OperatorTarget {
-    pub fn of(route: &RouteSpec) -> Result<Self, String> {
-        if route.destination.is_empty() {
-            return Err(format!(
-                "route {}: destination_pattern is empty; name a module kind (alb, dblb, ...) or an instance id",
-                route.id
-            ));
-        }
-        Ok(route
-            .destination
-            .parse::<ModuleKind>()
-            .map(OperatorTarget::Kind)
-            .unwrap_or_else(|_| OperatorTarget::Instance(route.destination.clone())))
     }
 }
 

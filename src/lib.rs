@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod checksum;
 pub mod names;
 pub mod query;
 pub mod route;

@@ -38,6 +38,23 @@ impl ModuleKind {
         }
     }
 
+    /// The module's default gRPC port (ModuleService): 50051 for the ALB up to 50056.
+    pub fn default_grpc_port(self) -> u16 {
+        match self {
+            ModuleKind::Alb => 50051,
+            ModuleKind::Dblb => 50052,
+            ModuleKind::Ailb => 50053,
+            ModuleKind::Rtmp => 50054,
+            ModuleKind::WasmRegistry => 50055,
+            ModuleKind::SqsProxy => 50056,
+        }
+    }
+
+    /// The module's default admin HTTP port: 7002 for the ALB up to 7007 (the NLB has 7001).
+    pub fn default_admin_port(self) -> u16 {
+        self.default_grpc_port() - 50051 + 7002
+    }
+
     pub fn module_type(self) -> pb::ModuleType {
         match self {
             ModuleKind::Alb => pb::ModuleType::Alb,

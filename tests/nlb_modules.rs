@@ -1,13 +1,11 @@
 //! Module lifecycle at the NLB over gRPC: registration and its validation, heartbeats,
 //! re-registration, graceful drain, expiry of silent modules, listing with queries.
 
-mod support;
-
 use std::time::Duration;
 
 use marchproxy::{pb, status::failure_of};
 use marchproxy_nlb::Config;
-use support::*;
+use marchproxy_testkit::*;
 use tonic::Code;
 
 fn alb(id: &str) -> pb::ModuleInstance {

@@ -3,13 +3,11 @@
 //! real hook command, persistence across a restart, the cluster API key, health and reflection,
 //! and the admin endpoints.
 
-mod support;
-
 use std::time::Duration;
 
 use marchproxy::{pb, status::failure_of};
 use marchproxy_nlb::Config;
-use support::*;
+use marchproxy_testkit::*;
 use tokio_stream::StreamExt;
 use tonic::Code;
 

@@ -2,12 +2,10 @@
 //! validate_only), module routes, GetRoutingTable filters, RouteRequest decisions and counters,
 //! and ValidateRoute asking real ModuleService endpoints.
 
-mod support;
-
 use std::collections::HashMap;
 
 use marchproxy::{pb, status::failure_of};
-use support::*;
+use marchproxy_testkit::*;
 use tonic::Code;
 
 async fn routing(

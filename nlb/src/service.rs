@@ -8,6 +8,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use marchproxy::checksum::sha256_hex;
 use marchproxy::{
     names::{self, ModuleKind},
     pb::{self, nlb_service_server::NlbService},
@@ -15,7 +16,6 @@ use marchproxy::{
     route::{Flow, RouteSpec},
     time,
 };
-use sha2::{Digest, Sha256};
 use tokio::task::JoinSet;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -103,13 +103,6 @@ fn time_range(
         }
     }
     Ok(())
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Jain's fairness index of the loads: 1 when even, towards 1/n when one instance takes all.

@@ -51,7 +51,13 @@ impl Window {
     }
 
     fn reset(&self) {
-        for counter in [&self.total_requests, &self.failed_requests, &self.total_connections, &self.bytes_received, &self.bytes_sent] {
+        for counter in [
+            &self.total_requests,
+            &self.failed_requests,
+            &self.total_connections,
+            &self.bytes_received,
+            &self.bytes_sent,
+        ] {
             counter.store(0, Ordering::Relaxed);
         }
         self.latency_sum_us.store(0, Ordering::Relaxed);
@@ -69,6 +75,8 @@ pub struct Stats {
     bounds: Vec<f64>,
     window: Window,
     active_connections: AtomicI64,
+    /// Woken whenever a connection closes (the drain waits on it).
+    pub closed: tokio::sync::Notify,
     in_flight: AtomicI64,
     process: Mutex<ProcessSample>,
     pub registry: Registry,
@@ -89,6 +97,7 @@ impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.stats.active_connections.fetch_sub(1, Ordering::AcqRel);
         self.stats.active.dec();
+        self.stats.closed.notify_waiters();
     }
 }
 
@@ -120,7 +129,10 @@ impl Drop for RequestGuard {
     }
 }
 
-fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, collector: C) -> C {
+fn register<C: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    collector: C,
+) -> C {
     // Each metric below has a distinct fixed name in a registry of its own.
     registry
         .register(Box::new(collector.clone()))
@@ -133,23 +145,71 @@ impl Stats {
         let bounds = latency_bounds();
         let registry = Registry::new_custom(Some("marchproxy_module".into()), None)
             .unwrap_or_else(|e| panic!("the fixed prefix is valid: {e}"));
-        let labels = |opts: Opts| opts.const_label("module_type", kind.name()).const_label("instance", instance_id);
-        let requests = register(&registry, IntCounterVec::new(labels(Opts::new("requests_total", "Requests handled, by result (success, failure)")), &["result"]).unwrap_or_else(|e| panic!("{e}")));
-        let connections = register(&registry, IntCounter::with_opts(labels(Opts::new("connections_total", "Connections accepted"))).unwrap_or_else(|e| panic!("{e}")));
-        let active = register(&registry, IntGauge::with_opts(labels(Opts::new("active_connections", "Connections open now"))).unwrap_or_else(|e| panic!("{e}")));
-        let bytes = register(&registry, IntCounterVec::new(labels(Opts::new("bytes_total", "Bytes moved, by direction (received, sent)")), &["direction"]).unwrap_or_else(|e| panic!("{e}")));
-        let rate_limited = register(&registry, IntCounter::with_opts(labels(Opts::new("rate_limited_total", "Requests or connections refused by a rate limit"))).unwrap_or_else(|e| panic!("{e}")));
+        let labels = |opts: Opts| {
+            opts.const_label("module_type", kind.name())
+                .const_label("instance", instance_id)
+        };
+        let requests = register(
+            &registry,
+            IntCounterVec::new(
+                labels(Opts::new(
+                    "requests_total",
+                    "Requests handled, by result (success, failure)",
+                )),
+                &["result"],
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
+        let connections = register(
+            &registry,
+            IntCounter::with_opts(labels(Opts::new(
+                "connections_total",
+                "Connections accepted",
+            )))
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
+        let active = register(
+            &registry,
+            IntGauge::with_opts(labels(Opts::new(
+                "active_connections",
+                "Connections open now",
+            )))
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
+        let bytes = register(
+            &registry,
+            IntCounterVec::new(
+                labels(Opts::new(
+                    "bytes_total",
+                    "Bytes moved, by direction (received, sent)",
+                )),
+                &["direction"],
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
+        let rate_limited = register(
+            &registry,
+            IntCounter::with_opts(labels(Opts::new(
+                "rate_limited_total",
+                "Requests or connections refused by a rate limit",
+            )))
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
         let latency_opts = HistogramOpts::new("request_duration_seconds", "Request latency")
             .const_label("module_type", kind.name())
             .const_label("instance", instance_id)
             .buckets(bounds.iter().step_by(3).map(|ms| ms / 1000.0).collect());
-        let latency = register(&registry, Histogram::with_opts(latency_opts).unwrap_or_else(|e| panic!("{e}")));
+        let latency = register(
+            &registry,
+            Histogram::with_opts(latency_opts).unwrap_or_else(|e| panic!("{e}")),
+        );
         Arc::new(Stats {
             instance_id: instance_id.to_owned(),
             kind,
             window: Window::new(bounds.len()),
             bounds,
             active_connections: AtomicI64::new(0),
+            closed: tokio::sync::Notify::new(),
             in_flight: AtomicI64::new(0),
             process: Mutex::new(ProcessSample::now()),
             registry,
@@ -169,10 +229,14 @@ impl Stats {
     /// Counts a new connection until the guard drops.
     pub fn connection(self: &Arc<Self>) -> ConnectionGuard {
         self.active_connections.fetch_add(1, Ordering::AcqRel);
-        self.window.total_connections.fetch_add(1, Ordering::Relaxed);
+        self.window
+            .total_connections
+            .fetch_add(1, Ordering::Relaxed);
         self.connections.inc();
         self.active.inc();
-        ConnectionGuard { stats: Arc::clone(self) }
+        ConnectionGuard {
+            stats: Arc::clone(self),
+        }
     }
 
     /// Starts timing a request.
@@ -190,21 +254,29 @@ impl Stats {
         if !success {
             self.window.failed_requests.fetch_add(1, Ordering::Relaxed);
         }
-        self.requests.with_label_values(&[if success { "success" } else { "failure" }]).inc();
+        self.requests
+            .with_label_values(&[if success { "success" } else { "failure" }])
+            .inc();
         let ms = took.as_secs_f64() * 1000.0;
         let bucket = self.bounds.partition_point(|bound| *bound < ms);
         self.window.latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        self.window.latency_sum_us.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.window
+            .latency_sum_us
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
         self.latency.observe(took.as_secs_f64());
     }
 
     pub fn bytes_received(&self, n: u64) {
-        self.window.bytes_received.fetch_add(n as i64, Ordering::Relaxed);
+        self.window
+            .bytes_received
+            .fetch_add(n as i64, Ordering::Relaxed);
         self.bytes.with_label_values(&["received"]).inc_by(n);
     }
 
     pub fn bytes_sent(&self, n: u64) {
-        self.window.bytes_sent.fetch_add(n as i64, Ordering::Relaxed);
+        self.window
+            .bytes_sent
+            .fetch_add(n as i64, Ordering::Relaxed);
         self.bytes.with_label_values(&["sent"]).inc_by(n);
     }
 
@@ -231,7 +303,11 @@ impl Stats {
         for (index, count) in counts.iter().enumerate() {
             let next = seen + *count as f64;
             if next >= rank && *count > 0 {
-                let lower = if index == 0 { 0.0 } else { self.bounds[index - 1] };
+                let lower = if index == 0 {
+                    0.0
+                } else {
+                    self.bounds[index - 1]
+                };
                 let upper = self.bounds.get(index).copied().unwrap_or(lower * 1.25);
                 return lower + (upper - lower) * ((rank - seen) / *count as f64).clamp(0.0, 1.0);
             }
@@ -241,9 +317,17 @@ impl Stats {
     }
 
     /// The `GetStats` view, optionally starting a new window afterwards.
-    pub fn snapshot(&self, custom: std::collections::HashMap<String, String>, reset: bool) -> pb::ModuleStats {
+    pub fn snapshot(
+        &self,
+        custom: std::collections::HashMap<String, String>,
+        reset: bool,
+    ) -> pb::ModuleStats {
         let w = &self.window;
-        let counts: Vec<u64> = w.latency_buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let counts: Vec<u64> = w
+            .latency_buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
         let total = w.total_requests.load(Ordering::Relaxed);
         let failed = w.failed_requests.load(Ordering::Relaxed);
         let (cpu, memory) = self.process_usage();
@@ -254,7 +338,11 @@ impl Stats {
             failed_requests: failed,
             active_connections: self.active_connections(),
             total_connections: w.total_connections.load(Ordering::Relaxed),
-            avg_latency_ms: if total > 0 { w.latency_sum_us.load(Ordering::Relaxed) as f64 / 1000.0 / total as f64 } else { 0.0 },
+            avg_latency_ms: if total > 0 {
+                w.latency_sum_us.load(Ordering::Relaxed) as f64 / 1000.0 / total as f64
+            } else {
+                0.0
+            },
             p50_latency_ms: self.percentile(&counts, 0.50),
             p95_latency_ms: self.percentile(&counts, 0.95),
             p99_latency_ms: self.percentile(&counts, 0.99),
@@ -262,7 +350,9 @@ impl Stats {
             bytes_sent: w.bytes_sent.load(Ordering::Relaxed),
             cpu_usage_percent: cpu,
             memory_usage_mb: memory,
-            since: Some(time::timestamp(*w.since.lock().unwrap_or_else(|e| e.into_inner()))),
+            since: Some(time::timestamp(
+                *w.since.lock().unwrap_or_else(|e| e.into_inner()),
+            )),
             custom_stats: custom,
         };
         if reset {
@@ -276,7 +366,11 @@ impl Stats {
         let now = ProcessSample::now();
         let mut last = self.process.lock().unwrap_or_else(|e| e.into_inner());
         let wall = now.at.duration_since(last.at).as_secs_f64();
-        let cpu = if wall > 0.0 { (100.0 * (now.cpu_seconds - last.cpu_seconds) / wall).max(0.0) } else { 0.0 };
+        let cpu = if wall > 0.0 {
+            (100.0 * (now.cpu_seconds - last.cpu_seconds) / wall).max(0.0)
+        } else {
+            0.0
+        };
         // Keep the older sample when calls come close together, so the rate stays meaningful.
         if wall >= 1.0 {
             *last = now.clone();
@@ -314,7 +408,11 @@ impl ProcessSample {
                 Some(kb / 1024.0)
             })
             .unwrap_or(0.0);
-        ProcessSample { at: Instant::now(), cpu_seconds, resident_mb }
+        ProcessSample {
+            at: Instant::now(),
+            cpu_seconds,
+            resident_mb,
+        }
     }
 }
 
@@ -331,8 +429,16 @@ mod tests {
         let snapshot = stats.snapshot(Default::default(), true);
         assert_eq!(snapshot.total_requests, 100);
         assert_eq!(snapshot.failed_requests, 10);
-        assert!((40.0..60.0).contains(&snapshot.p50_latency_ms), "{}", snapshot.p50_latency_ms);
-        assert!((85.0..110.0).contains(&snapshot.p95_latency_ms), "{}", snapshot.p95_latency_ms);
+        assert!(
+            (40.0..60.0).contains(&snapshot.p50_latency_ms),
+            "{}",
+            snapshot.p50_latency_ms
+        );
+        assert!(
+            (85.0..110.0).contains(&snapshot.p95_latency_ms),
+            "{}",
+            snapshot.p95_latency_ms
+        );
         assert!(snapshot.p99_latency_ms >= snapshot.p95_latency_ms);
         assert!((45.0..56.0).contains(&snapshot.avg_latency_ms));
         assert!(snapshot.memory_usage_mb > 0.0, "read from /proc");
@@ -351,7 +457,14 @@ mod tests {
         drop(connection);
         assert_eq!((stats.active_connections(), stats.in_flight()), (0, 0));
         let snapshot = stats.snapshot(Default::default(), false);
-        assert_eq!((snapshot.total_requests, snapshot.failed_requests, snapshot.total_connections), (1, 1, 1));
+        assert_eq!(
+            (
+                snapshot.total_requests,
+                snapshot.failed_requests,
+                snapshot.total_connections
+            ),
+            (1, 1, 1)
+        );
         let metrics = marchproxy::admin::render(&stats.registry);
         assert!(metrics.contains("marchproxy_module_requests_total{instance=\"t\",module_type=\"alb\",result=\"failure\"} 1"), "{metrics}");
     }

@@ -1,8 +1,6 @@
 //! Shared harness for the end-to-end tests: a real NLB on loopback ports in a temporary state
 //! directory, generated clients, a module double, and waiting on conditions with a deadline.
 
-#![allow(dead_code)] // each test binary uses its own part of the harness
-
 pub mod fake_module;
 
 use std::{

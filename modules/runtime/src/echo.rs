@@ -1,0 +1,171 @@
+//! The smallest module: a line-based TCP echo. The runtime's tests run it, and it shows what a
+//! module writes itself: its data plane (asking the rate limiter, counting connections,
+//! requests and bytes) and its own config section. Nothing of ModuleService is here.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use marchproxy::{names::ModuleKind, pb};
+use serde::Deserialize;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::TcpStream,
+    task::JoinSet,
+};
+use tracing::debug;
+
+use crate::{DataPlane, Module, ModuleError, Subject, Verdict, stats::Stats};
+
+/// The `module` config section.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EchoConfig {
+    /// Written before every echoed line.
+    #[serde(default)]
+    prefix: String,
+}
+
+pub struct EchoModule {
+    kind: ModuleKind,
+    config: RwLock<EchoConfig>,
+    lines: AtomicU64,
+}
+
+impl EchoModule {
+    /// An echo that registers as a module of `kind` (tests stand it in for any kind).
+    pub fn new(kind: ModuleKind) -> Arc<Self> {
+        Arc::new(EchoModule {
+            kind,
+            config: RwLock::new(EchoConfig::default()),
+            lines: AtomicU64::new(0),
+        })
+    }
+
+    fn prefix(&self) -> String {
+        self.config
+            .read()
+            .map(|c| c.prefix.clone())
+            .unwrap_or_default()
+    }
+
+    async fn serve_connection(self: Arc<Self>, stream: TcpStream, stats: Arc<Stats>) {
+        let _open = stats.connection();
+        let (reader, mut writer) = stream.into_split();
+        let mut lines = BufReader::new(reader).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let request = stats.request();
+            stats.bytes_received(line.len() as u64 + 1);
+            let reply = format!("{}{line}\n", self.prefix());
+            let sent = writer.write_all(reply.as_bytes()).await.is_ok();
+            if sent {
+                stats.bytes_sent(reply.len() as u64);
+                self.lines.fetch_add(1, Ordering::Relaxed);
+            }
+            request.finish(sent);
+            if !sent {
+                break;
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Module for EchoModule {
+    fn kind(&self) -> ModuleKind {
+        self.kind
+    }
+
+    fn protocols(&self) -> Vec<pb::Protocol> {
+        vec![pb::Protocol::Tcp]
+    }
+
+    async fn serve(self: Arc<Self>, plane: DataPlane) -> Result<(), ModuleError> {
+        let DataPlane {
+            listeners,
+            stats,
+            limiter,
+            mut stopping,
+        } = plane;
+        let mut accepting = JoinSet::new();
+        for data in listeners {
+            let (module, stats, limiter, mut stopping) = (
+                Arc::clone(&self),
+                Arc::clone(&stats),
+                Arc::clone(&limiter),
+                stopping.clone(),
+            );
+            accepting.spawn(async move {
+                loop {
+                    let accepted = tokio::select! {
+                        accepted = data.listener.accept() => accepted,
+                        () = stopping.wait() => return,
+                    };
+                    let Ok((stream, peer)) = accepted else {
+                        continue;
+                    };
+                    let subject = Subject {
+                        client_ip: Some(peer.ip()),
+                        ..Subject::default()
+                    };
+                    if let Verdict::Limited { limit_id, .. } = limiter.check(&subject) {
+                        // At L4 a refusal is a closed connection.
+                        debug!(%peer, limit = %limit_id, "connection refused by rate limit");
+                        stats.rate_limited();
+                        continue;
+                    }
+                    tokio::spawn(Arc::clone(&module).serve_connection(stream, Arc::clone(&stats)));
+                }
+            });
+        }
+        stopping.wait().await;
+        while accepting.join_next().await.is_some() {}
+        Ok(())
+    }
+
+    fn check_config(
+        &self,
+        _config_type: &str,
+        config: &serde_json::Value,
+    ) -> Result<(), Vec<String>> {
+        let parsed: EchoConfig =
+            serde_json::from_value(config.clone()).map_err(|e| vec![format!("module: {e}")])?;
+        if parsed.prefix.len() > 64 {
+            return Err(vec![format!(
+                "module.prefix must be at most 64 bytes (got {})",
+                parsed.prefix.len()
+            )]);
+        }
+        Ok(())
+    }
+
+    fn apply_config(&self, _config_type: &str, config: &serde_json::Value) {
+        if let (Ok(parsed), Ok(mut current)) = (
+            serde_json::from_value::<EchoConfig>(config.clone()),
+            self.config.write(),
+        ) {
+            *current = parsed;
+        }
+    }
+
+    async fn health_checks(&self) -> Vec<(String, Result<String, String>)> {
+        vec![(
+            "echo".to_owned(),
+            Ok(format!(
+                "{} lines echoed",
+                self.lines.load(Ordering::Relaxed)
+            )),
+        )]
+    }
+
+    fn custom_stats(&self) -> HashMap<String, String> {
+        HashMap::from([(
+            "echo_lines".to_owned(),
+            self.lines.load(Ordering::Relaxed).to_string(),
+        )])
+    }
+}

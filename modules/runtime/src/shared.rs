@@ -1,0 +1,483 @@
+//! The runtime's state for one module instance: identity, routes, config sections, limits,
+//! stats, lifecycle phase, and the link to the NLB. ModuleService, the registration loop and
+//! the admin server all work on this one value.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, SystemTime},
+};
+
+use marchproxy::{
+    auth::AttachApiKey,
+    names::{self, ModuleKind},
+    pb,
+    route::RouteSpec,
+    time,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tonic::{service::interceptor::InterceptedService, transport::Channel};
+use tracing::{info, warn};
+
+use crate::{limiter::RateLimiter, module::Module, stats::Stats};
+
+/// Where an instance is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Serving its data plane, not (yet) registered with the NLB.
+    Starting,
+    /// Registered (or running without an NLB): ready for traffic.
+    Ready,
+    /// Draining: no new connections, open ones finishing.
+    Stopping,
+}
+
+impl Phase {
+    pub fn health(self) -> pb::HealthStatus {
+        match self {
+            Phase::Starting => pb::HealthStatus::Starting,
+            Phase::Ready => pb::HealthStatus::Healthy,
+            Phase::Stopping => pb::HealthStatus::Stopping,
+        }
+    }
+}
+
+/// The runtime's own live settings: config section `runtime`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeSettings {
+    pub heartbeat_interval_ms: u64,
+    pub drain_timeout_ms: u64,
+    pub max_connections: u32,
+}
+
+impl RuntimeSettings {
+    fn check(&self) -> Result<(), Vec<String>> {
+        let mut errors = Vec::new();
+        if !(10..=600_000).contains(&self.heartbeat_interval_ms) {
+            errors.push(format!(
+                "runtime.heartbeat_interval_ms must be from 10 to 600000 (got {})",
+                self.heartbeat_interval_ms
+            ));
+        }
+        if self.drain_timeout_ms > 3_600_000 {
+            errors.push(format!(
+                "runtime.drain_timeout_ms must be at most 3600000 (got {})",
+                self.drain_timeout_ms
+            ));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+/// The name of the runtime's own config section.
+pub const RUNTIME_SECTION: &str = "runtime";
+
+pub type NlbClient =
+    pb::nlb_service_client::NlbServiceClient<InterceptedService<Channel, AttachApiKey>>;
+pub type NlbModuleClient =
+    pb::module_service_client::ModuleServiceClient<InterceptedService<Channel, AttachApiKey>>;
+
+/// The NLB's gRPC endpoint, connected lazily and reconnected by the channel itself.
+#[derive(Clone)]
+pub struct NlbLink {
+    pub url: String,
+    channel: Channel,
+    auth: AttachApiKey,
+}
+
+impl NlbLink {
+    pub fn new(url: &str, api_key: Option<&str>) -> Result<Self, String> {
+        let url = if url.contains("://") {
+            url.to_owned()
+        } else {
+            format!("http://{url}")
+        };
+        let channel = Channel::from_shared(url.clone())
+            .map_err(|_| format!("--nlb `{url}` is not a URL such as http://nlb:50050"))?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(10))
+            .connect_lazy();
+        let auth = AttachApiKey::new(api_key).map_err(|e| e.to_string())?;
+        Ok(NlbLink { url, channel, auth })
+    }
+
+    pub fn nlb(&self) -> NlbClient {
+        pb::nlb_service_client::NlbServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.auth.clone(),
+        )
+    }
+
+    /// The NLB's ModuleService (blue/green is answered there).
+    pub fn modules(&self) -> NlbModuleClient {
+        pb::module_service_client::ModuleServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.auth.clone(),
+        )
+    }
+}
+
+/// A stored config section.
+#[derive(Clone, Debug)]
+pub struct Section {
+    pub value: serde_json::Value,
+    pub updated_at: SystemTime,
+}
+
+pub struct Shared {
+    pub module: Arc<dyn Module>,
+    pub kind: ModuleKind,
+    pub instance_id: String,
+    pub version: String,
+    /// What the NLB dials for ModuleService.
+    pub advertise: String,
+    /// Data-plane addresses as the NLB should connect to them, with the protocol named on
+    /// `--listen` where there was one.
+    pub data_addresses: Vec<(Option<pb::Protocol>, String)>,
+    pub admin_address: String,
+    pub started_at: SystemTime,
+    pub stats: Arc<Stats>,
+    pub limiter: Arc<RateLimiter>,
+    pub config_path: Option<PathBuf>,
+    pub health_check: Option<pb::HealthCheckConfig>,
+    pub nlb: Option<NlbLink>,
+    pub phase: watch::Sender<Phase>,
+    /// A Shutdown RPC asks for a drain of this long.
+    pub stop_request: watch::Sender<Option<Duration>>,
+    settings: Mutex<RuntimeSettings>,
+    routes: Mutex<BTreeMap<String, RouteSpec>>,
+    sections: Mutex<BTreeMap<String, Section>>,
+    registration: Mutex<Option<String>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // State here is replaced whole after validation; a panic elsewhere cannot leave it torn.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The parts of `Shared` that come from start-up.
+pub struct Identity {
+    pub module: Arc<dyn Module>,
+    pub instance_id: String,
+    pub version: String,
+    pub advertise: String,
+    pub data_addresses: Vec<(Option<pb::Protocol>, String)>,
+    pub admin_address: String,
+    pub config_path: Option<PathBuf>,
+    pub health_check: Option<pb::HealthCheckConfig>,
+    pub nlb: Option<NlbLink>,
+    pub settings: RuntimeSettings,
+}
+
+impl Shared {
+    pub fn new(identity: Identity) -> Arc<Self> {
+        let kind = identity.module.kind();
+        Arc::new(Shared {
+            stats: Stats::new(&identity.instance_id, kind),
+            kind,
+            module: identity.module,
+            instance_id: identity.instance_id,
+            version: identity.version,
+            advertise: identity.advertise,
+            data_addresses: identity.data_addresses,
+            admin_address: identity.admin_address,
+            started_at: SystemTime::now(),
+            limiter: RateLimiter::new(),
+            config_path: identity.config_path,
+            health_check: identity.health_check,
+            nlb: identity.nlb,
+            phase: watch::channel(Phase::Starting).0,
+            stop_request: watch::channel(None).0,
+            settings: Mutex::new(identity.settings),
+            routes: Mutex::new(BTreeMap::new()),
+            sections: Mutex::new(BTreeMap::new()),
+            registration: Mutex::new(None),
+        })
+    }
+
+    pub fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    pub fn set_phase(&self, phase: Phase) {
+        self.phase.send_replace(phase);
+    }
+
+    pub fn settings(&self) -> RuntimeSettings {
+        lock(&self.settings).clone()
+    }
+
+    pub fn registration(&self) -> Option<String> {
+        lock(&self.registration).clone()
+    }
+
+    pub fn set_registration(&self, id: Option<String>) {
+        *lock(&self.registration) = id;
+    }
+
+    /// This instance as the NLB and GetStatus show it.
+    pub fn instance(&self) -> pb::ModuleInstance {
+        let mut metadata =
+            HashMap::from([("admin_address".to_owned(), self.admin_address.clone())]);
+        if let Some((_, first)) = self.data_addresses.first() {
+            metadata.insert("data_address".to_owned(), first.clone());
+        }
+        for (protocol, address) in &self.data_addresses {
+            if let Some(protocol) = protocol {
+                metadata.insert(
+                    format!("data_address.{}", names::protocol_name(*protocol)),
+                    address.clone(),
+                );
+            }
+        }
+        pb::ModuleInstance {
+            instance_id: self.instance_id.clone(),
+            module_type: self.kind.module_type() as i32,
+            address: self.advertise.clone(),
+            health_status: self.phase().health() as i32,
+            metadata,
+            started_at: Some(time::timestamp(self.started_at)),
+            current_connections: i32::try_from(self.stats.active_connections()).unwrap_or(i32::MAX),
+            max_connections: i32::try_from(self.settings().max_connections).unwrap_or(i32::MAX),
+            version: self.version.clone(),
+            traffic_weight: 0,
+        }
+    }
+
+    pub fn routes(&self) -> Vec<RouteSpec> {
+        lock(&self.routes).values().cloned().collect()
+    }
+
+    /// Validates `routes` (all of them, nothing applied on error), lets the module compile them,
+    /// then makes them the table. `replace_all` drops routes not listed.
+    pub fn update_routes(
+        &self,
+        routes: Vec<pb::Route>,
+        replace_all: bool,
+    ) -> Result<usize, String> {
+        let mut specs = Vec::with_capacity(routes.len());
+        let mut seen = std::collections::BTreeSet::new();
+        for (index, route) in routes.into_iter().enumerate() {
+            let spec = RouteSpec::try_from(route).map_err(|e| format!("routes[{index}]: {e}"))?;
+            if !seen.insert(spec.id.clone()) {
+                return Err(format!(
+                    "routes[{index}]: route_id `{}` appears twice",
+                    spec.id
+                ));
+            }
+            specs.push(spec);
+        }
+        let written = specs.len();
+        let mut table = lock(&self.routes);
+        let mut next = if replace_all {
+            BTreeMap::new()
+        } else {
+            table.clone()
+        };
+        for spec in specs {
+            next.insert(spec.id.clone(), spec);
+        }
+        let list: Vec<RouteSpec> = next.values().cloned().collect();
+        self.module.apply_routes(&list)?;
+        *table = next;
+        Ok(written)
+    }
+
+    /// Removes one route; `Ok(false)` when there is no such route.
+    pub fn delete_route(&self, id: &str) -> Result<bool, String> {
+        let mut table = lock(&self.routes);
+        if !table.contains_key(id) {
+            return Ok(false);
+        }
+        let mut next = table.clone();
+        next.remove(id);
+        let list: Vec<RouteSpec> = next.values().cloned().collect();
+        self.module.apply_routes(&list)?;
+        *table = next;
+        Ok(true)
+    }
+
+    /// Sends the whole route table to the NLB, so its routing follows this instance's.
+    pub async fn relay_routes(&self) {
+        let Some(link) = &self.nlb else { return };
+        if self.registration().is_none() {
+            return; // the next registration carries the table
+        }
+        let routes: Vec<pb::Route> = self.routes().iter().map(pb::Route::from).collect();
+        let request = pb::UpdateRoutingRequest {
+            routes,
+            replace_all: true,
+            source_instance_id: self.instance_id.clone(),
+            validate_only: false,
+        };
+        if let Err(status) = link.nlb().update_routing(request).await {
+            warn!(instance = %self.instance_id, error = %status.message(), "could not relay routes to the NLB; they go with the next registration");
+        }
+    }
+
+    /// The config section types: the runtime's own and the module's.
+    pub fn section_types(&self) -> Vec<String> {
+        let mut types = vec![RUNTIME_SECTION.to_owned()];
+        types.extend(self.module.config_types().into_iter().map(str::to_owned));
+        types
+    }
+
+    /// Every section as in effect now.
+    pub fn sections(&self) -> BTreeMap<String, Section> {
+        let mut all = lock(&self.sections).clone();
+        all.insert(
+            RUNTIME_SECTION.to_owned(),
+            Section {
+                value: serde_json::to_value(self.settings()).unwrap_or_default(),
+                updated_at: lock(&self.sections)
+                    .get(RUNTIME_SECTION)
+                    .map_or(self.started_at, |s| s.updated_at),
+            },
+        );
+        for kind in self.module.config_types() {
+            all.entry(kind.to_owned()).or_insert_with(|| Section {
+                value: serde_json::json!({}),
+                updated_at: self.started_at,
+            });
+        }
+        all
+    }
+
+    /// Checks (and unless `validate_only`, applies) a section update: a JSON object whose keys
+    /// are merged over the runtime section, or handed whole to the module for its sections.
+    pub fn update_section(
+        &self,
+        config_type: &str,
+        value: &serde_json::Value,
+        validate_only: bool,
+    ) -> Result<(), Vec<String>> {
+        if !value.is_object() {
+            return Err(vec![format!(
+                "config_data for `{config_type}` must be a JSON object"
+            )]);
+        }
+        if config_type == RUNTIME_SECTION {
+            let mut merged = serde_json::to_value(self.settings()).unwrap_or_default();
+            if let (Some(target), Some(update)) = (merged.as_object_mut(), value.as_object()) {
+                target.extend(update.clone());
+            }
+            let next: RuntimeSettings =
+                serde_json::from_value(merged).map_err(|e| vec![format!("runtime: {e}")])?;
+            next.check()?;
+            if !validate_only {
+                *lock(&self.settings) = next;
+                self.remember(config_type, value.clone());
+            }
+            return Ok(());
+        }
+        if !self.module.config_types().contains(&config_type) {
+            return Err(vec![format!(
+                "unknown config_type `{config_type}`; this module has {}",
+                self.section_types().join(", ")
+            )]);
+        }
+        self.module.check_config(config_type, value)?;
+        if !validate_only {
+            self.module.apply_config(config_type, value);
+            self.remember(config_type, value.clone());
+        }
+        Ok(())
+    }
+
+    fn remember(&self, config_type: &str, value: serde_json::Value) {
+        lock(&self.sections).insert(
+            config_type.to_owned(),
+            Section {
+                value,
+                updated_at: SystemTime::now(),
+            },
+        );
+        info!(instance = %self.instance_id, section = config_type, "config applied");
+    }
+
+    /// `HealthCheck`: the phase, and with `deep` the module's own checks.
+    pub async fn health(&self, deep: bool) -> (pb::HealthStatus, String, HashMap<String, String>) {
+        let mut checks = HashMap::from([
+            (
+                "phase".to_owned(),
+                format!("{:?}", self.phase()).to_ascii_lowercase(),
+            ),
+            (
+                "registered".to_owned(),
+                self.registration().is_some().to_string(),
+            ),
+        ]);
+        let mut failed = Vec::new();
+        if deep {
+            for (name, outcome) in self.module.health_checks().await {
+                match outcome {
+                    Ok(detail) => checks.insert(name, detail),
+                    Err(problem) => {
+                        failed.push(name.clone());
+                        checks.insert(name, format!("FAILED: {problem}"))
+                    }
+                };
+            }
+        }
+        let status = match self.phase() {
+            Phase::Stopping => pb::HealthStatus::Stopping,
+            _ if !failed.is_empty() => pb::HealthStatus::Degraded,
+            Phase::Starting if self.nlb.is_some() => pb::HealthStatus::Starting,
+            _ => pb::HealthStatus::Healthy,
+        };
+        let message = if failed.is_empty() {
+            format!(
+                "{} {} is {}",
+                self.kind,
+                self.instance_id,
+                names::health_name(status)
+            )
+        } else {
+            format!("checks failing: {}", failed.join(", "))
+        };
+        (status, message, checks)
+    }
+
+    /// GetStats and heartbeats.
+    pub fn stats(&self, reset: bool) -> pb::ModuleStats {
+        let mut custom = self.module.custom_stats();
+        custom.insert(
+            "rate_limits".to_owned(),
+            self.limiter.list("").len().to_string(),
+        );
+        self.stats.snapshot(custom, reset)
+    }
+
+    /// Metric points: the stats and the module's numeric custom figures.
+    pub fn metric_points(&self) -> Vec<pb::MetricDataPoint> {
+        let stats = self.stats(false);
+        let at = time::now();
+        let mut points = marchproxy::stats::data_points(&stats, at);
+        for (name, value) in &stats.custom_stats {
+            if let Ok(value) = value.parse::<f64>() {
+                points.push(pb::MetricDataPoint {
+                    name: name.clone(),
+                    value,
+                    labels: HashMap::from([("source".to_owned(), "module".to_owned())]),
+                    timestamp: Some(at),
+                });
+            }
+        }
+        points
+    }
+}

@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod auth;
 pub mod checksum;
+pub mod config_file;
 pub mod names;
 pub mod query;
 pub mod route;

@@ -31,3 +31,36 @@ pub fn standard_routes(auth: RequireApiKey) -> Result<(HealthReporter, Routes), 
         .add_service(InterceptedService::new(v1alpha, auth));
     Ok((reporter, routes))
 }
+
+/// A bound TCP listener and the address it got (port 0 resolved).
+pub struct Bound {
+    pub listener: tokio::net::TcpListener,
+    pub addr: std::net::SocketAddr,
+}
+
+/// A listener could not be bound; says which and with which flag to move it.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} ({what}): {source}; pick a free address with {flag}")]
+pub struct BindError {
+    pub addr: std::net::SocketAddr,
+    pub what: &'static str,
+    pub flag: &'static str,
+    pub source: std::io::Error,
+}
+
+/// Binds `addr` for `what`, configured by `flag`.
+pub async fn bind(
+    addr: std::net::SocketAddr,
+    what: &'static str,
+    flag: &'static str,
+) -> Result<Bound, BindError> {
+    let fail = |source| BindError {
+        addr,
+        what,
+        flag,
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(fail)?;
+    let addr = listener.local_addr().map_err(fail)?;
+    Ok(Bound { listener, addr })
+}

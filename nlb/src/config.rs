@@ -1,11 +1,7 @@
 //! The NLB's configuration: flags, each also an environment variable, over an optional TOML
 //! file (`--config`), over defaults. Keys in the file are the flag names with `_` for `-`.
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use marchproxy::{telemetry::LogFormat, time::parse_duration};
 use serde::Deserialize;
@@ -66,13 +62,8 @@ struct FileConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error(transparent)]
+    File(#[from] marchproxy::config_file::FileError),
     #[error("{0}")]
     Invalid(String),
 }
@@ -114,7 +105,7 @@ impl Config {
 
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
         let file = match &args.config {
-            Some(path) => read_file(path)?,
+            Some(path) => marchproxy::config_file::read(path)?,
             None => FileConfig::default(),
         };
         let file_duration =
@@ -150,15 +141,8 @@ impl Config {
         if let Some(command) = args.scaler_command.or(file.scaler_command) {
             settings.scaling.command = command;
         }
-        let api_key = args
-            .api_key
-            .or(file.api_key)
-            .or_else(|| std::env::var("MARCHPROXY_CLUSTER_API_KEY").ok())
-            .filter(|k| !k.is_empty());
-        if let Some(key) = &api_key {
-            marchproxy::auth::AttachApiKey::new(Some(key))
-                .map_err(|e| ConfigError::Invalid(format!("--api-key: {e}")))?;
-        }
+        let api_key = marchproxy::config_file::api_key(args.api_key, file.api_key)
+            .map_err(|e| ConfigError::Invalid(format!("--api-key: {e}")))?;
         Ok(Config {
             grpc_listen: args
                 .grpc_listen
@@ -174,17 +158,6 @@ impl Config {
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         })
     }
-}
-
-fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: path.to_owned(),
-        message: e.to_string(),
-    })
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ mod target;
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use marchproxy::{auth::RequireApiKey, pb};
-use tokio::{net::TcpListener, sync::watch};
+use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
@@ -32,13 +32,8 @@ pub use config::{Args, Config};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {addr} ({what}): {source}; pick a free address with {flag}")]
-    Bind {
-        addr: SocketAddr,
-        what: &'static str,
-        flag: &'static str,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] marchproxy::serve::BindError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error("cannot restore state: {0}")]
@@ -53,25 +48,10 @@ pub enum StartError {
 
 /// A bound NLB, not yet serving: its addresses are known (port 0 resolved).
 pub struct Server {
-    grpc: TcpListener,
-    admin: TcpListener,
+    grpc: marchproxy::serve::Bound,
+    admin: marchproxy::serve::Bound,
     nlb: Arc<nlb::Nlb>,
     stop: watch::Sender<bool>,
-}
-
-async fn bind(
-    addr: SocketAddr,
-    what: &'static str,
-    flag: &'static str,
-) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr,
-            what,
-            flag,
-            source,
-        })
 }
 
 impl Server {
@@ -88,8 +68,9 @@ impl Server {
             }
             None => info!("no --state-dir: operator state lives in memory and is lost on restart"),
         }
-        let grpc = bind(config.grpc_listen, "gRPC", "--grpc-listen").await?;
-        let admin = bind(config.admin_listen, "admin HTTP", "--admin-listen").await?;
+        let grpc = marchproxy::serve::bind(config.grpc_listen, "gRPC", "--grpc-listen").await?;
+        let admin =
+            marchproxy::serve::bind(config.admin_listen, "admin HTTP", "--admin-listen").await?;
         let (stop, stopped) = watch::channel(false);
         let nlb = Arc::new(nlb::Nlb::new(state, store, config.api_key, stopped));
         Ok(Server {
@@ -101,16 +82,11 @@ impl Server {
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
-        // A bound listener always has a local address.
-        self.grpc
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.grpc.addr
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.admin.addr
     }
 
     /// Serves until `shutdown` completes, then stops streams and drains in-flight calls.
@@ -124,8 +100,7 @@ impl Server {
             nlb,
             stop,
         } = self;
-        let grpc_addr = grpc.local_addr().ok();
-        let admin_addr = admin.local_addr().ok();
+        let (grpc_addr, admin_addr) = (grpc.addr, admin.addr);
 
         let auth = RequireApiKey::new(nlb.api_key.clone());
         let (health, routes) = marchproxy::serve::standard_routes(auth.clone())?;
@@ -140,7 +115,7 @@ impl Server {
         let sweeper = tokio::spawn(Arc::clone(&nlb).run_sweeper());
         let mut stopped = nlb.shutdown.clone();
         let admin_stopped = nlb.shutdown.clone();
-        let admin_server = axum::serve(admin, admin::router(Arc::clone(&nlb)))
+        let admin_server = axum::serve(admin.listener, admin::router(Arc::clone(&nlb)))
             .with_graceful_shutdown(async move {
                 let mut admin_stopped = admin_stopped;
                 nlb::stopped(&mut admin_stopped).await;
@@ -154,10 +129,10 @@ impl Server {
             let _ = stop.send(true);
         });
         nlb.mark_ready();
-        info!(grpc = ?grpc_addr, admin = ?admin_addr, "NLB listening");
+        info!(grpc = %grpc_addr, admin = %admin_addr, "NLB listening");
         let served = tonic::transport::Server::builder()
             .add_routes(routes.add_service(nlb_service))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc.listener), async move {
                 nlb::stopped(&mut stopped).await;
             })
             .await;

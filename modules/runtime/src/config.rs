@@ -130,14 +130,7 @@ pub struct FileConfig {
 
 impl FileConfig {
     pub fn read(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })
+        Ok(marchproxy::config_file::read(path)?)
     }
 
     /// The `[module]` section as JSON (an empty object when absent).
@@ -151,13 +144,8 @@ impl FileConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error(transparent)]
+    File(#[from] marchproxy::config_file::FileError),
     #[error("{0}")]
     Invalid(String),
 }
@@ -289,15 +277,8 @@ impl RuntimeConfig {
             .map(HealthCheck::to_wire)
             .transpose()
             .map_err(ConfigError::Invalid)?;
-        let api_key = args
-            .api_key
-            .or(file.api_key.clone())
-            .or_else(|| std::env::var("MARCHPROXY_CLUSTER_API_KEY").ok())
-            .filter(|k| !k.is_empty());
-        if let Some(key) = &api_key {
-            marchproxy::auth::AttachApiKey::new(Some(key))
-                .map_err(|e| ConfigError::Invalid(format!("--api-key: {e}")))?;
-        }
+        let api_key = marchproxy::config_file::api_key(args.api_key, file.api_key.clone())
+            .map_err(|e| ConfigError::Invalid(format!("--api-key: {e}")))?;
         let instance_id = args
             .instance_id
             .or(file.instance_id.clone())

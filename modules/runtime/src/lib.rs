@@ -25,7 +25,7 @@ pub mod stats;
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use marchproxy::{admin::AdminState, auth::RequireApiKey, pb};
-use tokio::{net::TcpListener, sync::watch};
+use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
@@ -37,13 +37,8 @@ pub use stats::Stats;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
-    #[error("cannot listen on {addr} ({what}): {source}; pick a free address with {flag}")]
-    Bind {
-        addr: SocketAddr,
-        what: &'static str,
-        flag: &'static str,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] marchproxy::serve::BindError),
     #[error("{0}")]
     Config(String),
     #[error(transparent)]
@@ -62,21 +57,6 @@ impl AdminState for Shared {
     }
 }
 
-async fn bind(
-    addr: SocketAddr,
-    what: &'static str,
-    flag: &'static str,
-) -> Result<TcpListener, RuntimeError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| RuntimeError::Bind {
-            addr,
-            what,
-            flag,
-            source,
-        })
-}
-
 /// What others should dial for a listener bound at `bound`: its port on the advertised host.
 fn reachable(host: &str, bound: SocketAddr) -> String {
     format!("{host}:{}", bound.port())
@@ -85,8 +65,8 @@ fn reachable(host: &str, bound: SocketAddr) -> String {
 /// A module bound to its ports, not yet serving.
 pub struct Runtime {
     shared: Arc<Shared>,
-    grpc: TcpListener,
-    admin: TcpListener,
+    grpc: marchproxy::serve::Bound,
+    admin: marchproxy::serve::Bound,
     data: Vec<DataListener>,
     api_key: Option<String>,
     startup_section: serde_json::Value,
@@ -106,18 +86,19 @@ impl Runtime {
                 module.kind()
             )));
         }
-        let grpc = bind(config.grpc_listen, "gRPC", "--grpc-listen").await?;
-        let admin = bind(config.admin_listen, "admin HTTP", "--admin-listen").await?;
+        let grpc = marchproxy::serve::bind(config.grpc_listen, "gRPC", "--grpc-listen").await?;
+        let admin =
+            marchproxy::serve::bind(config.admin_listen, "admin HTTP", "--admin-listen").await?;
         let mut data = Vec::with_capacity(config.listen.len());
         for spec in &config.listen {
             data.push(DataListener {
                 protocol: spec.protocol,
-                listener: bind(spec.addr, "data plane", "--listen").await?,
+                ..DataListener::from(
+                    marchproxy::serve::bind(spec.addr, "data plane", "--listen").await?,
+                )
             });
         }
-        let grpc_addr = grpc
-            .local_addr()
-            .map_err(|e| RuntimeError::Config(e.to_string()))?;
+        let grpc_addr = grpc.addr;
         let advertise = match &config.advertise {
             Some(advertise) => advertise.clone(),
             None if grpc_addr.ip().is_unspecified() => format!("127.0.0.1:{}", grpc_addr.port()),
@@ -129,12 +110,9 @@ impl Runtime {
             .to_owned();
         let data_addresses = data
             .iter()
-            .filter_map(|l| Some((l.protocol, reachable(&host, l.listener.local_addr().ok()?))))
+            .map(|l| (l.protocol, reachable(&host, l.addr)))
             .collect();
-        let admin_address = admin
-            .local_addr()
-            .map(|a| reachable(&host, a))
-            .unwrap_or_default();
+        let admin_address = reachable(&host, admin.addr);
         let nlb = config
             .nlb
             .as_deref()
@@ -173,23 +151,15 @@ impl Runtime {
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
-        // A bound listener always knows its address.
-        self.grpc
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.grpc.addr
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.admin.addr
     }
 
     pub fn data_addrs(&self) -> Vec<SocketAddr> {
-        self.data
-            .iter()
-            .filter_map(|l| l.listener.local_addr().ok())
-            .collect()
+        self.data.iter().map(|l| l.addr).collect()
     }
 
     /// Serves until `shutdown` completes or a `Shutdown` RPC arrives, then drains and stops.
@@ -228,15 +198,18 @@ impl Runtime {
         let grpc_task = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_routes(routes.add_service(module_service))
-                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc.listener), async move {
                     let _ = grpc_stopped.wait_for(|stop| *stop).await.map(|_| ());
                 }),
         );
         let mut admin_stopped = servers_stopped.clone();
-        let admin_server = axum::serve(admin, marchproxy::admin::router(Arc::clone(&shared)))
-            .with_graceful_shutdown(async move {
-                let _ = admin_stopped.wait_for(|stop| *stop).await.map(|_| ());
-            });
+        let admin_server = axum::serve(
+            admin.listener,
+            marchproxy::admin::router(Arc::clone(&shared)),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = admin_stopped.wait_for(|stop| *stop).await.map(|_| ());
+        });
         let admin_task = tokio::spawn(async move { admin_server.await });
 
         let (stop_accepting, stopping) = watch::channel(false);

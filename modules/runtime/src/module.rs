@@ -16,6 +16,17 @@ pub struct DataListener {
     /// The protocol named on `--listen PROTOCOL=ADDR`, if any.
     pub protocol: Option<pb::Protocol>,
     pub listener: TcpListener,
+    pub addr: SocketAddr,
+}
+
+impl From<marchproxy::serve::Bound> for DataListener {
+    fn from(bound: marchproxy::serve::Bound) -> Self {
+        DataListener {
+            protocol: None,
+            listener: bound.listener,
+            addr: bound.addr,
+        }
+    }
 }
 
 /// Tells the data plane when to stop accepting new connections.
@@ -47,10 +58,7 @@ pub struct DataPlane {
 
 impl DataPlane {
     pub fn addresses(&self) -> Vec<SocketAddr> {
-        self.listeners
-            .iter()
-            .filter_map(|l| l.listener.local_addr().ok())
-            .collect()
+        self.listeners.iter().map(|l| l.addr).collect()
     }
 }
 

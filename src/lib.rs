@@ -12,6 +12,8 @@ pub mod admin;
 pub mod auth;
 pub mod checksum;
 pub mod config_file;
+pub mod limiter;
+pub mod listen;
 pub mod names;
 pub mod query;
 pub mod route;

@@ -17,6 +17,7 @@ pub mod nlb;
 mod scaler;
 pub mod service;
 pub mod settings;
+pub mod sniff;
 pub mod state;
 pub mod store;
 mod target;

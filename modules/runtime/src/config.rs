@@ -9,6 +9,7 @@ use std::{
 };
 
 use marchproxy::{
+    listen::ListenSpec,
     names::{self, ModuleKind},
     pb,
     route::RouteSpec,
@@ -148,33 +149,6 @@ pub enum ConfigError {
     File(#[from] marchproxy::config_file::FileError),
     #[error("{0}")]
     Invalid(String),
-}
-
-/// A data-plane listener to bind.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ListenSpec {
-    /// The protocol named on the flag (`postgres=...`), if any.
-    pub protocol: Option<pb::Protocol>,
-    pub addr: SocketAddr,
-}
-
-impl ListenSpec {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let (protocol, addr) = match text.split_once('=') {
-            Some((name, addr)) => (
-                Some(
-                    names::parse_protocol(name)
-                        .ok_or_else(|| format!("--listen {text}: unknown protocol `{name}`"))?,
-                ),
-                addr,
-            ),
-            None => (None, text),
-        };
-        let addr = addr.trim().parse().map_err(|_| {
-            format!("--listen {text}: `{addr}` is not an IP:port such as 0.0.0.0:8080")
-        })?;
-        Ok(ListenSpec { protocol, addr })
-    }
 }
 
 /// Everything the runtime needs, resolved.

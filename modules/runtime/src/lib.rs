@@ -15,7 +15,6 @@
 
 pub mod config;
 pub mod echo;
-pub mod limiter;
 pub mod module;
 pub mod registration;
 pub mod service;
@@ -29,8 +28,11 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
-pub use config::{CommonArgs, ListenSpec, RuntimeConfig};
-pub use limiter::{RateLimiter, Subject, Verdict};
+pub use config::{CommonArgs, RuntimeConfig};
+pub use marchproxy::{
+    limiter::{RateLimiter, Subject, Verdict},
+    listen::ListenSpec,
+};
 pub use module::{DataListener, DataPlane, Module, ModuleError, Stopping};
 pub use shared::{Phase, Shared};
 pub use stats::Stats;

@@ -6,7 +6,9 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 use marchproxy::{names::ModuleKind, pb, route::RouteSpec};
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{limiter::RateLimiter, stats::Stats};
+use marchproxy::limiter::RateLimiter;
+
+use crate::stats::Stats;
 
 /// A module's failure, as text for logs and gRPC answers.
 pub type ModuleError = Box<dyn std::error::Error + Send + Sync>;

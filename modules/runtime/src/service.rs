@@ -19,10 +19,9 @@ use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
 use tracing::info;
 
-use crate::{
-    limiter::Limit,
-    shared::{NlbLink, Phase, Shared},
-};
+use marchproxy::limiter::Limit;
+
+use crate::shared::{NlbLink, Phase, Shared};
 
 /// Longest interval, timeout or drain a caller may ask for.
 const MAX_SECONDS: i32 = 3600;

@@ -21,7 +21,9 @@ use tokio::sync::watch;
 use tonic::{service::interceptor::InterceptedService, transport::Channel};
 use tracing::{info, warn};
 
-use crate::{limiter::RateLimiter, module::Module, stats::Stats};
+use marchproxy::limiter::RateLimiter;
+
+use crate::{module::Module, stats::Stats};
 
 /// Where an instance is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

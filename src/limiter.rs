@@ -1,5 +1,5 @@
-//! The one rate limiter every module's data plane asks before serving (`SetRateLimit` over
-//! gRPC fills it). A limit applies to a target:
+//! The rate limiter a data plane asks before serving (a module's through `SetRateLimit`, the
+//! NLB's for connections per source). A limit applies to a target:
 //!
 //! - `*`: every client, each with its own bucket (by client IP);
 //! - an IP or CIDR: clients in that range, each with its own bucket;
@@ -16,9 +16,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::pb;
 use dashmap::DashMap;
 use ipnet::IpNet;
-use marchproxy::pb;
 
 /// Highest rate or burst accepted (a billion a second is no limit at all).
 const MAX_RATE: i64 = 1_000_000_000;

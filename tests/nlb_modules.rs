@@ -487,9 +487,7 @@ async fn silent_modules_turn_unhealthy_then_expire() {
     let (code, metrics) = http_get(nlb.admin, "/metrics").await;
     assert_eq!(code, 200);
     assert!(
-        metrics.contains(
-            "marchproxy_nlb_liveness_events_total{event=\"removed\",module_type=\"alb\"} 1"
-        ),
+        metrics.contains("nlb_liveness_events_total{event=\"removed\",module_type=\"alb\"} 1"),
         "{metrics}"
     );
     keep_alive.abort();

@@ -826,7 +826,7 @@ async fn scaling_records_tells_modules_and_runs_the_hook() {
     assert_eq!(failed.target_instances, 1);
     let metrics = http_get(nlb.admin, "/metrics").await.1;
     assert!(
-        metrics.contains("marchproxy_nlb_desired_instances{module_type=\"dblb\"} 1"),
+        metrics.contains("nlb_desired_instances{module_type=\"dblb\"} 1"),
         "{metrics}"
     );
     assert!(metrics.contains("result=\"hook_failed\"} 1"), "{metrics}");
@@ -1023,14 +1023,11 @@ async fn admin_endpoints_answer() {
     let (code, metrics) = http_get(nlb.admin, "/metrics").await;
     assert_eq!(code, 200);
     assert!(
-        metrics.contains(
-            "marchproxy_nlb_modules{health=\"healthy\",module_type=\"alb\",version=\"v1\"} 1"
-        ),
+        metrics.contains("nlb_modules{health=\"healthy\",module_type=\"alb\",version=\"v1\"} 1"),
         "{metrics}"
     );
     assert!(
-        metrics
-            .contains("marchproxy_nlb_registrations_total{module_type=\"alb\",outcome=\"new\"} 1"),
+        metrics.contains("nlb_registrations_total{module_type=\"alb\",outcome=\"new\"} 1"),
         "{metrics}"
     );
     assert_eq!(http_get(nlb.admin, "/nope").await.0, 404);

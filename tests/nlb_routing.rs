@@ -315,9 +315,7 @@ async fn route_request_takes_the_best_match_and_counts_unless_dry_run() {
 
     let metrics = http_get(nlb.admin, "/metrics").await.1;
     assert!(
-        metrics.contains(
-            "marchproxy_nlb_route_decisions_total{module_type=\"alb\",result=\"routed\"} 8"
-        ),
+        metrics.contains("nlb_route_decisions_total{module_type=\"alb\",result=\"routed\"} 8"),
         "{metrics}"
     );
     assert!(metrics.contains("result=\"no_route\"} 1"), "{metrics}");

@@ -6,7 +6,9 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use marchproxy::{telemetry::LogFormat, time::parse_duration};
 use serde::Deserialize;
 
-use crate::settings::Settings;
+use marchproxy::listen::ListenSpec;
+
+use crate::{dataplane::Limits, settings::Settings};
 
 /// `marchproxy-nlb` flags.
 #[derive(Clone, Debug, Default, clap::Parser)]
@@ -41,6 +43,31 @@ pub struct Args {
     /// Shell command run on every TriggerScaling decision (see README, "Scaling").
     #[arg(long, env = "MARCHPROXY_SCALER_COMMAND")]
     pub scaler_command: Option<String>,
+    /// Data-plane listener, PROTOCOL=ADDR (repeatable); `auto` recognises the protocol from the
+    /// first bytes, a named one (`mysql=0.0.0.0:3306`) skips that.
+    #[arg(long, env = "MARCHPROXY_LISTEN", value_delimiter = ',')]
+    pub listen: Vec<String>,
+    /// Most client connections open at once across listeners; 0 for no limit [default: 0]
+    #[arg(long, env = "MARCHPROXY_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// New connections per second allowed from one client IP; 0 for no limit [default: 0]
+    #[arg(long, env = "MARCHPROXY_PER_SOURCE_RATE")]
+    pub per_source_rate: Option<u32>,
+    /// Burst above --per-source-rate [default: the rate]
+    #[arg(long, env = "MARCHPROXY_PER_SOURCE_BURST")]
+    pub per_source_burst: Option<u32>,
+    /// Longest wait for the first bytes of an `auto` connection [default: 5s]
+    #[arg(long, env = "MARCHPROXY_SNIFF_TIMEOUT", value_parser = parse_duration)]
+    pub sniff_timeout: Option<Duration>,
+    /// Longest wait to connect to a module instance before trying another [default: 2s]
+    #[arg(long, env = "MARCHPROXY_CONNECT_TIMEOUT", value_parser = parse_duration)]
+    pub connect_timeout: Option<Duration>,
+    /// How long open connections may finish when the NLB stops [default: 30s]
+    #[arg(long, env = "MARCHPROXY_DRAIN_TIMEOUT", value_parser = parse_duration)]
+    pub drain_timeout: Option<Duration>,
+    /// Send a PROXY protocol v2 header to modules on every connection.
+    #[arg(long, env = "MARCHPROXY_PROXY_PROTOCOL")]
+    pub proxy_protocol: bool,
     /// Log format [default: text]
     #[arg(long, env = "MARCHPROXY_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -57,6 +84,16 @@ struct FileConfig {
     unhealthy_after: Option<String>,
     expire_after: Option<String>,
     scaler_command: Option<String>,
+    #[serde(default)]
+    listen: Vec<String>,
+    max_connections: Option<usize>,
+    per_source_rate: Option<u32>,
+    per_source_burst: Option<u32>,
+    sniff_timeout: Option<String>,
+    connect_timeout: Option<String>,
+    drain_timeout: Option<String>,
+    #[serde(default)]
+    proxy_protocol: bool,
     log_format: Option<LogFormat>,
 }
 
@@ -77,6 +114,9 @@ pub struct Config {
     pub api_key: Option<String>,
     /// Startup values of the live sections; persisted sections set over the API win.
     pub settings: Settings,
+    pub listen: Vec<ListenSpec>,
+    pub limits: Limits,
+    pub drain_timeout: Duration,
     pub log_format: LogFormat,
 }
 
@@ -88,6 +128,9 @@ impl Default for Config {
             state_dir: None,
             api_key: None,
             settings: Settings::default(),
+            listen: Vec::new(),
+            limits: Limits::default(),
+            drain_timeout: Duration::from_secs(30),
             log_format: LogFormat::Text,
         }
     }
@@ -143,6 +186,33 @@ impl Config {
         }
         let api_key = marchproxy::config_file::api_key(args.api_key, file.api_key)
             .map_err(|e| ConfigError::Invalid(format!("--api-key: {e}")))?;
+        let listen = (if args.listen.is_empty() {
+            &file.listen
+        } else {
+            &args.listen
+        })
+        .iter()
+        .map(|text| ListenSpec::parse(text))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ConfigError::Invalid)?;
+        let limits = Limits {
+            sniff_timeout: args
+                .sniff_timeout
+                .or(file_duration(file.sniff_timeout, "sniff_timeout")?)
+                .unwrap_or(defaults.limits.sniff_timeout),
+            connect_timeout: args
+                .connect_timeout
+                .or(file_duration(file.connect_timeout, "connect_timeout")?)
+                .unwrap_or(defaults.limits.connect_timeout),
+            max_connections: args.max_connections.or(file.max_connections).unwrap_or(0),
+            per_source_rate: args.per_source_rate.or(file.per_source_rate).unwrap_or(0),
+            per_source_burst: args.per_source_burst.or(file.per_source_burst).unwrap_or(0),
+            proxy_protocol: args.proxy_protocol || file.proxy_protocol,
+        };
+        let drain_timeout = args
+            .drain_timeout
+            .or(file_duration(file.drain_timeout, "drain_timeout")?)
+            .unwrap_or(defaults.drain_timeout);
         Ok(Config {
             grpc_listen: args
                 .grpc_listen
@@ -155,6 +225,9 @@ impl Config {
             state_dir: args.state_dir.or(file.state_dir),
             api_key,
             settings,
+            listen,
+            limits,
+            drain_timeout,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         })
     }

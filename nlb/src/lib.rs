@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod dataplane;
 pub mod error;
 pub mod metrics;
 mod module_client;
@@ -51,6 +52,9 @@ pub enum StartError {
 pub struct Server {
     grpc: marchproxy::serve::Bound,
     admin: marchproxy::serve::Bound,
+    listeners: Vec<dataplane::Listener>,
+    limits: dataplane::Limits,
+    drain_timeout: std::time::Duration,
     nlb: Arc<nlb::Nlb>,
     stop: watch::Sender<bool>,
 }
@@ -72,11 +76,21 @@ impl Server {
         let grpc = marchproxy::serve::bind(config.grpc_listen, "gRPC", "--grpc-listen").await?;
         let admin =
             marchproxy::serve::bind(config.admin_listen, "admin HTTP", "--admin-listen").await?;
+        let mut listeners = Vec::with_capacity(config.listen.len());
+        for spec in &config.listen {
+            listeners.push(dataplane::Listener {
+                protocol: spec.protocol,
+                bound: marchproxy::serve::bind(spec.addr, "data plane", "--listen").await?,
+            });
+        }
         let (stop, stopped) = watch::channel(false);
         let nlb = Arc::new(nlb::Nlb::new(state, store, config.api_key, stopped));
         Ok(Server {
             grpc,
             admin,
+            listeners,
+            limits: config.limits,
+            drain_timeout: config.drain_timeout,
             nlb,
             stop,
         })
@@ -90,6 +104,11 @@ impl Server {
         self.admin.addr
     }
 
+    /// The data-plane listeners' addresses, in `--listen` order.
+    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|l| l.bound.addr).collect()
+    }
+
     /// Serves until `shutdown` completes, then stops streams and drains in-flight calls.
     pub async fn run(
         self,
@@ -98,9 +117,15 @@ impl Server {
         let Server {
             grpc,
             admin,
+            listeners,
+            limits,
+            drain_timeout,
             nlb,
             stop,
         } = self;
+        let data_plane = tokio::spawn(
+            dataplane::DataPlane::new(Arc::clone(&nlb), limits).run(listeners, drain_timeout),
+        );
         let (grpc_addr, admin_addr) = (grpc.addr, admin.addr);
 
         let auth = RequireApiKey::new(nlb.api_key.clone());
@@ -140,6 +165,7 @@ impl Server {
         health
             .set_not_serving::<pb::nlb_service_server::NlbServiceServer<service::NlbGrpc>>()
             .await;
+        let _ = data_plane.await;
         sweeper.abort();
         let admin_result = admin_task.await;
         served?;

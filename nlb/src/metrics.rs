@@ -17,6 +17,14 @@ pub struct NlbMetrics {
     pub route_decisions: IntCounterVec,
     pub scaling_decisions: IntCounterVec,
     pub config_updates: IntCounterVec,
+    /// Data plane.
+    pub accepted: IntCounterVec,
+    pub routed: IntCounterVec,
+    pub routing_errors: IntCounterVec,
+    pub active: IntGaugeVec,
+    pub bytes: IntCounterVec,
+    pub connect_seconds: prometheus::Histogram,
+    pub connection_seconds: prometheus::Histogram,
     modules: IntGaugeVec,
     routes: IntGaugeVec,
     desired_instances: IntGaugeVec,
@@ -46,76 +54,129 @@ impl Default for NlbMetrics {
     fn default() -> Self {
         let registry = Registry::new();
         let r = &registry;
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let metric = prometheus::Histogram::with_opts(
+                prometheus::HistogramOpts::new(name, help).buckets(buckets),
+            )
+            .unwrap_or_else(|e| panic!("metric {name} is malformed: {e}"));
+            r.register(Box::new(metric.clone()))
+                .unwrap_or_else(|e| panic!("metric {name} registered twice: {e}"));
+            metric
+        };
         NlbMetrics {
+            accepted: counter(
+                r,
+                "nlb_connections_accepted_total",
+                "Client connections accepted, by listener protocol (auto or named)",
+                &["listener"],
+            ),
+            routed: counter(
+                r,
+                "nlb_routed_connections_total",
+                "Client connections handed to a module instance, by protocol, kind and version",
+                &["protocol", "module_type", "version"],
+            ),
+            routing_errors: counter(
+                r,
+                "nlb_routing_errors_total",
+                "Connections not routed or retried, by cause (no_route, no_instance, connect_failed, unknown_protocol, sniff_timeout, capacity, rate_limited)",
+                &["cause"],
+            ),
+            active: gauge(
+                r,
+                "nlb_active_connections",
+                "Connections open through the NLB, per instance and version",
+                &["module_type", "version", "instance"],
+            ),
+            bytes: counter(
+                r,
+                "nlb_bytes_total",
+                "Bytes relayed, by direction (client_to_module, module_to_client)",
+                &["direction"],
+            ),
+            connect_seconds: histogram(
+                "nlb_connect_duration_seconds",
+                "Time to connect to the chosen module instance",
+                vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ],
+            ),
+            connection_seconds: histogram(
+                "nlb_connection_duration_seconds",
+                "How long relayed connections lasted",
+                vec![
+                    0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0, 7200.0,
+                ],
+            ),
             registrations: counter(
                 r,
-                "marchproxy_nlb_registrations_total",
+                "nlb_registrations_total",
                 "Module registrations, by kind and whether they replaced a live instance",
                 &["module_type", "outcome"],
             ),
             unregistrations: counter(
                 r,
-                "marchproxy_nlb_unregistrations_total",
+                "nlb_unregistrations_total",
                 "Module unregistrations, by kind and mode",
                 &["module_type", "mode"],
             ),
             drained_connections: counter(
                 r,
-                "marchproxy_nlb_drained_connections_total",
+                "nlb_drained_connections_total",
                 "Connections that finished while their instance drained",
                 &["module_type"],
             ),
             heartbeats: counter(
                 r,
-                "marchproxy_nlb_heartbeats_total",
+                "nlb_heartbeats_total",
                 "Heartbeats, by result (acknowledged, reregister)",
                 &["result"],
             ),
             liveness: counter(
                 r,
-                "marchproxy_nlb_liveness_events_total",
+                "nlb_liveness_events_total",
                 "Instances marked unhealthy or removed for missed heartbeats",
                 &["module_type", "event"],
             ),
             route_decisions: counter(
                 r,
-                "marchproxy_nlb_route_decisions_total",
+                "nlb_route_decisions_total",
                 "Routing decisions, by result (routed, no_route, no_instance)",
                 &["result", "module_type"],
             ),
             scaling_decisions: counter(
                 r,
-                "marchproxy_nlb_scaling_decisions_total",
+                "nlb_scaling_decisions_total",
                 "TriggerScaling decisions, by kind, action and hook result",
                 &["module_type", "action", "result"],
             ),
             config_updates: counter(
                 r,
-                "marchproxy_nlb_config_updates_total",
+                "nlb_config_updates_total",
                 "UpdateNLBConfig calls, by section and result",
                 &["section", "result"],
             ),
             modules: gauge(
                 r,
-                "marchproxy_nlb_modules",
+                "nlb_modules",
                 "Registered module instances, by kind, version and health",
                 &["module_type", "version", "health"],
             ),
             routes: gauge(
                 r,
-                "marchproxy_nlb_routes",
+                "nlb_routes",
                 "Routes in the routing table, by source (module, operator)",
                 &["source"],
             ),
             desired_instances: gauge(
                 r,
-                "marchproxy_nlb_desired_instances",
+                "nlb_desired_instances",
                 "Desired instance count per module kind (TriggerScaling)",
                 &["module_type"],
             ),
             version_weight: gauge(
                 r,
-                "marchproxy_nlb_version_weight_percent",
+                "nlb_bluegreen_traffic_split",
                 "Traffic weight of each version, per module kind",
                 &["module_type", "version"],
             ),

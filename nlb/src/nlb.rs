@@ -35,6 +35,8 @@ pub struct Nlb {
     pub started_at: SystemTime,
     pub api_key: Option<String>,
     pub ready: AtomicBool,
+    /// Connection rate limits per client source, asked by the data plane.
+    pub source_limiter: Arc<marchproxy::limiter::RateLimiter>,
     /// Flips to true when the NLB shuts down; streams and drains end early.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -54,6 +56,7 @@ impl Nlb {
             started_at: SystemTime::now(),
             api_key,
             ready: AtomicBool::new(false),
+            source_limiter: marchproxy::limiter::RateLimiter::new(),
             shutdown,
         }
     }

@@ -7,6 +7,10 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -28,6 +32,9 @@ use crate::{
 const STATS_HISTORY: usize = 64;
 /// Metric reports kept per instance for `GetModuleMetrics` time ranges.
 const METRICS_HISTORY: usize = 120;
+/// Failed connects in a row that take an instance out of rotation, and for how long at first.
+pub const EJECT_AFTER: u32 = 3;
+const EJECT_FOR: Duration = Duration::from_secs(5);
 /// Versions registered without a version string share this one.
 pub const UNVERSIONED: &str = "unversioned";
 
@@ -74,6 +81,11 @@ pub struct Instance {
     /// Marked unhealthy for missed heartbeats (logged once, cleared by the next heartbeat).
     pub stale: bool,
     pub routed_total: u64,
+    /// Connections open through the NLB's data plane (shared with the connections themselves).
+    live: Arc<AtomicI64>,
+    /// Consecutive failed connects; past a few the instance is ejected for a while.
+    connect_failures: u32,
+    ejected_until: Option<Instant>,
     /// Flows sent here since the last heartbeat, which the reported count does not include yet.
     routed_since_heartbeat: i64,
     /// Instructions for the next heartbeat answer only (rebalancing).
@@ -108,10 +120,12 @@ impl Instance {
     pub fn routable(&self, now: Instant, settings: &Settings) -> bool {
         let under_limit =
             self.max_connections <= 0 || self.load() < i64::from(self.max_connections);
+        let ejected = self.ejected_until.is_some_and(|until| now < until);
         matches!(
             self.health(now, settings),
             pb::HealthStatus::Healthy | pb::HealthStatus::Degraded
         ) && under_limit
+            && !ejected
     }
 
     /// Live connections as the module last reported them.
@@ -119,10 +133,22 @@ impl Instance {
         self.stats.as_ref().map_or(0, |s| s.active_connections)
     }
 
-    /// Connections to expect now: the last report plus what was routed here since.
+    /// Connections to expect now: what the NLB has open to it, or the last report plus what was
+    /// routed here since, whichever is more.
     pub fn load(&self) -> i64 {
         self.connections()
             .saturating_add(self.routed_since_heartbeat)
+            .max(self.live.load(Ordering::Relaxed))
+    }
+
+    /// Connections open through the NLB now.
+    pub fn live_connections(&self) -> i64 {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Open connections as far as anyone knows: the module's report or the NLB's own count.
+    pub fn open_connections(&self) -> i64 {
+        self.connections().max(self.live_connections())
     }
 
     /// Requests per second over the heartbeat samples newer than `window`.
@@ -183,7 +209,10 @@ pub struct Decision {
     pub owner: RouteOwner,
     pub instance_id: String,
     pub kind: ModuleKind,
+    pub version: String,
     pub target_address: String,
+    /// The instance's count of connections open through the NLB.
+    pub live: Arc<AtomicI64>,
 }
 
 /// Why a flow could not be routed.
@@ -514,7 +543,7 @@ impl State {
             started_at: instance
                 .started_at
                 .or(Some(time::timestamp(instance.registered_at))),
-            current_connections: i32::try_from(instance.connections()).unwrap_or(i32::MAX),
+            current_connections: i32::try_from(instance.open_connections()).unwrap_or(i32::MAX),
             max_connections: instance.max_connections,
             version: instance.version.clone(),
             traffic_weight: self.weight_of(instance.kind, &instance.version) as i32,
@@ -670,6 +699,9 @@ impl State {
             draining: false,
             stale: false,
             routed_total: 0,
+            live: Arc::new(AtomicI64::new(0)),
+            connect_failures: 0,
+            ejected_until: None,
             routed_since_heartbeat: 0,
             pending_instructions: BTreeMap::new(),
             metrics: VecDeque::new(),
@@ -719,7 +751,7 @@ impl State {
             .get_mut(id)
             .ok_or_else(|| NlbError::NotFound(format!("instance `{id}` left")))?;
         instance.draining = true;
-        Ok((kind, instance.connections()))
+        Ok((kind, instance.open_connections()))
     }
 
     /// Removes an instance if it still has `registration_id`; returns its remaining connections.
@@ -729,14 +761,14 @@ impl State {
         }
         let instance = self.instances.remove(id)?;
         self.changed();
-        Some(instance.connections())
+        Some(instance.open_connections())
     }
 
     pub fn connections_of(&self, id: &str, registration_id: &str) -> Option<i64> {
         self.instances
             .get(id)
             .filter(|i| i.registration_id == registration_id)
-            .map(Instance::connections)
+            .map(Instance::open_connections)
     }
 
     pub fn heartbeat(
@@ -943,6 +975,18 @@ impl State {
         now: Instant,
         wall: SystemTime,
     ) -> Result<Decision, NoRoute> {
+        self.decide_excluding(flow, dry_run, now, wall, &[])
+    }
+
+    /// [`State::decide`], skipping instances in `excluded` (ones that just failed to connect).
+    pub fn decide_excluding(
+        &mut self,
+        flow: &Flow,
+        dry_run: bool,
+        now: Instant,
+        wall: SystemTime,
+        excluded: &[String],
+    ) -> Result<Decision, NoRoute> {
         // Candidate routes: operator routes, and module routes grouped by (kind, route id) so
         // blue and green instances carrying the same route share it.
         let mut candidates: Vec<(RouteSpec, RouteOwner, Members)> = Vec::new();
@@ -990,7 +1034,7 @@ impl State {
         for (spec, owner, members) in candidates {
             let usable: Vec<(&Instance, String)> = members
                 .into_iter()
-                .filter(|(i, _)| i.routable(now, &self.settings))
+                .filter(|(i, _)| i.routable(now, &self.settings) && !excluded.contains(&i.id))
                 .filter_map(|(i, own)| Some((i, i.data_address(own)?)))
                 .collect();
             if usable.is_empty() {
@@ -1011,6 +1055,8 @@ impl State {
                 target_address: target_address.clone(),
                 instance_id: instance.id.clone(),
                 kind: instance.kind,
+                version: instance.version.clone(),
+                live: Arc::clone(&instance.live),
                 route,
                 owner,
             });
@@ -1039,6 +1085,30 @@ impl State {
     }
 
     // ---- load ----
+
+    /// A connect to the instance failed: after [`EJECT_AFTER`] in a row it gets no new
+    /// connections for a while, doubling on each repeat (up to five minutes). Returns whether
+    /// this failure ejected it.
+    pub fn connect_failed(&mut self, id: &str, now: Instant) -> bool {
+        let Some(instance) = self.instances.get_mut(id) else {
+            return false;
+        };
+        instance.connect_failures += 1;
+        if instance.connect_failures < EJECT_AFTER {
+            return false;
+        }
+        let doublings = (instance.connect_failures - EJECT_AFTER).min(5);
+        let pause = (EJECT_FOR * 2u32.pow(doublings)).min(Duration::from_secs(300));
+        instance.ejected_until = Some(now + pause);
+        true
+    }
+
+    pub fn connect_succeeded(&mut self, id: &str) {
+        if let Some(instance) = self.instances.get_mut(id) {
+            instance.connect_failures = 0;
+            instance.ejected_until = None;
+        }
+    }
 
     /// Sets how new connections are balanced; returns the previous strategy.
     pub fn set_strategy(&mut self, strategy: Strategy, wall: SystemTime) -> Strategy {

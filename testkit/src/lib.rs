@@ -1,6 +1,7 @@
 //! Shared harness for the end-to-end tests: a real NLB on loopback ports in a temporary state
 //! directory, generated clients, a module double, and waiting on conditions with a deadline.
 
+pub mod backend;
 pub mod fake_module;
 
 use std::{
@@ -22,6 +23,8 @@ pub type NlbClient =
 pub struct TestNlb {
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
+    /// The data-plane listeners, in `Config::listen` order.
+    pub listen: Vec<SocketAddr>,
     pub state_dir: PathBuf,
     pub api_key: Option<String>,
     stop: Option<oneshot::Sender<()>>,
@@ -40,7 +43,11 @@ pub async fn start_with(mut config: Config) -> TestNlb {
     let api_key = config.api_key.clone();
     let state_dir = config.state_dir.clone().unwrap_or_default();
     let server = Server::bind(config).await.expect("the NLB binds");
-    let (grpc, admin) = (server.grpc_addr(), server.admin_addr());
+    let (grpc, admin, listen) = (
+        server.grpc_addr(),
+        server.admin_addr(),
+        server.listen_addrs(),
+    );
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(server.run(async move {
         let _ = stopped.await;
@@ -48,6 +55,7 @@ pub async fn start_with(mut config: Config) -> TestNlb {
     let nlb = TestNlb {
         grpc,
         admin,
+        listen,
         state_dir,
         api_key,
         stop: Some(stop),

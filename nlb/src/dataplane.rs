@@ -1,0 +1,443 @@
+//! The NLB's data plane: accept client connections on the `--listen` listeners, recognise the
+//! protocol (or take the listener's), route to a module instance, connect (trying another
+//! instance when one fails), optionally send a PROXY protocol v2 header, and copy bytes both ways
+//! until either side closes, each direction shut down on its own (half-close).
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use marchproxy::{
+    limiter::{Subject, Verdict},
+    names, pb,
+    route::Flow,
+    serve::Bound,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::{OwnedSemaphorePermit, Semaphore},
+    task::JoinSet,
+};
+use tracing::{debug, warn};
+
+use crate::{
+    nlb::{Nlb, stopped},
+    sniff::{self, Detected, MAX_SNIFF, Sniff},
+};
+
+/// Attempts to connect (each to another instance) before a client is turned away.
+const CONNECT_ATTEMPTS: usize = 3;
+
+/// Data-plane settings from the command line.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Longest wait for enough bytes to recognise the protocol.
+    pub sniff_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Open connections across all listeners; 0 for no limit.
+    pub max_connections: usize,
+    /// New connections per second from one client IP (0: no limit), and the burst above it.
+    pub per_source_rate: u32,
+    pub per_source_burst: u32,
+    /// Send a PROXY protocol v2 header to modules on every connection (routes can ask for it
+    /// on their own with `metadata.proxy_protocol = "v2"`).
+    pub proxy_protocol: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            sniff_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            max_connections: 0,
+            per_source_rate: 0,
+            per_source_burst: 0,
+            proxy_protocol: false,
+        }
+    }
+}
+
+/// A listener and what it serves: a named protocol, or `None` to sniff.
+pub struct Listener {
+    pub protocol: Option<pb::Protocol>,
+    pub bound: Bound,
+}
+
+/// Shared by every connection of the data plane.
+pub struct DataPlane {
+    nlb: Arc<Nlb>,
+    limits: Limits,
+    slots: Option<Arc<Semaphore>>,
+    /// Connections open now, for the drain at shutdown.
+    open: AtomicI64,
+    closed: tokio::sync::Notify,
+}
+
+/// Keeps an instance's live count (and its gauge) up while a connection is open; a drain
+/// waiting on the count is woken when it closes.
+struct Live {
+    count: Arc<AtomicI64>,
+    gauge: prometheus::IntGauge,
+    nlb: Arc<Nlb>,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.dec();
+        self.nlb.activity.notify_waiters();
+    }
+}
+
+/// Counts a connection as open until dropped.
+struct Open<'a>(&'a DataPlane);
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.closed.notify_waiters();
+    }
+}
+
+/// Why a connection went nowhere.
+#[derive(Debug)]
+enum Refusal {
+    Capacity,
+    RateLimited,
+    UnknownProtocol,
+    SniffTimeout,
+    ClientGone,
+    NoRoute(crate::state::NoRoute),
+    ConnectFailed,
+}
+
+impl Refusal {
+    fn cause(&self) -> &'static str {
+        match self {
+            Refusal::Capacity => "capacity",
+            Refusal::RateLimited => "rate_limited",
+            Refusal::UnknownProtocol => "unknown_protocol",
+            Refusal::SniffTimeout => "sniff_timeout",
+            Refusal::ClientGone => "client_closed",
+            Refusal::NoRoute(no) => no.label(),
+            Refusal::ConnectFailed => "all_connects_failed",
+        }
+    }
+}
+
+impl DataPlane {
+    pub fn new(nlb: Arc<Nlb>, limits: Limits) -> Arc<Self> {
+        if limits.per_source_rate > 0 {
+            let limit = marchproxy::limiter::Limit::try_from_wire(pb::RateLimit {
+                limit_id: "per-source".into(),
+                target: "*".into(),
+                requests_per_second: i64::from(limits.per_source_rate),
+                burst_size: i64::from(limits.per_source_burst.max(limits.per_source_rate)),
+                enabled: true,
+                ..Default::default()
+            });
+            match limit {
+                Ok(limit) => {
+                    nlb.source_limiter.set(limit);
+                }
+                Err(error) => warn!(%error, "per-source connection rate ignored"),
+            }
+        }
+        Arc::new(DataPlane {
+            slots: (limits.max_connections > 0)
+                .then(|| Arc::new(Semaphore::new(limits.max_connections))),
+            nlb,
+            limits,
+            open: AtomicI64::new(0),
+            closed: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Accepts on every listener until shutdown, then waits up to `drain` for open connections.
+    pub async fn run(self: Arc<Self>, listeners: Vec<Listener>, drain: Duration) {
+        let mut accepting = JoinSet::new();
+        for listener in listeners {
+            accepting.spawn(Arc::clone(&self).accept(listener));
+        }
+        while accepting.join_next().await.is_some() {}
+        let deadline = tokio::time::Instant::now() + drain;
+        while self.open.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+            let closed = self.closed.notified();
+            tokio::select! {
+                () = closed => {}
+                () = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+        let left = self.open.load(Ordering::Acquire);
+        if left > 0 {
+            warn!(left, "drain timeout: closing the NLB with connections open");
+        }
+    }
+
+    async fn accept(self: Arc<Self>, listener: Listener) {
+        let label = listener
+            .protocol
+            .map_or_else(|| "auto".to_owned(), names::protocol_name);
+        let accepted = self
+            .nlb
+            .metrics
+            .accepted
+            .with_label_values(&[label.as_str()]);
+        let mut shutdown = self.nlb.shutdown.clone();
+        loop {
+            let (stream, peer) = tokio::select! {
+                result = listener.bound.listener.accept() => match result {
+                    Ok(pair) => pair,
+                    Err(error) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = stopped(&mut shutdown) => return,
+            };
+            accepted.inc();
+            let _ = stream.set_nodelay(true);
+            let plane = Arc::clone(&self);
+            let local = listener.bound.addr;
+            let protocol = listener.protocol;
+            tokio::spawn(async move {
+                plane.open.fetch_add(1, Ordering::AcqRel);
+                let _open = Open(&plane);
+                if let Err(refusal) = plane.serve(stream, peer, local, protocol).await {
+                    plane
+                        .nlb
+                        .metrics
+                        .routing_errors
+                        .with_label_values(&[refusal.cause()])
+                        .inc();
+                    let detail = match &refusal {
+                        Refusal::NoRoute(no) => no.message(),
+                        other => format!("{other:?}"),
+                    };
+                    debug!(%peer, cause = refusal.cause(), %detail, "connection not routed");
+                }
+            });
+        }
+    }
+
+    async fn serve(
+        &self,
+        mut client: TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+        protocol: Option<pb::Protocol>,
+    ) -> Result<(), Refusal> {
+        let _slot: Option<OwnedSemaphorePermit> = match &self.slots {
+            Some(slots) => Some(
+                Arc::clone(slots)
+                    .try_acquire_owned()
+                    .map_err(|_| Refusal::Capacity)?,
+            ),
+            None => None,
+        };
+        if let Verdict::Limited { .. } = self.nlb.source_limiter.check(&Subject {
+            client_ip: Some(peer.ip()),
+            ..Subject::default()
+        }) {
+            return Err(Refusal::RateLimited);
+        }
+        let mut head = Vec::new();
+        let detected = match protocol {
+            Some(protocol) => Detected {
+                protocol,
+                label: "named",
+                name: None,
+            },
+            None => {
+                tokio::time::timeout(self.limits.sniff_timeout, read_head(&mut client, &mut head))
+                    .await
+                    .map_err(|_| Refusal::SniffTimeout)??
+            }
+        };
+        let flow = Flow {
+            protocol: Some(detected.protocol),
+            listener_port: local.port(),
+            name: detected.name.clone(),
+            client_ip: Some(peer.ip()),
+        };
+
+        let mut excluded = Vec::new();
+        for _ in 0..CONNECT_ATTEMPTS {
+            let decision = {
+                let mut state = self.nlb.state();
+                state.decide_excluding(&flow, false, Instant::now(), SystemTime::now(), &excluded)
+            };
+            let decision = decision.map_err(Refusal::NoRoute)?;
+            let started = Instant::now();
+            let connected = tokio::time::timeout(
+                self.limits.connect_timeout,
+                TcpStream::connect(&decision.target_address),
+            )
+            .await;
+            let mut upstream = match connected {
+                Ok(Ok(upstream)) => upstream,
+                Ok(Err(_)) | Err(_) => {
+                    let ejected = self
+                        .nlb
+                        .state()
+                        .connect_failed(&decision.instance_id, Instant::now());
+                    warn!(instance = %decision.instance_id, target = %decision.target_address, ejected, "connect to module failed; trying another instance");
+                    self.nlb
+                        .metrics
+                        .routing_errors
+                        .with_label_values(&["connect_failed"])
+                        .inc();
+                    excluded.push(decision.instance_id);
+                    continue;
+                }
+            };
+            self.nlb
+                .metrics
+                .connect_seconds
+                .observe(started.elapsed().as_secs_f64());
+            self.nlb.state().connect_succeeded(&decision.instance_id);
+            let _ = upstream.set_nodelay(true);
+            let kind = decision.kind.name();
+            self.nlb
+                .metrics
+                .routed
+                .with_label_values(&[
+                    names::protocol_name(detected.protocol).as_str(),
+                    kind,
+                    decision.version.as_str(),
+                ])
+                .inc();
+            decision.live.fetch_add(1, Ordering::Relaxed);
+            let gauge = self.nlb.metrics.active.with_label_values(&[
+                kind,
+                decision.version.as_str(),
+                decision.instance_id.as_str(),
+            ]);
+            gauge.inc();
+            let _live = Live {
+                count: decision.live,
+                gauge,
+                nlb: Arc::clone(&self.nlb),
+            };
+
+            let proxy_header = self.limits.proxy_protocol
+                || decision
+                    .route
+                    .metadata
+                    .get("proxy_protocol")
+                    .is_some_and(|v| v == "v2");
+            let mut preamble = if proxy_header {
+                proxy_v2_header(peer, local)
+            } else {
+                Vec::new()
+            };
+            preamble.extend_from_slice(&head);
+            if !preamble.is_empty() && upstream.write_all(&preamble).await.is_err() {
+                return Ok(());
+            }
+            let opened = Instant::now();
+            let (up, down) = tokio::io::copy_bidirectional(&mut client, &mut upstream)
+                .await
+                .unwrap_or((0, 0));
+            self.nlb
+                .metrics
+                .bytes
+                .with_label_values(&["client_to_module"])
+                .inc_by(up + head.len() as u64);
+            self.nlb
+                .metrics
+                .bytes
+                .with_label_values(&["module_to_client"])
+                .inc_by(down);
+            self.nlb
+                .metrics
+                .connection_seconds
+                .observe(opened.elapsed().as_secs_f64());
+            return Ok(());
+        }
+        Err(Refusal::ConnectFailed)
+    }
+}
+
+/// Reads until the first bytes say what protocol this is.
+async fn read_head(client: &mut TcpStream, head: &mut Vec<u8>) -> Result<Detected, Refusal> {
+    let mut buffer = [0u8; 4096];
+    loop {
+        match sniff::sniff(head) {
+            Sniff::Known(detected) => return Ok(detected),
+            Sniff::Unknown => return Err(Refusal::UnknownProtocol),
+            Sniff::Incomplete if head.len() >= MAX_SNIFF => return Err(Refusal::UnknownProtocol),
+            Sniff::Incomplete => {}
+        }
+        let room = buffer.len().min(MAX_SNIFF - head.len());
+        let read = client
+            .read(&mut buffer[..room])
+            .await
+            .map_err(|_| Refusal::ClientGone)?;
+        if read == 0 {
+            return Err(Refusal::ClientGone);
+        }
+        head.extend_from_slice(&buffer[..read]);
+    }
+}
+
+/// A PROXY protocol v2 header saying the connection came from `source` to `destination`.
+pub fn proxy_v2_header(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    header.push(0x21); // version 2, PROXY
+    match (source, destination) {
+        (SocketAddr::V4(s), SocketAddr::V4(d)) => {
+            header.push(0x11); // TCP over IPv4
+            header.extend(12u16.to_be_bytes());
+            header.extend(s.ip().octets());
+            header.extend(d.ip().octets());
+            header.extend(s.port().to_be_bytes());
+            header.extend(d.port().to_be_bytes());
+        }
+        (s, d) => {
+            let v6 = |a: SocketAddr| match a {
+                SocketAddr::V4(v4) => v4.ip().to_ipv6_mapped(),
+                SocketAddr::V6(v6) => *v6.ip(),
+            };
+            header.push(0x21); // TCP over IPv6
+            header.extend(36u16.to_be_bytes());
+            header.extend(v6(s).octets());
+            header.extend(v6(d).octets());
+            header.extend(s.port().to_be_bytes());
+            header.extend(d.port().to_be_bytes());
+        }
+    }
+    header
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_v2_header_bytes() {
+        let header = proxy_v2_header(
+            "192.168.1.10:51000".parse().unwrap(),
+            "10.0.0.1:443".parse().unwrap(),
+        );
+        assert_eq!(&header[..12], b"\r\n\r\n\0\r\nQUIT\n");
+        assert_eq!(header[12..16], [0x21, 0x11, 0, 12]);
+        assert_eq!(header[16..20], [192, 168, 1, 10]);
+        assert_eq!(header[20..24], [10, 0, 0, 1]);
+        assert_eq!(header[24..28], [0xc7, 0x38, 0x01, 0xbb]);
+        let mixed = proxy_v2_header(
+            "[::1]:1000".parse().unwrap(),
+            "10.0.0.1:80".parse().unwrap(),
+        );
+        assert_eq!(mixed[13], 0x21);
+        assert_eq!(mixed.len(), 16 + 36);
+    }
+}

@@ -337,7 +337,7 @@ async fn config_sections_validate_apply_and_persist() {
         .unwrap()
         .into_inner();
     let types: Vec<_> = all.configs.iter().map(|c| c.config_type.as_str()).collect();
-    assert_eq!(types, ["heartbeat", "scaling", "balancing"]);
+    assert_eq!(types, ["heartbeat", "scaling", "balancing", "rollout"]);
 
     // validate_only: both outcomes, nothing changes.
     let mut request = pb::UpdateNlbConfigRequest {

@@ -9,11 +9,13 @@
 //! [`Server::bind`] then [`Server::run`] start it; [`run`] does both.
 
 pub mod admin;
+pub mod bluegreen;
 pub mod config;
 pub mod dataplane;
 pub mod error;
 pub mod metrics;
 mod module_client;
+pub mod module_gateway;
 pub mod nlb;
 mod scaler;
 pub mod service;
@@ -135,10 +137,15 @@ impl Server {
             .await;
         let nlb_service = pb::nlb_service_server::NlbServiceServer::with_interceptor(
             service::NlbGrpc::new(Arc::clone(&nlb)),
+            auth.clone(),
+        );
+        let module_service = pb::module_service_server::ModuleServiceServer::with_interceptor(
+            module_gateway::ModuleGateway::new(Arc::clone(&nlb)),
             auth,
         );
 
         let sweeper = tokio::spawn(Arc::clone(&nlb).run_sweeper());
+        let promoter = tokio::spawn(Arc::clone(&nlb).run_promotions());
         let mut stopped = nlb.shutdown.clone();
         let admin_stopped = nlb.shutdown.clone();
         let admin_server = axum::serve(admin.listener, admin::router(Arc::clone(&nlb)))
@@ -157,7 +164,7 @@ impl Server {
         nlb.mark_ready();
         info!(grpc = %grpc_addr, admin = %admin_addr, "NLB listening");
         let served = tonic::transport::Server::builder()
-            .add_routes(routes.add_service(nlb_service))
+            .add_routes(routes.add_service(nlb_service).add_service(module_service))
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc.listener), async move {
                 nlb::stopped(&mut stopped).await;
             })
@@ -167,6 +174,7 @@ impl Server {
             .await;
         let _ = data_plane.await;
         sweeper.abort();
+        promoter.abort();
         let admin_result = admin_task.await;
         served?;
         match admin_result {

@@ -17,6 +17,7 @@ pub struct NlbMetrics {
     pub route_decisions: IntCounterVec,
     pub scaling_decisions: IntCounterVec,
     pub config_updates: IntCounterVec,
+    pub promotions: IntCounterVec,
     /// Data plane.
     pub accepted: IntCounterVec,
     pub routed: IntCounterVec,
@@ -64,6 +65,12 @@ impl Default for NlbMetrics {
             metric
         };
         NlbMetrics {
+            promotions: counter(
+                r,
+                "nlb_promotions_total",
+                "Blue/green promotion events, by kind and result (step, completed, rolled_back, rolled_back_by_operator)",
+                &["module_type", "result"],
+            ),
             accepted: counter(
                 r,
                 "nlb_connections_accepted_total",

@@ -10,10 +10,10 @@ use tonic::{service::interceptor::InterceptedService, transport::Channel};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
-type Client =
+pub type Client =
     pb::module_service_client::ModuleServiceClient<InterceptedService<Channel, AttachApiKey>>;
 
-async fn connect(address: &Endpoint, api_key: Option<&str>) -> Result<Client, String> {
+pub async fn connect(address: &Endpoint, api_key: Option<&str>) -> Result<Client, String> {
     let auth = AttachApiKey::new(api_key).map_err(|e| e.to_string())?;
     let channel = Channel::from_shared(format!("http://{address}"))
         .map_err(|e| format!("bad module address {address}: {e}"))?

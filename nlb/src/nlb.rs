@@ -202,6 +202,61 @@ impl Nlb {
         ))
     }
 
+    /// Advances gradual promotions as their steps fall due, until shutdown.
+    pub async fn run_promotions(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let period = {
+                let state = self.state();
+                (Duration::from_millis(state.settings.rollout.step_interval_ms) / 10)
+                    .clamp(Duration::from_millis(20), Duration::from_secs(1))
+            };
+            tokio::select! {
+                () = tokio::time::sleep(period) => {}
+                () = stopped(&mut shutdown) => return,
+            }
+            let steps = self.state().step_promotions(Instant::now());
+            if steps.is_empty() {
+                continue;
+            }
+            for step in &steps {
+                match step {
+                    crate::bluegreen::Step::Advanced {
+                        kind,
+                        version,
+                        weight,
+                    } => {
+                        info!(module_type = %kind, %version, weight, "promotion step");
+                        self.metrics
+                            .promotions
+                            .with_label_values(&[kind.name(), "step"])
+                            .inc();
+                    }
+                    crate::bluegreen::Step::Completed { kind, version } => {
+                        info!(module_type = %kind, %version, "promotion complete: all new connections go to it");
+                        self.metrics
+                            .promotions
+                            .with_label_values(&[kind.name(), "completed"])
+                            .inc();
+                    }
+                    crate::bluegreen::Step::RolledBack {
+                        kind,
+                        version,
+                        reason,
+                    } => {
+                        warn!(module_type = %kind, %version, %reason, "promotion rolled back by itself");
+                        self.metrics
+                            .promotions
+                            .with_label_values(&[kind.name(), "rolled_back"])
+                            .inc();
+                    }
+                }
+            }
+            // A failure is logged inside; the next step persists again.
+            let _ = self.persist().await;
+        }
+    }
+
     /// Waits until the instance reports no connections, leaves, `timeout` passes or the NLB
     /// shuts down.
     /// Returns the connections still open at the end.

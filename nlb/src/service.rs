@@ -1185,9 +1185,30 @@ impl NlbService for NlbGrpc {
         &self,
         request: Request<pb::TriggerScalingRequest>,
     ) -> Result<pb::TriggerScalingResponse> {
-        let request = request.into_inner();
-        let reject = NlbError::reject::<pb::TriggerScalingResponse>;
-        let decided = self.decide_scaling(&request).map_err(reject)?;
+        self.trigger(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(NlbError::reject::<pb::TriggerScalingResponse>)
+    }
+}
+
+/// What a rebalance found and did.
+struct Rebalance {
+    score: f64,
+    acted: bool,
+    asked: usize,
+    previous: HashMap<String, i32>,
+    new_distribution: HashMap<String, i32>,
+    strategy_note: Option<String>,
+}
+
+impl NlbGrpc {
+    /// Records a scaling decision and runs the hook; the answer says how the hook went.
+    async fn trigger(
+        &self,
+        request: pb::TriggerScalingRequest,
+    ) -> std::result::Result<pb::TriggerScalingResponse, NlbError> {
+        let decided = self.decide_scaling(&request)?;
         let (kind, action, current, desired, hook) = decided;
         let outcome = if hook.command.is_empty() {
             Ok(
@@ -1215,7 +1236,7 @@ impl NlbService for NlbGrpc {
                 }
             })
         };
-        self.nlb.persist().await.map_err(reject)?;
+        self.nlb.persist().await?;
         let result = if outcome.is_ok() { "ok" } else { "hook_failed" };
         self.nlb
             .metrics
@@ -1225,14 +1246,14 @@ impl NlbService for NlbGrpc {
         match outcome {
             Ok(note) => {
                 info!(module_type = %kind, %action, current, desired, "scaling decided");
-                Ok(Response::new(pb::TriggerScalingResponse {
+                Ok(pb::TriggerScalingResponse {
                     success: true,
                     message: format!("{kind}: {current} -> {desired} instances; {note}"),
                     current_instances: current as i32,
                     target_instances: desired as i32,
                     scaling_action: action,
                     error: None,
-                }))
+                })
             }
             Err(error) => {
                 warn!(module_type = %kind, %action, current, desired, %error, "scaling hook failed");
@@ -1248,23 +1269,29 @@ impl NlbService for NlbGrpc {
                         &message,
                     )),
                 };
-                Ok(Response::new(body))
+                Ok(body)
             }
         }
     }
-}
 
-/// What a rebalance found and did.
-struct Rebalance {
-    score: f64,
-    acted: bool,
-    asked: usize,
-    previous: HashMap<String, i32>,
-    new_distribution: HashMap<String, i32>,
-    strategy_note: Option<String>,
-}
+    /// A scaling decision for a whole kind (ModuleService `Scale` on the NLB or a module).
+    pub async fn scale_kind(
+        &self,
+        kind: ModuleKind,
+        action: &str,
+        target_instances: i32,
+        config: pb::ScalingConfig,
+    ) -> std::result::Result<pb::TriggerScalingResponse, NlbError> {
+        self.trigger(pb::TriggerScalingRequest {
+            instance_id: String::new(),
+            module_type: kind.module_type() as i32,
+            scaling_action: action.to_owned(),
+            target_instances,
+            config: Some(config),
+        })
+        .await
+    }
 
-impl NlbGrpc {
     /// Measures the balance of the chosen instances and, when it is poor (or `force`), asks the
     /// ones above their fair share (by `max_connections`) to shed the difference.
     fn plan_rebalance(

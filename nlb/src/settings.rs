@@ -99,6 +99,7 @@ pub struct Settings {
     pub heartbeat: HeartbeatSettings,
     pub scaling: ScalingSettings,
     pub balancing: BalancingSettings,
+    pub rollout: crate::bluegreen::RolloutSettings,
 }
 
 impl Default for Settings {
@@ -114,12 +115,13 @@ impl Default for Settings {
                 cooldown_seconds: 0,
             },
             balancing: BalancingSettings::default(),
+            rollout: crate::bluegreen::RolloutSettings::default(),
         }
     }
 }
 
 /// The section names `config_type` accepts.
-pub const SECTIONS: [&str; 3] = ["heartbeat", "scaling", "balancing"];
+pub const SECTIONS: [&str; 4] = ["heartbeat", "scaling", "balancing", "rollout"];
 
 /// Keys only flags and the config file may set: running a command is not something a gRPC
 /// caller may ask for.
@@ -150,6 +152,7 @@ impl Settings {
             "heartbeat" => serde_json::to_value(&self.heartbeat).ok(),
             "scaling" => serde_json::to_value(&self.scaling).ok(),
             "balancing" => serde_json::to_value(&self.balancing).ok(),
+            "rollout" => serde_json::to_value(&self.rollout).ok(),
             _ => None,
         }
     }
@@ -182,10 +185,12 @@ impl Settings {
         match name {
             "heartbeat" => next.heartbeat = parse(name, merged)?,
             "scaling" => next.scaling = parse(name, merged)?,
-            _ => next.balancing = parse(name, merged)?,
+            "balancing" => next.balancing = parse(name, merged)?,
+            _ => next.rollout = parse(name, merged)?,
         }
         next.heartbeat.check(&mut errors);
         next.scaling.check(&mut errors);
+        next.rollout.check(&mut errors);
         if errors.is_empty() {
             Ok(next)
         } else {

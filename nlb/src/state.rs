@@ -85,6 +85,8 @@ pub struct Instance {
     live: Arc<AtomicI64>,
     /// Consecutive failed connects; past a few the instance is ejected for a while.
     connect_failures: u32,
+    /// All failed connects, for promotions to judge a version by.
+    pub connect_failures_total: u64,
     ejected_until: Option<Instant>,
     /// Flows sent here since the last heartbeat, which the reported count does not include yet.
     routed_since_heartbeat: i64,
@@ -119,7 +121,7 @@ impl Instance {
     /// May get new connections: healthy or degraded, not draining, not silent, under its limit.
     pub fn routable(&self, now: Instant, settings: &Settings) -> bool {
         let under_limit =
-            self.max_connections <= 0 || self.load() < i64::from(self.max_connections);
+            self.max_connections <= 0 || self.open_connections() < i64::from(self.max_connections);
         let ejected = self.ejected_until.is_some_and(|until| now < until);
         matches!(
             self.health(now, settings),
@@ -299,6 +301,9 @@ pub struct State {
     pub overrides: BTreeMap<String, Override>,
     pub desired: BTreeMap<ModuleKind, DesiredScale>,
     pub weights: BTreeMap<ModuleKind, BTreeMap<String, u32>>,
+    /// The version that was active before the last change of each kind's split.
+    pub previous_active: BTreeMap<ModuleKind, String>,
+    pub promotions: BTreeMap<ModuleKind, crate::bluegreen::Promotion>,
     pub route_requests: u64,
     cursor: u64,
     /// Bumped on every change that must reach disk.
@@ -454,6 +459,10 @@ impl State {
             }
             weights.insert(kind(&name)?, versions);
         }
+        let mut previous_active = BTreeMap::new();
+        for (name, version) in persisted.previous_active {
+            previous_active.insert(kind(&name)?, version);
+        }
         Ok(State {
             instances: BTreeMap::new(),
             operator_routes,
@@ -461,6 +470,8 @@ impl State {
             overrides,
             desired,
             weights,
+            previous_active,
+            promotions: BTreeMap::new(),
             route_requests: 0,
             cursor: 0,
             generation: 0,
@@ -500,6 +511,11 @@ impl State {
                 .weights
                 .iter()
                 .map(|(kind, w)| (kind.name().to_owned(), w.clone()))
+                .collect(),
+            previous_active: self
+                .previous_active
+                .iter()
+                .map(|(kind, v)| (kind.name().to_owned(), v.clone()))
                 .collect(),
         }
     }
@@ -701,6 +717,7 @@ impl State {
             routed_total: 0,
             live: Arc::new(AtomicI64::new(0)),
             connect_failures: 0,
+            connect_failures_total: 0,
             ejected_until: None,
             routed_since_heartbeat: 0,
             pending_instructions: BTreeMap::new(),
@@ -975,7 +992,15 @@ impl State {
         now: Instant,
         wall: SystemTime,
     ) -> Result<Decision, NoRoute> {
-        self.decide_excluding(flow, dry_run, now, wall, &[])
+        let decision = self.decide_excluding(flow, dry_run, now, wall, &[])?;
+        // A decision made for someone else's data plane: count it until the module's next
+        // heartbeat reports the connection (the NLB's own connections are counted live).
+        if !dry_run {
+            if let Some(instance) = self.instances.get_mut(&decision.instance_id) {
+                instance.routed_since_heartbeat += 1;
+            }
+        }
+        Ok(decision)
     }
 
     /// [`State::decide`], skipping instances in `excluded` (ones that just failed to connect).
@@ -1078,7 +1103,6 @@ impl State {
             }
             if let Some(instance) = self.instances.get_mut(&decision.instance_id) {
                 instance.routed_total += 1;
-                instance.routed_since_heartbeat += 1;
             }
         }
         Ok(decision)
@@ -1094,6 +1118,7 @@ impl State {
             return false;
         };
         instance.connect_failures += 1;
+        instance.connect_failures_total += 1;
         if instance.connect_failures < EJECT_AFTER {
             return false;
         }
@@ -1221,10 +1246,13 @@ fn pick(
         Strategy::RoundRobin => pool[turn],
         Strategy::Random => pool[rand::random_range(0..pool.len())],
         Strategy::LeastConnections => {
-            let least = pool.iter().map(|&i| usable[i].load()).min().unwrap_or(0);
-            let tied: Vec<usize> = pool
+            // Read each load once: live counts move under our feet as connections close.
+            let loads: Vec<(usize, i64)> = pool.iter().map(|&i| (i, usable[i].load())).collect();
+            let least = loads.iter().map(|(_, load)| *load).min().unwrap_or(0);
+            let tied: Vec<usize> = loads
                 .into_iter()
-                .filter(|&i| usable[i].load() == least)
+                .filter(|(_, load)| *load == least)
+                .map(|(i, _)| i)
                 .collect();
             tied[(cursor % tied.len() as u64) as usize]
         }

@@ -39,6 +39,9 @@ pub struct PersistedState {
     /// Traffic weight per version, per module kind name.
     #[serde(default)]
     pub version_weights: BTreeMap<String, BTreeMap<String, u32>>,
+    /// The version each kind had active before its last change (where Rollback returns).
+    #[serde(default)]
+    pub previous_active: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

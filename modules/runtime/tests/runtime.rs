@@ -756,13 +756,59 @@ async fn every_module_service_rpc_answers() {
     );
 
     // Blue/green calls are relayed to the NLB, which owns that state, and its answer returned.
-    let relayed = client
+    let active = client
         .get_active_version(pb::GetActiveVersionRequest::default())
-        .await;
-    match relayed {
-        Ok(answer) => assert_eq!(answer.into_inner().active_version, "v1"),
-        Err(status) => assert!(status.message().starts_with("NLB: "), "{status:?}"),
-    }
+        .await
+        .expect("relayed to the NLB")
+        .into_inner();
+    assert_eq!(active.active_version, "v1");
+    assert_eq!(active.version_weights["v1"], 100);
+    let refused = client
+        .set_traffic_weight(pb::SetTrafficWeightRequest {
+            instance_id: String::new(),
+            version: "v1".into(),
+            weight: 50,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        refused.message().starts_with("NLB: ") && refused.message().contains("only version"),
+        "{refused:?}"
+    );
+    let rollback = client
+        .rollback(pb::RollbackRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        rollback.code(),
+        Code::InvalidArgument,
+        "no previous version yet: {rollback:?}"
+    );
+    let promoted = client
+        .promote_version(pb::PromoteVersionRequest {
+            instance_id: String::new(),
+            version: "v1".into(),
+            immediate: true,
+            promotion_rate: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(promoted.success);
+
+    // The NLB's ModuleService forwards calls that name this instance.
+    let mut gateway = pb::module_service_client::ModuleServiceClient::with_interceptor(
+        nlb.channel().await,
+        AttachApiKey::new(Some(KEY)).unwrap(),
+    );
+    let through_nlb = gateway
+        .get_status(pb::GetStatusRequest {
+            instance_id: "echo-rpc".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(through_nlb.instance.unwrap().instance_id, "echo-rpc");
 
     // Shutdown over gRPC: answered, then the module drains and exits.
     drop((lines, writer));

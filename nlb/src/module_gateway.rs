@@ -1,0 +1,398 @@
+//! ModuleService on the NLB. Blue/green (`SetTrafficWeight`, `GetActiveVersion`,
+//! `PromoteVersion`, `Rollback`), `GetInstances`, `Scale` and `CanHandle` are answered here, where
+//! that state lives (a module relays them here too). Every other call names a module instance in
+//! `instance_id` and is forwarded to it, so operators reach any module through the NLB's one
+//! endpoint.
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
+
+use marchproxy::{
+    pb::{self, module_service_server::ModuleService},
+    status::{self, FailureBody},
+};
+use tokio::task::JoinSet;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Code, Request, Response, Status};
+use tracing::info;
+
+use crate::{bluegreen, error::NlbError, module_client, nlb::Nlb};
+
+pub struct ModuleGateway {
+    nlb: Arc<Nlb>,
+}
+
+impl ModuleGateway {
+    pub fn new(nlb: Arc<Nlb>) -> Self {
+        ModuleGateway { nlb }
+    }
+
+    /// A client to the instance a forwarded call names.
+    async fn instance_client(&self, id: &str) -> Result<module_client::Client, Status> {
+        if id.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "name the module instance in instance_id: the NLB forwards this call to it",
+            ));
+        }
+        let address = self.nlb.state().instance(id).map(|i| i.address.clone())?;
+        module_client::connect(&address, self.nlb.api_key.as_deref())
+            .await
+            .map_err(Status::unavailable)
+    }
+
+    async fn changed(&self) -> Result<(), NlbError> {
+        self.nlb.persist().await
+    }
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+fn reject<R: FailureBody>(error: NlbError) -> Status {
+    error.reject::<R>()
+}
+
+/// Forwards a call that names its instance, unchanged, and returns the instance's answer.
+macro_rules! forward {
+    ($self:ident, $request:ident, $method:ident) => {{
+        let request = $request.into_inner();
+        let mut client = $self.instance_client(&request.instance_id).await?;
+        client.$method(request).await
+    }};
+}
+
+#[tonic::async_trait]
+impl ModuleService for ModuleGateway {
+    async fn set_traffic_weight(
+        &self,
+        request: Request<pb::SetTrafficWeightRequest>,
+    ) -> Reply<pb::SetTrafficWeightResponse> {
+        let request = request.into_inner();
+        let fail = reject::<pb::SetTrafficWeightResponse>;
+        let (kind, config, weights) = {
+            let mut state = self.nlb.state();
+            let kind = state.kind_named(&request.instance_id).map_err(fail)?;
+            state
+                .set_weight(kind, &request.version, request.weight)
+                .map_err(fail)?;
+            (
+                kind,
+                bluegreen::deployment(&state, kind),
+                state.version_weights(kind),
+            )
+        };
+        info!(module_type = %kind, version = %request.version, weight = request.weight, split = ?weights, "traffic weight set");
+        self.changed().await.map_err(fail)?;
+        Ok(Response::new(pb::SetTrafficWeightResponse {
+            success: true,
+            message: format!(
+                "{kind}: {} now takes {}% of new connections",
+                request.version, request.weight
+            ),
+            current_config: Some(config),
+            error: None,
+        }))
+    }
+
+    async fn get_active_version(
+        &self,
+        request: Request<pb::GetActiveVersionRequest>,
+    ) -> Reply<pb::GetActiveVersionResponse> {
+        let request = request.into_inner();
+        let state = self.nlb.state();
+        let kind = state.kind_named(&request.instance_id)?;
+        let config = bluegreen::deployment(&state, kind);
+        Ok(Response::new(pb::GetActiveVersionResponse {
+            active_version: config.active_version.clone(),
+            config: Some(config),
+            version_weights: state.version_weights(kind),
+        }))
+    }
+
+    async fn rollback(&self, request: Request<pb::RollbackRequest>) -> Reply<pb::RollbackResponse> {
+        let request = request.into_inner();
+        let fail = reject::<pb::RollbackResponse>;
+        let (kind, previous, current) = {
+            let mut state = self.nlb.state();
+            let kind = state.kind_named(&request.instance_id).map_err(fail)?;
+            let (previous, current) = state
+                .rollback(kind, request.target_version.trim())
+                .map_err(fail)?;
+            (kind, previous, current)
+        };
+        info!(module_type = %kind, from = %previous, to = %current, "rolled back");
+        self.nlb
+            .metrics
+            .promotions
+            .with_label_values(&[kind.name(), "rolled_back_by_operator"])
+            .inc();
+        self.changed().await.map_err(fail)?;
+        Ok(Response::new(pb::RollbackResponse {
+            success: true,
+            message: format!("{kind}: {current} is active again"),
+            previous_version: previous,
+            current_version: current,
+            error: None,
+        }))
+    }
+
+    async fn promote_version(
+        &self,
+        request: Request<pb::PromoteVersionRequest>,
+    ) -> Reply<pb::PromoteVersionResponse> {
+        let request = request.into_inner();
+        let fail = reject::<pb::PromoteVersionResponse>;
+        let (kind, message) = {
+            let mut state = self.nlb.state();
+            let kind = state.kind_named(&request.instance_id).map_err(fail)?;
+            state
+                .promote(
+                    kind,
+                    &request.version,
+                    request.immediate,
+                    request.promotion_rate,
+                    Instant::now(),
+                    SystemTime::now(),
+                )
+                .map_err(fail)?;
+            let message = match state.promotion(kind) {
+                Some(p) => format!(
+                    "{kind}: promoting {} by {}% every {} ms, watching its errors",
+                    p.version, p.step_percent, state.settings.rollout.step_interval_ms
+                ),
+                None => format!("{kind}: {} now takes all new connections", request.version),
+            };
+            (kind, message)
+        };
+        info!(module_type = %kind, version = %request.version, immediate = request.immediate, "promotion started");
+        self.changed().await.map_err(fail)?;
+        Ok(Response::new(pb::PromoteVersionResponse {
+            success: true,
+            message,
+            promoted_version: request.version,
+            error: None,
+        }))
+    }
+
+    async fn get_instances(
+        &self,
+        request: Request<pb::GetInstancesRequest>,
+    ) -> Reply<pb::GetInstancesResponse> {
+        let request = request.into_inner();
+        let kind = match request.module_type {
+            0 => None,
+            value => Some(
+                marchproxy::names::ModuleKind::from_module_type(value).ok_or_else(|| {
+                    Status::invalid_argument(format!("module_type {value} is not a module kind"))
+                })?,
+            ),
+        };
+        let health = match pb::HealthStatus::try_from(request.status_filter) {
+            Ok(pb::HealthStatus::Unspecified) => None,
+            Ok(status) => Some(status as i32),
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "status_filter {} is not a HealthStatus value",
+                    request.status_filter
+                )));
+            }
+        };
+        let state = self.nlb.state();
+        let now = Instant::now();
+        let instances: Vec<pb::ModuleInstance> = state
+            .instances
+            .values()
+            .filter(|i| kind.is_none_or(|k| i.kind == k))
+            .map(|i| state.view(i, now))
+            .filter(|view| health.is_none_or(|h| view.health_status == h))
+            .collect();
+        Ok(Response::new(pb::GetInstancesResponse {
+            total_instances: i32::try_from(instances.len()).unwrap_or(i32::MAX),
+            instances,
+        }))
+    }
+
+    async fn scale(&self, request: Request<pb::ScaleRequest>) -> Reply<pb::ScaleResponse> {
+        let request = request.into_inner();
+        let mut config = request.config.ok_or_else(|| {
+            status::reject::<pb::ScaleResponse>(
+                Code::InvalidArgument,
+                "config is missing; send a ScalingConfig",
+            )
+        })?;
+        if request.immediate {
+            config.cooldown_seconds = 0;
+        }
+        let kind = self
+            .nlb
+            .state()
+            .kind_named(&request.instance_id)
+            .map_err(reject::<pb::ScaleResponse>)?;
+        let answer = crate::service::NlbGrpc::new(Arc::clone(&self.nlb))
+            .scale_kind(kind, "auto", 0, config)
+            .await
+            .map_err(reject::<pb::ScaleResponse>)?;
+        Ok(Response::new(pb::ScaleResponse {
+            success: answer.success,
+            message: answer.message,
+            current_instances: answer.current_instances,
+            desired_instances: answer.target_instances,
+            error: answer.error,
+        }))
+    }
+
+    async fn can_handle(
+        &self,
+        request: Request<pb::CanHandleRequest>,
+    ) -> Reply<pb::CanHandleResponse> {
+        let request = request.into_inner();
+        let route = request
+            .route
+            .ok_or_else(|| Status::invalid_argument("route is missing; send the route to check"))?;
+        let targets: Vec<(String, marchproxy::names::Endpoint)> = self
+            .nlb
+            .state()
+            .instances
+            .values()
+            .filter(|i| !i.draining)
+            .map(|i| (i.id.clone(), i.address.clone()))
+            .collect();
+        let mut calls = JoinSet::new();
+        for (id, address) in targets {
+            let (key, route) = (self.nlb.api_key.clone(), route.clone());
+            calls.spawn(async move {
+                (
+                    id,
+                    module_client::can_handle(&address, key.as_deref(), route).await,
+                )
+            });
+        }
+        let mut capable = Vec::new();
+        while let Some(joined) = calls.join_next().await {
+            if let Ok((id, Ok(answer))) = joined {
+                if answer.can_handle {
+                    capable.push(id);
+                }
+            }
+        }
+        capable.sort();
+        Ok(Response::new(pb::CanHandleResponse {
+            can_handle: !capable.is_empty(),
+            priority: 0,
+            reason: if capable.is_empty() {
+                "no registered module instance can handle this route".to_owned()
+            } else {
+                format!("handled by {}", capable.join(", "))
+            },
+            metadata: capable
+                .iter()
+                .map(|id| (format!("instance.{id}"), "capable".to_owned()))
+                .collect(),
+        }))
+    }
+
+    async fn get_status(
+        &self,
+        request: Request<pb::GetStatusRequest>,
+    ) -> Reply<pb::GetStatusResponse> {
+        forward!(self, request, get_status)
+    }
+
+    async fn reload(&self, request: Request<pb::ReloadRequest>) -> Reply<pb::ReloadResponse> {
+        forward!(self, request, reload)
+    }
+
+    async fn shutdown(&self, request: Request<pb::ShutdownRequest>) -> Reply<pb::ShutdownResponse> {
+        forward!(self, request, shutdown)
+    }
+
+    async fn get_routes(
+        &self,
+        request: Request<pb::GetRoutesRequest>,
+    ) -> Reply<pb::GetRoutesResponse> {
+        forward!(self, request, get_routes)
+    }
+
+    async fn update_routes(
+        &self,
+        request: Request<pb::UpdateRoutesRequest>,
+    ) -> Reply<pb::UpdateRoutesResponse> {
+        forward!(self, request, update_routes)
+    }
+
+    async fn delete_route(
+        &self,
+        request: Request<pb::DeleteRouteRequest>,
+    ) -> Reply<pb::DeleteRouteResponse> {
+        forward!(self, request, delete_route)
+    }
+
+    async fn get_rate_limits(
+        &self,
+        request: Request<pb::GetRateLimitsRequest>,
+    ) -> Reply<pb::GetRateLimitsResponse> {
+        forward!(self, request, get_rate_limits)
+    }
+
+    async fn set_rate_limit(
+        &self,
+        request: Request<pb::SetRateLimitRequest>,
+    ) -> Reply<pb::SetRateLimitResponse> {
+        forward!(self, request, set_rate_limit)
+    }
+
+    async fn remove_rate_limit(
+        &self,
+        request: Request<pb::RemoveRateLimitRequest>,
+    ) -> Reply<pb::RemoveRateLimitResponse> {
+        forward!(self, request, remove_rate_limit)
+    }
+
+    async fn get_metrics(
+        &self,
+        request: Request<pb::GetMetricsRequest>,
+    ) -> Reply<pb::GetMetricsResponse> {
+        forward!(self, request, get_metrics)
+    }
+
+    async fn health_check(
+        &self,
+        request: Request<pb::HealthCheckRequest>,
+    ) -> Reply<pb::HealthCheckResponse> {
+        forward!(self, request, health_check)
+    }
+
+    async fn get_stats(
+        &self,
+        request: Request<pb::GetStatsRequest>,
+    ) -> Reply<pb::GetStatsResponse> {
+        forward!(self, request, get_stats)
+    }
+
+    type StreamMetricsStream =
+        Pin<Box<dyn Stream<Item = Result<pb::StreamMetricsResponse, Status>> + Send>>;
+
+    async fn stream_metrics(
+        &self,
+        request: Request<pb::StreamMetricsRequest>,
+    ) -> Reply<Self::StreamMetricsStream> {
+        let stream = forward!(self, request, stream_metrics)?.into_inner();
+        Ok(Response::new(Box::pin(stream.map(|item| item))))
+    }
+
+    async fn get_config(
+        &self,
+        request: Request<pb::GetConfigRequest>,
+    ) -> Reply<pb::GetConfigResponse> {
+        forward!(self, request, get_config)
+    }
+
+    async fn update_config(
+        &self,
+        request: Request<pb::UpdateConfigRequest>,
+    ) -> Reply<pb::UpdateConfigResponse> {
+        forward!(self, request, update_config)
+    }
+}

@@ -89,6 +89,9 @@ pub enum Command {
         #[arg(long)]
         historical: bool,
     },
+    /// Blue/green: the split of a module kind's traffic between versions.
+    #[command(subcommand)]
+    Bluegreen(BluegreenCommand),
     /// Even out load: set the balancing strategy and ask overloaded instances to shed.
     Rebalance {
         /// least_connections, round_robin or random.
@@ -254,6 +257,37 @@ pub enum RoutesCommand {
     },
 }
 
+#[derive(Subcommand, Debug)]
+pub enum BluegreenCommand {
+    /// The active version and every version's weight.
+    Active {
+        /// Module kind (alb, dblb, ...) or an instance id.
+        target: String,
+    },
+    /// Give a version a share of new connections (the others share the rest).
+    Weight {
+        target: String,
+        version: String,
+        percent: i32,
+    },
+    /// Move all traffic to a version: at once, or step by step while watching it.
+    Promote {
+        target: String,
+        version: String,
+        #[arg(long)]
+        immediate: bool,
+        /// Percent added per step [default: the rollout section's]
+        #[arg(long, default_value_t = 0)]
+        rate: i32,
+    },
+    /// Undo a promotion, or return to the previous (or named) version.
+    Rollback {
+        target: String,
+        #[arg(long = "to", default_value = "")]
+        to: String,
+    },
+}
+
 #[derive(Args, Debug)]
 pub struct MetricsArgs {
     /// Only these metric names (comma-separated).
@@ -316,7 +350,10 @@ pub struct ScaleArgs {
 
 /// Runs one command against the NLB.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut client = crate::connect(&cli.nlb, cli.api_key.as_deref()).await?;
+    let crate::Clients {
+        nlb: mut client,
+        modules: mut gateway,
+    } = crate::connect(&cli.nlb, cli.api_key.as_deref()).await?;
     let out = Printer { output: cli.output };
     match cli.command {
         Command::Modules(command) => modules(&mut client, &out, command).await,
@@ -390,6 +427,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("balance score: {:.2}", a.balance_score);
             })
         }
+        Command::Bluegreen(command) => bluegreen(&mut gateway, &out, command).await,
         Command::Rebalance {
             strategy,
             force,
@@ -1032,4 +1070,75 @@ async fn scale(client: &mut NlbClient, out: &Printer, args: ScaleArgs) -> anyhow
         bail!("scaling incomplete");
     }
     Ok(())
+}
+
+fn print_split(config: Option<&pb::BlueGreenConfig>, weights: &HashMap<String, i32>) {
+    if let Some(c) = config {
+        println!("active: {}", c.active_version);
+    }
+    let rows = sorted(weights)
+        .into_iter()
+        .map(|(v, w)| vec![v.clone(), format!("{w}%")])
+        .collect::<Vec<_>>();
+    table::print(&["VERSION", "WEIGHT"], &rows);
+}
+
+async fn bluegreen(
+    gateway: &mut crate::ModuleClient,
+    out: &Printer,
+    command: BluegreenCommand,
+) -> anyhow::Result<()> {
+    match command {
+        BluegreenCommand::Active { target } => {
+            let answer = call(gateway.get_active_version(pb::GetActiveVersionRequest {
+                instance_id: target,
+            }))
+            .await?;
+            out.show(&answer, "GetActiveVersionResponse", |a| {
+                print_split(a.config.as_ref(), &a.version_weights)
+            })
+        }
+        BluegreenCommand::Weight {
+            target,
+            version,
+            percent,
+        } => {
+            let answer = call(gateway.set_traffic_weight(pb::SetTrafficWeightRequest {
+                instance_id: target,
+                version,
+                weight: percent,
+            }))
+            .await?;
+            out.show(&answer, "SetTrafficWeightResponse", |a| {
+                println!("{}", a.message)
+            })
+        }
+        BluegreenCommand::Promote {
+            target,
+            version,
+            immediate,
+            rate,
+        } => {
+            let answer = call(gateway.promote_version(pb::PromoteVersionRequest {
+                instance_id: target,
+                version,
+                immediate,
+                promotion_rate: rate,
+            }))
+            .await?;
+            out.show(&answer, "PromoteVersionResponse", |a| {
+                println!("{}", a.message)
+            })
+        }
+        BluegreenCommand::Rollback { target, to } => {
+            let answer = call(gateway.rollback(pb::RollbackRequest {
+                instance_id: target,
+                target_version: to,
+            }))
+            .await?;
+            out.show(&answer, "RollbackResponse", |a| {
+                println!("{} (was {})", a.message, a.previous_version)
+            })
+        }
+    }
 }

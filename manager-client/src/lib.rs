@@ -31,8 +31,18 @@ pub enum ConnectError {
     Key(#[from] marchproxy::auth::InvalidApiKey),
 }
 
+/// The NLB's ModuleService (blue/green, and calls forwarded to module instances), with the key.
+pub type ModuleClient =
+    pb::module_service_client::ModuleServiceClient<InterceptedService<Channel, AttachApiKey>>;
+
+/// Both services of one NLB over one connection.
+pub struct Clients {
+    pub nlb: NlbClient,
+    pub modules: ModuleClient,
+}
+
 /// Connects to the NLB at `url` (`http://host:port`; a bare `host:port` is taken as http).
-pub async fn connect(url: &str, api_key: Option<&str>) -> Result<NlbClient, ConnectError> {
+pub async fn connect(url: &str, api_key: Option<&str>) -> Result<Clients, ConnectError> {
     let url = if url.contains("://") {
         url.to_owned()
     } else {
@@ -44,8 +54,12 @@ pub async fn connect(url: &str, api_key: Option<&str>) -> Result<NlbClient, Conn
         .connect()
         .await
         .map_err(|source| ConnectError::Unreachable { url, source })?;
-    Ok(pb::nlb_service_client::NlbServiceClient::with_interceptor(
-        channel,
-        AttachApiKey::new(api_key)?,
-    ))
+    let auth = AttachApiKey::new(api_key)?;
+    Ok(Clients {
+        nlb: pb::nlb_service_client::NlbServiceClient::with_interceptor(
+            channel.clone(),
+            auth.clone(),
+        ),
+        modules: pb::module_service_client::ModuleServiceClient::with_interceptor(channel, auth),
+    })
 }

@@ -281,6 +281,43 @@ async fn marchctl_operates_a_live_nlb() {
         "{module_metrics}"
     );
 
+    // Blue/green with a second version.
+    ctl.ok(&[
+        "modules",
+        "register",
+        "--id",
+        "alb-2",
+        "--type",
+        "alb",
+        "--address",
+        "127.0.0.1:50052",
+        "--version",
+        "v2",
+        "--data-address",
+        "127.0.0.1:8081",
+    ])
+    .await;
+    let split = ctl.ok(&["bluegreen", "active", "alb"]).await;
+    assert!(
+        split.contains("active: v1") && split.contains("v2       0%"),
+        "{split}"
+    );
+    let weighted = ctl.ok(&["bluegreen", "weight", "alb", "v2", "30"]).await;
+    assert!(weighted.contains("v2 now takes 30%"), "{weighted}");
+    let split = ctl.json(&["bluegreen", "active", "alb"]).await;
+    assert_eq!(split["version_weights"]["v2"], 30);
+    assert_eq!(split["version_weights"]["v1"], 70);
+    ctl.ok(&["bluegreen", "promote", "alb", "v2", "--immediate"])
+        .await;
+    let back = ctl.ok(&["bluegreen", "rollback", "alb"]).await;
+    assert!(back.contains("v1 is active again (was v2)"), "{back}");
+    let refused = ctl.run(&["bluegreen", "weight", "alb", "v9", "10"]).await;
+    assert!(
+        !refused.ok && refused.stderr.contains("no version `v9`"),
+        "{}",
+        refused.stderr
+    );
+
     // --watch streams until stopped.
     let mut watch = tokio::process::Command::new(env!("CARGO_BIN_EXE_marchctl"))
         .args([

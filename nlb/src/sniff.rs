@@ -396,4 +396,37 @@ mod tests {
             }
         }
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4096))]
+
+        /// Any bytes at all: an answer, never a panic; and a known answer stays known when more
+        /// bytes follow (a sniff never changes its mind once it decided).
+        #[test]
+        fn any_input_gets_an_answer(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600), more in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let first = sniff(&bytes);
+            if let Sniff::Known(detected) = &first {
+                let mut longer = bytes.clone();
+                longer.extend(&more);
+                if let Sniff::Known(again) = sniff(&longer) {
+                    proptest::prop_assert_eq!(again.protocol, detected.protocol);
+                }
+            }
+        }
+
+        /// HTTP requests with any Host are recognised and the Host comes back lowercase.
+        #[test]
+        fn http_hosts_round_trip(host in "[a-z0-9]{1,20}(\\.[a-z0-9]{1,10}){0,3}", method in "(GET|POST|PUT|DELETE|HEAD)") {
+            let request = format!("{method} / HTTP/1.1\r\nHost: {}\r\n\r\n", host.to_ascii_uppercase());
+            let expected = Sniff::Known(Detected { protocol: pb::Protocol::Http, label: "http", name: Some(host.clone()) });
+            proptest::prop_assert_eq!(sniff(request.as_bytes()), expected);
+        }
+
+        /// TLS ClientHellos with any SNI give that name back.
+        #[test]
+        fn tls_names_round_trip(host in "[a-z0-9-]{1,30}(\\.[a-z0-9]{1,10}){1,3}") {
+            let expected = Sniff::Known(Detected { protocol: pb::Protocol::Https, label: "tls", name: Some(host.clone()) });
+            proptest::prop_assert_eq!(sniff(&client_hello(&host)), expected);
+        }
+    }
 }

@@ -241,6 +241,44 @@ async fn a_dead_instance_costs_no_client_a_connection() {
 }
 
 #[tokio::test]
+async fn killing_an_instance_loses_no_new_connection() {
+    let dir = state_dir();
+    let nlb = nlb_with_listener(&dir, |_| {}).await;
+    let mut client = nlb.client().await;
+    let (one, two) = (tagged_echo("one").await, tagged_echo("two").await);
+    for backend in [&one, &two] {
+        register(
+            &mut client,
+            instance(
+                &backend.name,
+                pb::ModuleType::Alb,
+                "v1",
+                &backend.addr.to_string(),
+            ),
+            vec![route("web", pb::Protocol::Http, "", "", 0)],
+        )
+        .await;
+    }
+    for _ in 0..10 {
+        assert!(
+            !exchange(nlb.listen[0], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .is_empty()
+        );
+    }
+    assert!(one.connections() > 0 && two.connections() > 0, "both serve");
+    one.kill();
+    for _ in 0..30 {
+        let answer = exchange(nlb.listen[0], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert_eq!(
+            tag(&answer),
+            "two",
+            "every new connection reaches the live instance"
+        );
+    }
+}
+
+#[tokio::test]
 async fn half_closed_streams_complete_both_ways() {
     let dir = state_dir();
     let nlb = nlb_with_listener(&dir, |_| {}).await;

@@ -70,6 +70,8 @@ impl Default for Limits {
 /// A listener and what it serves: a named protocol, or `None` to sniff.
 pub struct Listener {
     pub protocol: Option<pb::Protocol>,
+    /// Send a PROXY protocol v2 header to modules for this listener's connections.
+    pub proxy_protocol: bool,
     pub bound: Bound,
 }
 
@@ -211,11 +213,14 @@ impl DataPlane {
             let _ = stream.set_nodelay(true);
             let plane = Arc::clone(&self);
             let local = listener.bound.addr;
-            let protocol = listener.protocol;
+            let (protocol, proxy_protocol) = (listener.protocol, listener.proxy_protocol);
             tokio::spawn(async move {
                 plane.open.fetch_add(1, Ordering::AcqRel);
                 let _open = Open(&plane);
-                if let Err(refusal) = plane.serve(stream, peer, local, protocol).await {
+                if let Err(refusal) = plane
+                    .serve(stream, peer, local, protocol, proxy_protocol)
+                    .await
+                {
                     plane
                         .nlb
                         .metrics
@@ -238,6 +243,7 @@ impl DataPlane {
         peer: SocketAddr,
         local: SocketAddr,
         protocol: Option<pb::Protocol>,
+        listener_proxy: bool,
     ) -> Result<(), Refusal> {
         let _slot: Option<OwnedSemaphorePermit> = match &self.slots {
             Some(slots) => Some(
@@ -333,6 +339,7 @@ impl DataPlane {
             };
 
             let proxy_header = self.limits.proxy_protocol
+                || listener_proxy
                 || decision
                     .route
                     .metadata

@@ -82,6 +82,7 @@ impl Server {
         for spec in &config.listen {
             listeners.push(dataplane::Listener {
                 protocol: spec.protocol,
+                proxy_protocol: spec.proxy_protocol,
                 bound: marchproxy::serve::bind(spec.addr, "data plane", "--listen").await?,
             });
         }

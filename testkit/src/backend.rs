@@ -20,11 +20,17 @@ pub struct Backend {
     pub addr: SocketAddr,
     pub name: String,
     connections: Arc<AtomicUsize>,
+    accepting: tokio::task::AbortHandle,
 }
 
 impl Backend {
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Stops listening, as a killed process would: new connections are refused.
+    pub fn kill(&self) {
+        self.accepting.abort();
     }
 }
 
@@ -34,13 +40,10 @@ pub async fn tagged_echo(name: &str) -> Backend {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("a free port");
     let addr = listener.local_addr().expect("bound");
     let connections = Arc::new(AtomicUsize::new(0));
-    let backend = Backend {
-        addr,
-        name: name.to_owned(),
-        connections: Arc::clone(&connections),
-    };
     let tag = format!("{name}\n");
-    tokio::spawn(async move {
+    let counted = Arc::clone(&connections);
+    let accepting = tokio::spawn(async move {
+        let connections = counted;
         while let Ok((mut stream, _)) = listener.accept().await {
             connections.fetch_add(1, Ordering::SeqCst);
             let tag = tag.clone();
@@ -67,5 +70,10 @@ pub async fn tagged_echo(name: &str) -> Backend {
             });
         }
     });
-    backend
+    Backend {
+        addr,
+        name: name.to_owned(),
+        connections,
+        accepting: accepting.abort_handle(),
+    }
 }

@@ -95,6 +95,7 @@ impl Runtime {
         for spec in &config.listen {
             data.push(DataListener {
                 protocol: spec.protocol,
+                proxy_protocol: spec.proxy_protocol,
                 ..DataListener::from(
                     marchproxy::serve::bind(spec.addr, "data plane", "--listen").await?,
                 )

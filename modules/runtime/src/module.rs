@@ -19,6 +19,8 @@ pub struct DataListener {
     pub protocol: Option<pb::Protocol>,
     pub listener: TcpListener,
     pub addr: SocketAddr,
+    /// `+proxy` on `--listen`: each connection starts with a PROXY protocol v2 header.
+    pub proxy_protocol: bool,
 }
 
 impl From<marchproxy::serve::Bound> for DataListener {
@@ -27,6 +29,7 @@ impl From<marchproxy::serve::Bound> for DataListener {
             protocol: None,
             listener: bound.listener,
             addr: bound.addr,
+            proxy_protocol: false,
         }
     }
 }

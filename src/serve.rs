@@ -64,3 +64,27 @@ pub async fn bind(
     let addr = listener.local_addr().map_err(fail)?;
     Ok(Bound { listener, addr })
 }
+
+/// Waits until `open()` is 0 or `timeout` passes, waking on each `closed` notification (the
+/// closer calls `notify_waiters` after lowering the count). Returns what is still open.
+pub async fn drain(
+    open: impl Fn() -> i64,
+    closed: &tokio::sync::Notify,
+    timeout: std::time::Duration,
+) -> i64 {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        // Registered before reading the count, so a close in between is not missed.
+        let woken = closed.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let left = open();
+        if left <= 0 || tokio::time::Instant::now() >= deadline {
+            return left.max(0);
+        }
+        tokio::select! {
+            () = &mut woken => {}
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+}

@@ -400,7 +400,13 @@ impl State {
             .values()
             .filter(|i| i.kind == kind && i.version == promotion.version)
             .collect();
-        if !members.iter().any(|i| i.routable(now, &self.settings)) {
+        let healthy = |i: &&crate::state::Instance| {
+            matches!(
+                i.health(now, &self.settings),
+                pb::HealthStatus::Healthy | pb::HealthStatus::Degraded
+            )
+        };
+        if !members.iter().any(healthy) {
             return Some(format!("no healthy instance of {}", promotion.version));
         }
         let failures = self

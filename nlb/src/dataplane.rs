@@ -172,15 +172,9 @@ impl DataPlane {
             accepting.spawn(Arc::clone(&self).accept(listener));
         }
         while accepting.join_next().await.is_some() {}
-        let deadline = tokio::time::Instant::now() + drain;
-        while self.open.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
-            let closed = self.closed.notified();
-            tokio::select! {
-                () = closed => {}
-                () = tokio::time::sleep_until(deadline) => {}
-            }
-        }
-        let left = self.open.load(Ordering::Acquire);
+        let left =
+            marchproxy::serve::drain(|| self.open.load(Ordering::Acquire), &self.closed, drain)
+                .await;
         if left > 0 {
             warn!(left, "drain timeout: closing the NLB with connections open");
         }
@@ -212,7 +206,11 @@ impl DataPlane {
             accepted.inc();
             let _ = stream.set_nodelay(true);
             let plane = Arc::clone(&self);
-            let local = listener.bound.addr;
+            // The address the client reached (not 0.0.0.0), and IPv4 clients of a dual-stack
+            // listener as plain IPv4, so PROXY headers and CIDR limits see what they expect.
+            let local = stream.local_addr().unwrap_or(listener.bound.addr);
+            let local = SocketAddr::new(local.ip().to_canonical(), local.port());
+            let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
             let (protocol, proxy_protocol) = (listener.protocol, listener.proxy_protocol);
             tokio::spawn(async move {
                 plane.open.fetch_add(1, Ordering::AcqRel);
@@ -283,9 +281,29 @@ impl DataPlane {
         for _ in 0..CONNECT_ATTEMPTS {
             let decision = {
                 let mut state = self.nlb.state();
-                state.decide_excluding(&flow, false, Instant::now(), SystemTime::now(), &excluded)
+                state.decide_excluding(
+                    &flow,
+                    false,
+                    Instant::now(),
+                    SystemTime::now(),
+                    &excluded,
+                    true,
+                )
             };
             let decision = decision.map_err(Refusal::NoRoute)?;
+            // The decision raised the instance's live count; this lowers it however we leave.
+            let kind = decision.kind.name();
+            let gauge = self.nlb.metrics.active.with_label_values(&[
+                kind,
+                decision.version.as_str(),
+                decision.instance_id.as_str(),
+            ]);
+            gauge.inc();
+            let _live = Live {
+                count: Arc::clone(&decision.live),
+                gauge,
+                nlb: Arc::clone(&self.nlb),
+            };
             let started = Instant::now();
             let connected = tokio::time::timeout(
                 self.limits.connect_timeout,
@@ -315,7 +333,6 @@ impl DataPlane {
                 .observe(started.elapsed().as_secs_f64());
             self.nlb.state().connect_succeeded(&decision.instance_id);
             let _ = upstream.set_nodelay(true);
-            let kind = decision.kind.name();
             self.nlb
                 .metrics
                 .routed
@@ -325,18 +342,6 @@ impl DataPlane {
                     decision.version.as_str(),
                 ])
                 .inc();
-            decision.live.fetch_add(1, Ordering::Relaxed);
-            let gauge = self.nlb.metrics.active.with_label_values(&[
-                kind,
-                decision.version.as_str(),
-                decision.instance_id.as_str(),
-            ]);
-            gauge.inc();
-            let _live = Live {
-                count: decision.live,
-                gauge,
-                nlb: Arc::clone(&self.nlb),
-            };
 
             let proxy_header = self.limits.proxy_protocol
                 || listener_proxy

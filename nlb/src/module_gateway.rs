@@ -378,8 +378,26 @@ impl ModuleService for ModuleGateway {
         &self,
         request: Request<pb::StreamMetricsRequest>,
     ) -> Reply<Self::StreamMetricsStream> {
-        let stream = forward!(self, request, stream_metrics)?.into_inner();
-        Ok(Response::new(Box::pin(stream.map(|item| item))))
+        let mut stream = forward!(self, request, stream_metrics)?.into_inner();
+        // Relayed through a task that also ends when the NLB shuts down, so a long-lived stream
+        // cannot hold the graceful shutdown open.
+        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        let mut shutdown = self.nlb.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let item = tokio::select! {
+                    item = stream.next() => item,
+                    () = crate::nlb::stopped(&mut shutdown) => return,
+                };
+                let Some(item) = item else { return };
+                if sender.send(item).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
     }
 
     async fn get_config(

@@ -140,7 +140,13 @@ impl Nlb {
     /// Runs the sweeper until shutdown, often enough to notice a silent module promptly.
     pub async fn run_sweeper(self: Arc<Self>) {
         let mut shutdown = self.shutdown.clone();
+        let mut forgotten = Instant::now();
         loop {
+            // Clients that connected once do not keep a rate-limit bucket forever.
+            if forgotten.elapsed() >= Duration::from_secs(60) {
+                self.source_limiter.forget_idle(Duration::from_secs(3600));
+                forgotten = Instant::now();
+            }
             let period = {
                 let state = self.state();
                 (state.settings.heartbeat.unhealthy_after() / 10)

@@ -118,6 +118,14 @@ fn server_name(hello: &[u8]) -> Option<String> {
 /// A plausible host name, lowercase, without a port.
 fn host_name(raw: &[u8]) -> Option<String> {
     let text = std::str::from_utf8(raw).ok()?.trim();
+    // `[v6 address]:port` keeps the brackets and loses the port.
+    if let Some(end) = text.strip_prefix('[').and_then(|rest| rest.find(']')) {
+        let host = &text[..end + 2];
+        return host[1..end + 1]
+            .parse::<std::net::Ipv6Addr>()
+            .is_ok()
+            .then(|| host.to_ascii_lowercase());
+    }
     let host = match text.rsplit_once(':') {
         Some((host, port)) if !host.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
             host
@@ -320,6 +328,10 @@ mod tests {
         check_prefixes(
             b"POST / HTTP/1.0\r\n\r\n",
             detected(pb::Protocol::Http, "http", None),
+        );
+        check_prefixes(
+            b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
+            detected(pb::Protocol::Http, "http", Some("[::1]")),
         );
         check_prefixes(H2_PREFACE, detected(pb::Protocol::Http2, "http2", None));
         check_prefixes(

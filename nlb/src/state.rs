@@ -687,8 +687,13 @@ impl State {
                         .values()
                         .any(|i| i.kind == kind && &i.version == v)
             });
-            // A version that appears beside a serving one waits for an operator; a lone one serves.
-            weights.insert(version.clone(), if serving { 0 } else { 100 });
+            // A version that appears beside a serving one waits for an operator; a lone one serves
+            // everything (and the versions without instances keep 0, so the split adds up).
+            if serving {
+                weights.insert(version.clone(), 0);
+            } else {
+                *weights = crate::bluegreen::with_weight(weights, &version, 100, None);
+            }
         }
         let version_weight = weights[&version];
         let instance = Instance {
@@ -992,7 +997,7 @@ impl State {
         now: Instant,
         wall: SystemTime,
     ) -> Result<Decision, NoRoute> {
-        let decision = self.decide_excluding(flow, dry_run, now, wall, &[])?;
+        let decision = self.decide_excluding(flow, dry_run, now, wall, &[], false)?;
         // A decision made for someone else's data plane: count it until the module's next
         // heartbeat reports the connection (the NLB's own connections are counted live).
         if !dry_run {
@@ -1004,6 +1009,8 @@ impl State {
     }
 
     /// [`State::decide`], skipping instances in `excluded` (ones that just failed to connect).
+    /// With `hold`, the chosen instance's live count is raised here, under the lock, so
+    /// simultaneous connections see each other (the caller lowers it when the connection ends).
     pub fn decide_excluding(
         &mut self,
         flow: &Flow,
@@ -1011,6 +1018,7 @@ impl State {
         now: Instant,
         wall: SystemTime,
         excluded: &[String],
+        hold: bool,
     ) -> Result<Decision, NoRoute> {
         // Candidate routes: operator routes, and module routes grouped by (kind, route id) so
         // blue and green instances carrying the same route share it.
@@ -1103,6 +1111,9 @@ impl State {
             }
             if let Some(instance) = self.instances.get_mut(&decision.instance_id) {
                 instance.routed_total += 1;
+            }
+            if hold {
+                decision.live.fetch_add(1, Ordering::Relaxed);
             }
         }
         Ok(decision)

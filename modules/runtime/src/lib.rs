@@ -252,23 +252,21 @@ impl Runtime {
 
         // Drain: no new connections, open ones finish, the NLB is told, then everything stops.
         shared.set_phase(Phase::Stopping);
-        stop_accepting.send_replace(true);
         info!(instance = %shared.instance_id, open_connections = shared.stats.active_connections(), drain_s = drain.as_secs_f64(), "draining");
-        // The NLB drains on the connection count it knows: tell it the current one first.
+        // Tell the NLB first (STOPPING, and the connections open now, which its drain waits on),
+        // then stop accepting: connections it routed meanwhile are still taken.
         registration::report_now(&shared).await;
+        stop_accepting.send_replace(true);
         let unregistering = {
             let shared = Arc::clone(&shared);
             tokio::spawn(async move { registration::unregister(&shared, drain).await })
         };
-        let deadline = tokio::time::Instant::now() + drain;
-        while shared.stats.active_connections() > 0 && tokio::time::Instant::now() < deadline {
-            let closed = shared.stats.closed.notified();
-            tokio::select! {
-                () = closed => {}
-                () = tokio::time::sleep_until(deadline) => {}
-            }
-        }
-        let left = shared.stats.active_connections();
+        let left = marchproxy::serve::drain(
+            || shared.stats.active_connections(),
+            &shared.stats.closed,
+            drain,
+        )
+        .await;
         if left > 0 {
             warn!(instance = %shared.instance_id, left, "drain timeout: closing with connections open");
         }

@@ -53,8 +53,13 @@ async fn register(shared: &Shared) -> Result<String, String> {
         ),
     ]
     .into();
+    let mut instance = shared.instance();
+    if shared.phase() != Phase::Stopping {
+        // Serving already: the NLB may route here from the first moment.
+        instance.health_status = pb::HealthStatus::Healthy as i32;
+    }
     let request = pb::RegisterModuleRequest {
-        instance: Some(shared.instance()),
+        instance: Some(instance),
         initial_routes: shared.routes().iter().map(pb::Route::from).collect(),
         health_config: shared.health_check.clone(),
         capabilities,
@@ -128,9 +133,14 @@ pub async fn maintain(shared: Arc<Shared>, mut finished: watch::Receiver<bool>) 
         };
         info!(instance = %shared.instance_id, nlb = %link.url, attempts = failures + 1, "registered with the NLB");
         shared.set_registration(Some(registration.clone()));
-        if shared.phase() == Phase::Starting {
-            shared.set_phase(Phase::Ready);
-        }
+        // Only Starting becomes Ready: a shutdown that began meanwhile stays a shutdown.
+        shared.phase.send_if_modified(|phase| {
+            let starting = *phase == Phase::Starting;
+            if starting {
+                *phase = Phase::Ready;
+            }
+            starting
+        });
         backoff = Backoff::new();
         failures = 0;
         let mut missed = 0u32;

@@ -165,6 +165,9 @@ pub struct Shared {
     routes: Mutex<BTreeMap<String, RouteSpec>>,
     sections: Mutex<BTreeMap<String, Section>>,
     registration: Mutex<Option<String>>,
+    /// One route relay at a time, each sending the table as it is then: the NLB ends with the
+    /// latest table whatever order concurrent updates finish in.
+    relaying: tokio::sync::Mutex<()>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -209,6 +212,7 @@ impl Shared {
             routes: Mutex::new(BTreeMap::new()),
             sections: Mutex::new(BTreeMap::new()),
             registration: Mutex::new(None),
+            relaying: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -320,6 +324,7 @@ impl Shared {
         if self.registration().is_none() {
             return; // the next registration carries the table
         }
+        let _one_at_a_time = self.relaying.lock().await;
         let routes: Vec<pb::Route> = self.routes().iter().map(pb::Route::from).collect();
         let request = pb::UpdateRoutingRequest {
             routes,

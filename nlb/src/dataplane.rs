@@ -35,6 +35,11 @@ use crate::{
 /// system calls, small enough that short connections do not pay for zeroing big buffers
 /// (bench/run.sh: 8 KiB lost on bulk, 64 KiB lost on short connections).
 const RELAY_BUFFER: usize = 32 * 1024;
+/// Reads a client may take to show its protocol.
+const MAX_SNIFF_READS: usize = 64;
+/// Idle time before TCP keepalive probes start, so peers that vanished without a FIN free their
+/// slot and their instance's count.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 /// Attempts to connect (each to another instance) before a client is turned away.
 const CONNECT_ATTEMPTS: usize = 3;
 
@@ -204,7 +209,7 @@ impl DataPlane {
                 () = stopped(&mut shutdown) => return,
             };
             accepted.inc();
-            let _ = stream.set_nodelay(true);
+            keep_alive(&stream);
             let plane = Arc::clone(&self);
             // The address the client reached (not 0.0.0.0), and IPv4 clients of a dual-stack
             // listener as plain IPv4, so PROXY headers and CIDR limits see what they expect.
@@ -332,7 +337,7 @@ impl DataPlane {
                 .connect_seconds
                 .observe(started.elapsed().as_secs_f64());
             self.nlb.state().connect_succeeded(&decision.instance_id);
-            let _ = upstream.set_nodelay(true);
+            keep_alive(&upstream);
             self.nlb
                 .metrics
                 .routed
@@ -388,10 +393,22 @@ impl DataPlane {
     }
 }
 
+/// Small writes go out at once, and dead peers are found by keepalive probes. Both are
+/// best-effort: a socket that refuses them still works.
+fn keep_alive(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(Duration::from_secs(10));
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
+}
+
 /// Reads until the first bytes say what protocol this is.
 async fn read_head(client: &mut TcpStream, head: &mut Vec<u8>) -> Result<Detected, Refusal> {
     let mut buffer = [0u8; 4096];
-    loop {
+    // Every read re-reads the head: a client trickling a byte at a time would make that
+    // quadratic, so it gets a bounded number of reads (real clients need one or two).
+    for _ in 0..MAX_SNIFF_READS {
         match sniff::sniff(head) {
             Sniff::Known(detected) => return Ok(detected),
             Sniff::Unknown => return Err(Refusal::UnknownProtocol),
@@ -408,6 +425,7 @@ async fn read_head(client: &mut TcpStream, head: &mut Vec<u8>) -> Result<Detecte
         }
         head.extend_from_slice(&buffer[..read]);
     }
+    Err(Refusal::UnknownProtocol)
 }
 
 /// A PROXY protocol v2 header saying the connection came from `source` to `destination`.

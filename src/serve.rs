@@ -88,3 +88,51 @@ pub async fn drain(
         }
     }
 }
+
+/// A server stream of `make()` every `interval` (the first at once), ending when the client goes
+/// away or `stop` completes, so a graceful shutdown is never held open by a long-lived stream.
+pub fn every<T: Send + 'static>(
+    interval: std::time::Duration,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+    mut make: impl FnMut() -> T + Send + 'static,
+) -> tokio_stream::wrappers::ReceiverStream<Result<T, tonic::Status>> {
+    let (sender, receiver) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        tokio::pin!(stop);
+        let mut ticks = tokio::time::interval(interval);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                () = &mut stop => return,
+                () = sender.closed() => return,
+            }
+            if sender.send(Ok(make())).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(receiver)
+}
+
+/// `stream` relayed until it ends, the client goes away, or `stop` completes.
+pub fn until<T: Send + 'static>(
+    mut stream: impl tokio_stream::Stream<Item = Result<T, tonic::Status>> + Send + Unpin + 'static,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio_stream::wrappers::ReceiverStream<Result<T, tonic::Status>> {
+    use tokio_stream::StreamExt;
+    let (sender, receiver) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        tokio::pin!(stop);
+        loop {
+            let item = tokio::select! {
+                item = stream.next() => item,
+                () = &mut stop => return,
+            };
+            let Some(item) = item else { return };
+            if sender.send(item).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(receiver)
+}

@@ -174,3 +174,16 @@ pub fn reject<R: FailureBody>(code: Code, message: &str) -> Status {
 pub fn failure_of<R: FailureBody + Default>(status: &Status) -> Option<R> {
     body_of(status, R::NAME)
 }
+
+impl From<pb::TriggerScalingResponse> for pb::ScaleResponse {
+    /// A module's `Scale` answered by the NLB's `TriggerScaling`.
+    fn from(answer: pb::TriggerScalingResponse) -> Self {
+        pb::ScaleResponse {
+            success: answer.success,
+            message: answer.message,
+            current_instances: answer.current_instances,
+            desired_instances: answer.target_instances,
+            error: answer.error,
+        }
+    }
+}

@@ -15,7 +15,7 @@ use marchproxy::{
     status::{self, FailureBody},
 };
 use tokio::task::JoinSet;
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
 use tracing::info;
 
@@ -234,13 +234,7 @@ impl ModuleService for ModuleGateway {
             .scale_kind(kind, "auto", 0, config)
             .await
             .map_err(reject::<pb::ScaleResponse>)?;
-        Ok(Response::new(pb::ScaleResponse {
-            success: answer.success,
-            message: answer.message,
-            current_instances: answer.current_instances,
-            desired_instances: answer.target_instances,
-            error: answer.error,
-        }))
+        Ok(Response::new(answer.into()))
     }
 
     async fn can_handle(
@@ -378,26 +372,13 @@ impl ModuleService for ModuleGateway {
         &self,
         request: Request<pb::StreamMetricsRequest>,
     ) -> Reply<Self::StreamMetricsStream> {
-        let mut stream = forward!(self, request, stream_metrics)?.into_inner();
-        // Relayed through a task that also ends when the NLB shuts down, so a long-lived stream
-        // cannot hold the graceful shutdown open.
-        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        let stream = forward!(self, request, stream_metrics)?.into_inner();
+        // Ends with the NLB too, so a long-lived stream cannot hold its shutdown open.
         let mut shutdown = self.nlb.shutdown.clone();
-        tokio::spawn(async move {
-            loop {
-                let item = tokio::select! {
-                    item = stream.next() => item,
-                    () = crate::nlb::stopped(&mut shutdown) => return,
-                };
-                let Some(item) = item else { return };
-                if sender.send(item).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(receiver),
-        )))
+        let stop = async move { crate::nlb::stopped(&mut shutdown).await };
+        Ok(Response::new(Box::pin(marchproxy::serve::until(
+            stream, stop,
+        ))))
     }
 
     async fn get_config(

@@ -777,41 +777,28 @@ impl NlbService for NlbGrpc {
             request.interval_seconds,
             Duration::from_secs(5),
         )?;
-        let (sender, receiver) = tokio::sync::mpsc::channel(4);
         let nlb = Arc::clone(&self.nlb);
         let mut shutdown = self.nlb.shutdown.clone();
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(interval);
-            loop {
-                tokio::select! {
-                    _ = ticks.tick() => {}
-                    () = crate::nlb::stopped(&mut shutdown) => return,
-                    () = sender.closed() => return,
-                }
-                let metrics =
-                    marchproxy::stats::select(nlb.own_points(), &request.metric_names, None, None);
-                let mut module_metrics = HashMap::new();
-                if request.include_modules {
-                    let ids: Vec<String> = nlb.state().instances.keys().cloned().collect();
-                    for id in ids {
-                        if let Ok(m) = nlb.module_metrics(&id, &request.metric_names, None, None) {
-                            module_metrics.insert(id, m);
-                        }
+        let stop = async move { crate::nlb::stopped(&mut shutdown).await };
+        let stream = marchproxy::serve::every(interval, stop, move || {
+            let metrics =
+                marchproxy::stats::select(nlb.own_points(), &request.metric_names, None, None);
+            let mut module_metrics = HashMap::new();
+            if request.include_modules {
+                let ids: Vec<String> = nlb.state().instances.keys().cloned().collect();
+                for id in ids {
+                    if let Ok(m) = nlb.module_metrics(&id, &request.metric_names, None, None) {
+                        module_metrics.insert(id, m);
                     }
                 }
-                let message = pb::StreamNlbMetricsResponse {
-                    metrics,
-                    module_metrics,
-                    timestamp: Some(time::now()),
-                };
-                if sender.send(Ok(message)).await.is_err() {
-                    return;
-                }
+            }
+            pb::StreamNlbMetricsResponse {
+                metrics,
+                module_metrics,
+                timestamp: Some(time::now()),
             }
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(receiver),
-        )))
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn check_health(

@@ -441,14 +441,7 @@ impl ModuleService for ModuleGrpc {
                 config: Some(config),
             })
             .await;
-        let answer = relayed(answer)?.into_inner();
-        Ok(Response::new(pb::ScaleResponse {
-            success: answer.success,
-            message: answer.message,
-            current_instances: answer.current_instances,
-            desired_instances: answer.target_instances,
-            error: answer.error,
-        }))
+        Ok(Response::new(relayed(answer)?.into_inner().into()))
     }
 
     async fn get_instances(
@@ -548,39 +541,26 @@ impl ModuleService for ModuleGrpc {
             Duration::from_secs(5),
         )
         .map_err(Status::invalid_argument)?;
-        let (sender, receiver) = tokio::sync::mpsc::channel(4);
         let shared = Arc::clone(&self.shared);
         let mut phase = self.shared.phase.subscribe();
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(interval);
-            loop {
-                tokio::select! {
-                    _ = ticks.tick() => {}
-                    () = sender.closed() => return,
-                    _ = phase.wait_for(|p| *p == Phase::Stopping) => return,
-                }
-                let message = pb::StreamMetricsResponse {
-                    metrics: Some(pb::ModuleMetrics {
-                        instance_id: shared.instance_id.clone(),
-                        module_type: shared.kind.module_type() as i32,
-                        metrics: marchproxy::stats::select(
-                            shared.metric_points(),
-                            &request.metric_names,
-                            None,
-                            None,
-                        ),
-                        collected_at: Some(time::now()),
-                    }),
-                    timestamp: Some(time::now()),
-                };
-                if sender.send(Ok(message)).await.is_err() {
-                    return;
-                }
-            }
+        let stop = async move {
+            let _ = phase.wait_for(|p| *p == Phase::Stopping).await.map(|_| ());
+        };
+        let stream = marchproxy::serve::every(interval, stop, move || pb::StreamMetricsResponse {
+            metrics: Some(pb::ModuleMetrics {
+                instance_id: shared.instance_id.clone(),
+                module_type: shared.kind.module_type() as i32,
+                metrics: marchproxy::stats::select(
+                    shared.metric_points(),
+                    &request.metric_names,
+                    None,
+                    None,
+                ),
+                collected_at: Some(time::now()),
+            }),
+            timestamp: Some(time::now()),
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(receiver),
-        )))
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn get_config(

@@ -285,6 +285,46 @@ async fn a_failing_version_is_rolled_back_by_itself() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_promotion_goes_on_after_a_restart() {
+    let dir = state_dir();
+    let (nlb, mut gateway) = bluegreen_nlb(&dir, 60_000).await;
+    two_versions(&nlb).await;
+    gateway
+        .promote_version(pb::PromoteVersionRequest {
+            instance_id: "alb".into(),
+            version: "v2".into(),
+            immediate: false,
+            promotion_rate: 50,
+        })
+        .await
+        .unwrap();
+    nlb.stop().await;
+
+    // Restarted with short steps; the modules come back a moment later.
+    let (nlb, mut gateway) = bluegreen_nlb(&dir, 200).await;
+    let active = gateway
+        .get_active_version(pb::GetActiveVersionRequest {
+            instance_id: "alb".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(active.version_weights["v2"], 50, "the split came back");
+    tokio::time::sleep(Duration::from_millis(500)).await; // steps fall due with no instance registered yet
+    assert_eq!(
+        split(&mut gateway).await["v2"],
+        50,
+        "no step and no rollback while the modules are away"
+    );
+    two_versions(&nlb).await;
+    eventually("the promotion completes", Duration::from_secs(10), || {
+        let mut gateway = gateway.clone();
+        async move { split(&mut gateway).await.get("v2") == Some(&100) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn operators_roll_back_and_bad_requests_are_refused() {
     let dir = state_dir();
     let (nlb, mut gateway) = bluegreen_nlb(&dir, 30_000).await;

@@ -360,6 +360,18 @@ impl State {
                 continue;
             };
             let version = promotion.version.clone();
+            // No instance of the version is registered (the NLB just restarted and the modules
+            // are still coming back): hold for another step instead of judging.
+            if !self
+                .instances
+                .values()
+                .any(|i| i.kind == kind && i.version == version)
+            {
+                if let Some(p) = self.promotions.get_mut(&kind) {
+                    p.last_step = now;
+                }
+                continue;
+            }
             if let Some(reason) = self.failing(kind, &promotion, now) {
                 self.promotions.remove(&kind);
                 self.replace_weights(kind, promotion.before);

@@ -463,6 +463,20 @@ impl State {
         for (name, version) in persisted.previous_active {
             previous_active.insert(kind(&name)?, version);
         }
+        let mut promotions = BTreeMap::new();
+        for (name, p) in persisted.promotions {
+            promotions.insert(
+                kind(&name)?,
+                crate::bluegreen::Promotion {
+                    version: p.version,
+                    step_percent: p.step_percent.clamp(1, 100),
+                    before: p.before,
+                    started: from_unix_ms(p.started_at_ms),
+                    last_step: now,
+                    failures_at_step: 0,
+                },
+            );
+        }
         Ok(State {
             instances: BTreeMap::new(),
             operator_routes,
@@ -471,7 +485,7 @@ impl State {
             desired,
             weights,
             previous_active,
-            promotions: BTreeMap::new(),
+            promotions,
             route_requests: 0,
             cursor: 0,
             generation: 0,
@@ -516,6 +530,21 @@ impl State {
                 .previous_active
                 .iter()
                 .map(|(kind, v)| (kind.name().to_owned(), v.clone()))
+                .collect(),
+            promotions: self
+                .promotions
+                .iter()
+                .map(|(kind, p)| {
+                    (
+                        kind.name().to_owned(),
+                        crate::store::PersistedPromotion {
+                            version: p.version.clone(),
+                            step_percent: p.step_percent,
+                            before: p.before.clone(),
+                            started_at_ms: unix_ms(p.started),
+                        },
+                    )
+                })
                 .collect(),
         }
     }

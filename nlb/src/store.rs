@@ -42,6 +42,18 @@ pub struct PersistedState {
     /// The version each kind had active before its last change (where Rollback returns).
     #[serde(default)]
     pub previous_active: BTreeMap<String, String>,
+    /// Gradual promotions under way, per module kind name: they go on after a restart.
+    #[serde(default)]
+    pub promotions: BTreeMap<String, PersistedPromotion>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PersistedPromotion {
+    pub version: String,
+    pub step_percent: u32,
+    /// The split before the promotion began, where a rollback returns.
+    pub before: BTreeMap<String, u32>,
+    pub started_at_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -12,11 +12,6 @@ pub fn now() -> prost_types::Timestamp {
     timestamp(SystemTime::now())
 }
 
-/// The moment a wire timestamp names; `None` for an unset or out-of-range one.
-pub fn system_time(ts: &prost_types::Timestamp) -> Option<SystemTime> {
-    SystemTime::try_from(*ts).ok()
-}
-
 /// Parses `250ms`, `30s`, `2m`, `1h` or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();

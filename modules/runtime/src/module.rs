@@ -44,10 +44,6 @@ impl Stopping {
         // Only the wake-up matters; the guard is dropped at once.
         let _ = self.0.wait_for(|stop| *stop).await.map(|_| ());
     }
-
-    pub fn is_stopping(&self) -> bool {
-        *self.0.borrow()
-    }
 }
 
 /// What the runtime hands the data plane.
@@ -59,12 +55,6 @@ pub struct DataPlane {
     /// Ask before serving; over-limit traffic gets the protocol's refusal.
     pub limiter: Arc<RateLimiter>,
     pub stopping: Stopping,
-}
-
-impl DataPlane {
-    pub fn addresses(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().map(|l| l.addr).collect()
-    }
 }
 
 /// A module: one implementation per kind (ALB, DBLB, ...). Only `kind`, `protocols` and `serve`

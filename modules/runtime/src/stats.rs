@@ -71,7 +71,6 @@ impl Window {
 /// The module's live counters. Cheap to update from any task.
 pub struct Stats {
     instance_id: String,
-    kind: ModuleKind,
     bounds: Vec<f64>,
     window: Window,
     active_connections: AtomicI64,
@@ -205,7 +204,6 @@ impl Stats {
         );
         Arc::new(Stats {
             instance_id: instance_id.to_owned(),
-            kind,
             window: Window::new(bounds.len()),
             bounds,
             active_connections: AtomicI64::new(0),
@@ -220,10 +218,6 @@ impl Stats {
             latency,
             rate_limited,
         })
-    }
-
-    pub fn kind(&self) -> ModuleKind {
-        self.kind
     }
 
     /// Counts a new connection until the guard drops.

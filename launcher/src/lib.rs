@@ -51,21 +51,32 @@ pub async fn run(
     };
     let config = marchproxy_nlb::Config::from_args(nlb_args)?;
     let state_dir = config.state_dir.clone().unwrap_or_default();
+    let listeners: Vec<String> = config
+        .listen
+        .iter()
+        .map(|spec| {
+            spec.protocol
+                .map_or_else(|| "auto".to_owned(), marchproxy::names::protocol_name)
+        })
+        .collect();
     let nlb = marchproxy_nlb::Server::bind(config).await?;
     let (grpc, admin) = (nlb.grpc_addr(), nlb.admin_addr());
-    let rows = [
-        ("component", "listens on".to_owned(), "what"),
+    let mut rows = vec![
+        ("component", "listens on".to_owned(), "what".to_owned()),
         (
             "nlb",
             grpc.to_string(),
-            "gRPC NLBService, grpc.health.v1, reflection",
+            "gRPC NLBService and ModuleService, grpc.health.v1, reflection".to_owned(),
         ),
         (
             "nlb",
             admin.to_string(),
-            "admin HTTP: /metrics /healthz /readyz /status",
+            "admin HTTP: /metrics /healthz /readyz /status".to_owned(),
         ),
     ];
+    for (addr, protocol) in nlb.listen_addrs().into_iter().zip(listeners) {
+        rows.push(("nlb", addr.to_string(), format!("data plane ({protocol})")));
+    }
     println!("MarchProxy is up:");
     for (component, address, what) in rows {
         println!("  {component:<10} {address:<28} {what}");

@@ -12,7 +12,7 @@ async fn up_serves_and_stops_on_sigterm() {
     let config = dir.path().join("marchproxy.toml");
     std::fs::write(
         &config,
-        "grpc_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n",
+        "grpc_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nlisten = [\"auto=127.0.0.1:0\"]\n",
     )
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_marchproxy"))
@@ -48,7 +48,8 @@ async fn up_serves_and_stops_on_sigterm() {
         "{printed:?}"
     );
     assert!(
-        printed.iter().any(|l| l.contains("/metrics")),
+        printed.iter().any(|l| l.contains("/metrics"))
+            && printed.iter().any(|l| l.contains("data plane (auto)")),
         "{printed:?}"
     );
 

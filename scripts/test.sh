@@ -35,4 +35,7 @@ say "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 say "cargo test"
 cargo test --workspace --locked
+say "the README's commands resolve from the repository root"
+cargo run -q --locked --bin marchproxy -- up --help >/dev/null
+cargo run -q --locked --bin marchctl -- --help >/dev/null
 say "all tests passed"

@@ -215,6 +215,9 @@ pub struct Decision {
     pub target_address: String,
     /// The instance's count of connections open through the NLB.
     pub live: Arc<AtomicI64>,
+    /// The instance failed connects lately: a success should clear that (otherwise the data
+    /// plane need not take the lock again to say so).
+    pub recovering: bool,
 }
 
 /// Why a flow could not be routed.
@@ -1119,6 +1122,7 @@ impl State {
                 kind: instance.kind,
                 version: instance.version.clone(),
                 live: Arc::clone(&instance.live),
+                recovering: instance.connect_failures > 0,
                 route,
                 owner,
             });

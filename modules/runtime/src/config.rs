@@ -240,10 +240,12 @@ impl RuntimeConfig {
             "heartbeat_interval",
             Duration::from_secs(10),
         )?;
-        if heartbeat_interval.is_zero() {
-            return Err(ConfigError::Invalid(
-                "--heartbeat-interval must be above 0".into(),
-            ));
+        let max = Duration::from_millis(crate::shared::MAX_HEARTBEAT_MS);
+        if heartbeat_interval.is_zero() || heartbeat_interval > max {
+            return Err(ConfigError::Invalid(format!(
+                "--heartbeat-interval must be above 0 and at most {}s (the NLB marks a module unhealthy after 30s without one)",
+                max.as_secs()
+            )));
         }
         let health_check = file
             .health_check
@@ -362,6 +364,16 @@ retries = 2
                 .unwrap_err()
                 .to_string()
                 .contains("CIDR")
+        );
+        let args = CommonArgs {
+            heartbeat_interval: Some(Duration::from_secs(60)),
+            ..CommonArgs::default()
+        };
+        assert!(
+            RuntimeConfig::from_args(ModuleKind::Alb, args)
+                .unwrap_err()
+                .to_string()
+                .contains("at most 10s")
         );
         let args = CommonArgs {
             advertise: Some("no-port".into()),

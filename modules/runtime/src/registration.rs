@@ -133,6 +133,12 @@ pub async fn maintain(shared: Arc<Shared>, mut finished: watch::Receiver<bool>) 
         };
         info!(instance = %shared.instance_id, nlb = %link.url, attempts = failures + 1, "registered with the NLB");
         shared.set_registration(Some(registration.clone()));
+        if shared.phase() == Phase::Stopping {
+            // The shutdown began while this registration was on its way and found nothing to
+            // unregister: do it now, so the NLB does not keep a leaving instance until it expires.
+            unregister(&shared, shared.settings().drain_timeout()).await;
+            return;
+        }
         // Only Starting becomes Ready: a shutdown that began meanwhile stays a shutdown.
         shared.phase.send_if_modified(|phase| {
             let starting = *phase == Phase::Starting;

@@ -46,6 +46,10 @@ impl Phase {
     }
 }
 
+/// Longest heartbeat interval: the NLB marks a module unhealthy after 30 s without one by
+/// default, so a longer interval would make it flap.
+pub const MAX_HEARTBEAT_MS: u64 = 10_000;
+
 /// The runtime's own live settings: config section `runtime`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,9 +62,9 @@ pub struct RuntimeSettings {
 impl RuntimeSettings {
     fn check(&self) -> Result<(), Vec<String>> {
         let mut errors = Vec::new();
-        if !(10..=600_000).contains(&self.heartbeat_interval_ms) {
+        if !(10..=MAX_HEARTBEAT_MS).contains(&self.heartbeat_interval_ms) {
             errors.push(format!(
-                "runtime.heartbeat_interval_ms must be from 10 to 600000 (got {})",
+                "runtime.heartbeat_interval_ms must be from 10 to {MAX_HEARTBEAT_MS}, well inside the NLB's unhealthy timeout (got {})",
                 self.heartbeat_interval_ms
             ));
         }

@@ -44,3 +44,27 @@ pub fn api_key(
     }
     Ok(key)
 }
+
+/// The JSON object a `ConfigUpdate` carries, after its `checksum` (when given: SHA-256 of
+/// `config_data` in hex) is checked; every problem found otherwise.
+pub fn update_data(config: &crate::pb::ConfigUpdate) -> Result<serde_json::Value, Vec<String>> {
+    let mut errors = Vec::new();
+    if !config.checksum.is_empty()
+        && !config
+            .checksum
+            .eq_ignore_ascii_case(&crate::checksum::sha256_hex(&config.config_data))
+    {
+        errors.push(
+            "checksum does not match config_data (expected the SHA-256 of config_data in hex)"
+                .to_owned(),
+        );
+    }
+    match serde_json::from_slice(&config.config_data) {
+        Ok(data) if errors.is_empty() => Ok(data),
+        Ok(_) => Err(errors),
+        Err(error) => {
+            errors.push(format!("config_data is not JSON: {error}"));
+            Err(errors)
+        }
+    }
+}

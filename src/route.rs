@@ -326,6 +326,31 @@ impl RouteSpec {
     }
 }
 
+/// Checks a whole list of wire routes: every problem, each as `routes[i]: ...`, including a
+/// `route_id` given twice. All or nothing: no spec comes back when any route is wrong.
+pub fn check_all(routes: Vec<pb::Route>) -> Result<Vec<RouteSpec>, Vec<String>> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut specs = Vec::with_capacity(routes.len());
+    let mut errors = Vec::new();
+    for (index, route) in routes.into_iter().enumerate() {
+        match RouteSpec::try_from(route) {
+            Ok(spec) if !seen.insert(spec.id.clone()) => {
+                errors.push(format!(
+                    "routes[{index}]: route_id `{}` appears twice",
+                    spec.id
+                ));
+            }
+            Ok(spec) => specs.push(spec),
+            Err(error) => errors.push(format!("routes[{index}]: {error}")),
+        }
+    }
+    if errors.is_empty() {
+        Ok(specs)
+    } else {
+        Err(errors)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,33 @@ pub fn now() -> prost_types::Timestamp {
     timestamp(SystemTime::now())
 }
 
+/// Longest interval, timeout or drain a request may ask for.
+pub const MAX_REQUEST_SECONDS: i32 = 3600;
+
+/// A request's seconds field: 0 for `default`, else 1 to [`MAX_REQUEST_SECONDS`].
+pub fn seconds_field(field: &str, value: i32, default: Duration) -> Result<Duration, String> {
+    match value {
+        0 => Ok(default),
+        1..=MAX_REQUEST_SECONDS => Ok(Duration::from_secs(value as u64)),
+        _ => Err(format!(
+            "{field} must be from 0 (default) to {MAX_REQUEST_SECONDS} (got {value})"
+        )),
+    }
+}
+
+/// A request's optional time range must not end before it starts.
+pub fn check_range(
+    start: Option<&prost_types::Timestamp>,
+    end: Option<&prost_types::Timestamp>,
+) -> Result<(), String> {
+    match (start, end) {
+        (Some(s), Some(e)) if (s.seconds, s.nanos) > (e.seconds, e.nanos) => {
+            Err("start_time is after end_time".into())
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Parses `250ms`, `30s`, `2m`, `1h` or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();

@@ -63,3 +63,24 @@ pub async fn health_check(
             )
         })
 }
+
+/// Asks every `(instance, address)` at once whether it can handle `route`.
+pub async fn can_handle_all(
+    targets: Vec<(String, Endpoint)>,
+    api_key: Option<String>,
+    route: pb::Route,
+) -> Vec<(String, Result<pb::CanHandleResponse, String>)> {
+    let mut calls = tokio::task::JoinSet::new();
+    for (id, address) in targets {
+        let (key, route) = (api_key.clone(), route.clone());
+        calls.spawn(async move { (id, can_handle(&address, key.as_deref(), route).await) });
+    }
+    let mut answers = Vec::new();
+    while let Some(joined) = calls.join_next().await {
+        // A call task only ends by returning; a panic inside tonic is the one way to lose it.
+        if let Ok(answer) = joined {
+            answers.push(answer);
+        }
+    }
+    answers
+}

@@ -14,7 +14,6 @@ use marchproxy::{
     pb::{self, module_service_server::ModuleService},
     status::{self, FailureBody},
 };
-use tokio::task::JoinSet;
 use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
 use tracing::info;
@@ -181,33 +180,9 @@ impl ModuleService for ModuleGateway {
         request: Request<pb::GetInstancesRequest>,
     ) -> Reply<pb::GetInstancesResponse> {
         let request = request.into_inner();
-        let kind = match request.module_type {
-            0 => None,
-            value => Some(
-                marchproxy::names::ModuleKind::from_module_type(value).ok_or_else(|| {
-                    Status::invalid_argument(format!("module_type {value} is not a module kind"))
-                })?,
-            ),
-        };
-        let health = match pb::HealthStatus::try_from(request.status_filter) {
-            Ok(pb::HealthStatus::Unspecified) => None,
-            Ok(status) => Some(status as i32),
-            Err(_) => {
-                return Err(Status::invalid_argument(format!(
-                    "status_filter {} is not a HealthStatus value",
-                    request.status_filter
-                )));
-            }
-        };
-        let state = self.nlb.state();
-        let now = Instant::now();
-        let instances: Vec<pb::ModuleInstance> = state
-            .instances
-            .values()
-            .filter(|i| kind.is_none_or(|k| i.kind == k))
-            .map(|i| state.view(i, now))
-            .filter(|view| health.is_none_or(|h| view.health_status == h))
-            .collect();
+        let kind = crate::service::kind_filter(request.module_type, "module_type")?;
+        let health = crate::service::health_filter(request.status_filter, "status_filter")?;
+        let instances = self.nlb.state().views(kind, health);
         Ok(Response::new(pb::GetInstancesResponse {
             total_instances: i32::try_from(instances.len()).unwrap_or(i32::MAX),
             instances,
@@ -245,32 +220,13 @@ impl ModuleService for ModuleGateway {
         let route = request
             .route
             .ok_or_else(|| Status::invalid_argument("route is missing; send the route to check"))?;
-        let targets: Vec<(String, marchproxy::names::Endpoint)> = self
-            .nlb
-            .state()
-            .instances
-            .values()
-            .filter(|i| !i.draining)
-            .map(|i| (i.id.clone(), i.address.clone()))
+        let targets = self.nlb.state().endpoints(|_| true);
+        let answers = module_client::can_handle_all(targets, self.nlb.api_key.clone(), route).await;
+        let mut capable: Vec<String> = answers
+            .into_iter()
+            .filter(|(_, answer)| answer.as_ref().is_ok_and(|a| a.can_handle))
+            .map(|(id, _)| id)
             .collect();
-        let mut calls = JoinSet::new();
-        for (id, address) in targets {
-            let (key, route) = (self.nlb.api_key.clone(), route.clone());
-            calls.spawn(async move {
-                (
-                    id,
-                    module_client::can_handle(&address, key.as_deref(), route).await,
-                )
-            });
-        }
-        let mut capable = Vec::new();
-        while let Some(joined) = calls.join_next().await {
-            if let Ok((id, Ok(answer))) = joined {
-                if answer.can_handle {
-                    capable.push(id);
-                }
-            }
-        }
         capable.sort();
         Ok(Response::new(pb::CanHandleResponse {
             can_handle: !capable.is_empty(),

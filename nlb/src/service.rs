@@ -10,7 +10,7 @@ use std::{
 
 use marchproxy::checksum::sha256_hex;
 use marchproxy::{
-    names::{self, ModuleKind},
+    names::ModuleKind,
     pb::{self, nlb_service_server::NlbService},
     query,
     route::{Flow, RouteSpec},
@@ -33,8 +33,6 @@ use crate::{
 
 /// Drain time when `UnregisterModule` asks for a graceful drain without saying how long.
 const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
-/// Longest interval and drain a caller may ask for.
-const MAX_SECONDS: i32 = 3600;
 /// Most instances of one kind a scaling decision may ask for.
 const MAX_INSTANCES: i32 = 10_000;
 /// Most data points in one metrics report, and labels on one point.
@@ -59,7 +57,10 @@ impl NlbGrpc {
 
 type Result<T> = std::result::Result<Response<T>, Status>;
 
-fn kind_filter(value: i32, field: &str) -> std::result::Result<Option<ModuleKind>, NlbError> {
+pub(crate) fn kind_filter(
+    value: i32,
+    field: &str,
+) -> std::result::Result<Option<ModuleKind>, NlbError> {
     if value == 0 {
         return Ok(None);
     }
@@ -70,7 +71,7 @@ fn kind_filter(value: i32, field: &str) -> std::result::Result<Option<ModuleKind
     })
 }
 
-fn health_filter(
+pub(crate) fn health_filter(
     value: i32,
     field: &str,
 ) -> std::result::Result<Option<pb::HealthStatus>, NlbError> {
@@ -84,25 +85,14 @@ fn health_filter(
 }
 
 fn seconds(field: &str, value: i32, default: Duration) -> std::result::Result<Duration, NlbError> {
-    match value {
-        0 => Ok(default),
-        1..=MAX_SECONDS => Ok(Duration::from_secs(value as u64)),
-        _ => Err(NlbError::Invalid(format!(
-            "{field} must be from 0 (default) to {MAX_SECONDS} (got {value})"
-        ))),
-    }
+    time::seconds_field(field, value, default).map_err(NlbError::Invalid)
 }
 
 fn time_range(
     start: Option<&prost_types::Timestamp>,
     end: Option<&prost_types::Timestamp>,
 ) -> std::result::Result<(), NlbError> {
-    if let (Some(s), Some(e)) = (start, end) {
-        if (s.seconds, s.nanos) > (e.seconds, e.nanos) {
-            return Err(NlbError::Invalid("start_time is after end_time".into()));
-        }
-    }
-    Ok(())
+    time::check_range(start, end).map_err(NlbError::Invalid)
 }
 
 /// Jain's fairness index of the loads: 1 when even, towards 1/n when one instance takes all.
@@ -262,17 +252,7 @@ impl NlbService for NlbGrpc {
         let request = request.into_inner();
         let kind = kind_filter(request.module_type_filter, "module_type_filter")?;
         let health = health_filter(request.status_filter, "status_filter")?;
-        let modules: Vec<pb::ModuleInstance> = {
-            let state = self.nlb.state();
-            let now = Instant::now();
-            state
-                .instances
-                .values()
-                .filter(|i| kind.is_none_or(|k| i.kind == k))
-                .map(|i| state.view(i, now))
-                .filter(|view| health.is_none_or(|h| view.health_status == h as i32))
-                .collect()
-        };
+        let modules = self.nlb.state().views(kind, health);
         let page = query::apply(modules, request.query.as_ref()).map_err(NlbError::from)?;
         Ok(Response::new(pb::ListModulesResponse {
             total_modules: page.total as i32,
@@ -560,33 +540,16 @@ impl NlbService for NlbGrpc {
             }
         };
         let target = OperatorTarget::of(&spec).ok();
-        let candidates: Vec<(String, names::Endpoint)> = self
-            .nlb
-            .state()
-            .instances
-            .values()
-            .filter(|i| !i.draining)
-            .filter(|i| match &target {
-                Some(OperatorTarget::Kind(kind)) => i.kind == *kind,
-                Some(OperatorTarget::Instance(id)) => &i.id == id,
-                None => true,
-            })
-            .map(|i| (i.id.clone(), i.address.clone()))
-            .collect();
-        let mut calls = JoinSet::new();
-        for (id, address) in candidates {
-            let (key, route) = (self.nlb.api_key.clone(), route.clone());
-            calls.spawn(async move {
-                (
-                    id,
-                    module_client::can_handle(&address, key.as_deref(), route).await,
-                )
-            });
-        }
+        let candidates = self.nlb.state().endpoints(|i| match &target {
+            Some(OperatorTarget::Kind(kind)) => i.kind == *kind,
+            Some(OperatorTarget::Instance(id)) => &i.id == id,
+            None => true,
+        });
+        let answers =
+            module_client::can_handle_all(candidates, self.nlb.api_key.clone(), route).await;
         let mut capable = Vec::new();
         let mut details = HashMap::new();
-        while let Some(joined) = calls.join_next().await {
-            let Ok((id, answer)) = joined else { continue };
+        for (id, answer) in answers {
             let detail = match answer {
                 Ok(answer) if answer.can_handle => {
                     capable.push(id.clone());
@@ -816,12 +779,7 @@ impl NlbService for NlbGrpc {
                 .values()
                 .map(|i| (i.id.clone(), i.health(now, &state.settings) as i32))
                 .collect();
-            let targets: Vec<(String, names::Endpoint)> = state
-                .instances
-                .values()
-                .filter(|i| !i.draining)
-                .map(|i| (i.id.clone(), i.address.clone()))
-                .collect();
+            let targets = state.endpoints(|_| true);
             (
                 format!("{} instances registered", state.instances.len()),
                 health,
@@ -915,35 +873,21 @@ impl NlbService for NlbGrpc {
             })
             .map_err(reject)?;
         let section = config.config_type.trim().to_ascii_lowercase();
-        let mut errors = Vec::new();
-        if !config.checksum.is_empty()
-            && !config
-                .checksum
-                .eq_ignore_ascii_case(&sha256_hex(&config.config_data))
-        {
-            errors.push(
-                "checksum does not match config_data (expected the SHA-256 of config_data in hex)"
-                    .to_owned(),
-            );
-        }
-        let data: serde_json::Value = match serde_json::from_slice(&config.config_data) {
-            Ok(data) => data,
-            Err(error) => {
-                errors.push(format!("config_data is not JSON: {error}"));
-                serde_json::Value::Null
-            }
-        };
         // Checked and applied under one lock, so concurrent updates cannot undo each other.
-        if errors.is_empty() {
-            let mut state = self.nlb.state();
-            let outcome = if request.validate_only {
-                state.check_config(&section, &data).map(|_| ())
-            } else {
-                state.apply_config(&section, &data, SystemTime::now())
-            };
-            if let Err(problems) = outcome {
-                errors.extend(problems);
+        let mut errors = Vec::new();
+        match marchproxy::config_file::update_data(&config) {
+            Ok(data) => {
+                let mut state = self.nlb.state();
+                let outcome = if request.validate_only {
+                    state.check_config(&section, &data).map(|_| ())
+                } else {
+                    state.apply_config(&section, &data, SystemTime::now())
+                };
+                if let Err(problems) = outcome {
+                    errors.extend(problems);
+                }
             }
+            Err(problems) => errors = problems,
         }
         let label = if SECTIONS.contains(&section.as_str()) {
             section.as_str()
@@ -1410,7 +1354,11 @@ impl NlbGrpc {
                 config.scale_down_threshold,
                 i32::MAX,
             ),
-            ("cooldown_seconds", config.cooldown_seconds, MAX_SECONDS),
+            (
+                "cooldown_seconds",
+                config.cooldown_seconds,
+                time::MAX_REQUEST_SECONDS,
+            ),
         ];
         if let Some((name, value, max)) = numbers.iter().find(|(_, v, max)| *v < 0 || v > max) {
             return Err(NlbError::Invalid(format!(

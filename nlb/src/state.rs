@@ -6,7 +6,7 @@
 //! and returns what it must answer. Time is passed in, so the rules are testable without clocks.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{
         Arc,
         atomic::{AtomicI64, Ordering},
@@ -341,29 +341,6 @@ pub fn check_id(field: &str, id: &str) -> Result<(), NlbError> {
     Ok(())
 }
 
-fn check_routes(routes: Vec<pb::Route>) -> Result<Vec<RouteSpec>, Vec<String>> {
-    let mut seen = BTreeSet::new();
-    let mut specs = Vec::with_capacity(routes.len());
-    let mut errors = Vec::new();
-    for (index, route) in routes.into_iter().enumerate() {
-        match RouteSpec::try_from(route) {
-            Ok(spec) if !seen.insert(spec.id.clone()) => {
-                errors.push(format!(
-                    "routes[{index}]: route_id `{}` appears twice",
-                    spec.id
-                ));
-            }
-            Ok(spec) => specs.push(spec),
-            Err(error) => errors.push(format!("routes[{index}]: {error}")),
-        }
-    }
-    if errors.is_empty() {
-        Ok(specs)
-    } else {
-        Err(errors)
-    }
-}
-
 /// Largest counter a module may report: sums over any number of instances stay far from
 /// overflowing, and every value is exact as a double.
 const MAX_COUNT: i64 = 1 << 53;
@@ -580,6 +557,32 @@ impl State {
             .unwrap_or(0)
     }
 
+    /// The gRPC endpoints of the instances not leaving that `keep` selects, for calls to their
+    /// ModuleService.
+    pub fn endpoints(&self, keep: impl Fn(&Instance) -> bool) -> Vec<(String, Endpoint)> {
+        self.instances
+            .values()
+            .filter(|i| !i.draining && keep(i))
+            .map(|i| (i.id.clone(), i.address.clone()))
+            .collect()
+    }
+
+    /// Instances of `kind` (all when `None`) whose live health is `health` (any when `None`), as
+    /// ListModules and GetInstances show them.
+    pub fn views(
+        &self,
+        kind: Option<ModuleKind>,
+        health: Option<pb::HealthStatus>,
+    ) -> Vec<pb::ModuleInstance> {
+        let now = Instant::now();
+        self.instances
+            .values()
+            .filter(|i| kind.is_none_or(|k| i.kind == k))
+            .map(|i| self.view(i, now))
+            .filter(|view| health.is_none_or(|h| view.health_status == h as i32))
+            .collect()
+    }
+
     /// The wire view of an instance, with its live health, connections and traffic weight.
     pub fn view(&self, instance: &Instance, now: Instant) -> pb::ModuleInstance {
         pb::ModuleInstance {
@@ -704,7 +707,7 @@ impl State {
             data.parse::<Endpoint>()
                 .map_err(|e| NlbError::Invalid(format!("instance.metadata[data_address]: {e}")))?;
         }
-        let routes = check_routes(request.initial_routes).map_err(|errors| {
+        let routes = marchproxy::route::check_all(request.initial_routes).map_err(|errors| {
             NlbError::Invalid(format!("initial_{}", errors.join("; initial_")))
         })?;
 
@@ -936,7 +939,7 @@ impl State {
         validate_only: bool,
         wall: SystemTime,
     ) -> Result<usize, Vec<String>> {
-        let specs = check_routes(routes)?;
+        let specs = marchproxy::route::check_all(routes)?;
         let mut errors = Vec::new();
         if source.is_empty() {
             for spec in &specs {
@@ -1306,6 +1309,7 @@ fn pick(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     fn state() -> State {
         State::restore(PersistedState::default(), Settings::default()).unwrap()

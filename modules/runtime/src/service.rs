@@ -23,9 +23,6 @@ use marchproxy::limiter::Limit;
 
 use crate::shared::{NlbLink, Phase, Shared};
 
-/// Longest interval, timeout or drain a caller may ask for.
-const MAX_SECONDS: i32 = 3600;
-
 pub struct ModuleGrpc {
     shared: Arc<Shared>,
 }
@@ -70,13 +67,7 @@ fn reject<R: FailureBody>(code: Code, message: impl Into<String>) -> Status {
 }
 
 fn seconds(field: &str, value: i32, default: Duration) -> Result<Duration, String> {
-    match value {
-        0 => Ok(default),
-        1..=MAX_SECONDS => Ok(Duration::from_secs(value as u64)),
-        _ => Err(format!(
-            "{field} must be from 0 (default) to {MAX_SECONDS} (got {value})"
-        )),
-    }
+    time::seconds_field(field, value, default)
 }
 
 /// The NLB's answer, or its failure with the NLB named as its source.
@@ -393,11 +384,8 @@ impl ModuleService for ModuleGrpc {
     ) -> Reply<pb::GetMetricsResponse> {
         let request = request.into_inner();
         self.check_instance(&request.instance_id)?;
-        if let (Some(s), Some(e)) = (&request.start_time, &request.end_time) {
-            if (s.seconds, s.nanos) > (e.seconds, e.nanos) {
-                return Err(Status::invalid_argument("start_time is after end_time"));
-            }
-        }
+        time::check_range(request.start_time.as_ref(), request.end_time.as_ref())
+            .map_err(Status::invalid_argument)?;
         let points = marchproxy::stats::select(
             self.shared.metric_points(),
             &request.metric_names,
@@ -614,29 +602,14 @@ impl ModuleService for ModuleGrpc {
             )
         })?;
         let section = config.config_type.trim().to_owned();
-        let mut errors = Vec::new();
-        if !config.checksum.is_empty()
-            && !config
-                .checksum
-                .eq_ignore_ascii_case(&marchproxy::checksum::sha256_hex(&config.config_data))
-        {
-            errors.push(
-                "checksum does not match config_data (expected the SHA-256 of config_data in hex)"
-                    .to_owned(),
-            );
-        }
-        match serde_json::from_slice::<serde_json::Value>(&config.config_data) {
-            Ok(value) if errors.is_empty() => {
-                if let Err(problems) =
-                    self.shared
-                        .update_section(&section, &value, request.validate_only)
-                {
-                    errors.extend(problems);
-                }
-            }
-            Ok(_) => {}
-            Err(error) => errors.push(format!("config_data is not JSON: {error}")),
-        }
+        let errors = match marchproxy::config_file::update_data(&config) {
+            Ok(value) => self
+                .shared
+                .update_section(&section, &value, request.validate_only)
+                .err()
+                .unwrap_or_default(),
+            Err(problems) => problems,
+        };
         if errors.is_empty() {
             return Ok(Response::new(pb::UpdateConfigResponse {
                 success: true,

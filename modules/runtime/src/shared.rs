@@ -280,18 +280,7 @@ impl Shared {
         routes: Vec<pb::Route>,
         replace_all: bool,
     ) -> Result<usize, String> {
-        let mut specs = Vec::with_capacity(routes.len());
-        let mut seen = std::collections::BTreeSet::new();
-        for (index, route) in routes.into_iter().enumerate() {
-            let spec = RouteSpec::try_from(route).map_err(|e| format!("routes[{index}]: {e}"))?;
-            if !seen.insert(spec.id.clone()) {
-                return Err(format!(
-                    "routes[{index}]: route_id `{}` appears twice",
-                    spec.id
-                ));
-            }
-            specs.push(spec);
-        }
+        let specs = marchproxy::route::check_all(routes).map_err(|errors| errors.join("; "))?;
         let written = specs.len();
         let mut table = lock(&self.routes);
         let mut next = if replace_all {

@@ -4,6 +4,7 @@
 //!   messages), wire-compatible with MarchProxy's interface.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz` for every server.
 //! - [`auth`]: the cluster API key, checked by servers and attached by clients.
+//! - [`proxy_protocol`]: the PROXY v2 header the NLB writes and modules read.
 //! - [`query`]: the `Query` message (filters, sort, pagination) applied to any listing.
 //! - [`status`]: errors that travel both as a gRPC status and as the response body.
 //! - [`telemetry`], [`time`]: logging set-up, timestamps and durations.
@@ -15,6 +16,7 @@ pub mod config_file;
 pub mod limiter;
 pub mod listen;
 pub mod names;
+pub mod proxy_protocol;
 pub mod query;
 pub mod route;
 pub mod serve;

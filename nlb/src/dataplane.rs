@@ -364,7 +364,7 @@ impl DataPlane {
                     .get("proxy_protocol")
                     .is_some_and(|v| v == "v2");
             let mut preamble = if proxy_header {
-                proxy_v2_header(peer, local)
+                marchproxy::proxy_protocol::header(peer, local)
             } else {
                 Vec::new()
             };
@@ -428,35 +428,6 @@ async fn read_head(client: &mut TcpStream, head: &mut Vec<u8>) -> Result<Detecte
     Err(Refusal::UnknownProtocol)
 }
 
-/// A PROXY protocol v2 header saying the connection came from `source` to `destination`.
-pub fn proxy_v2_header(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
-    let mut header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
-    header.push(0x21); // version 2, PROXY
-    match (source, destination) {
-        (SocketAddr::V4(s), SocketAddr::V4(d)) => {
-            header.push(0x11); // TCP over IPv4
-            header.extend(12u16.to_be_bytes());
-            header.extend(s.ip().octets());
-            header.extend(d.ip().octets());
-            header.extend(s.port().to_be_bytes());
-            header.extend(d.port().to_be_bytes());
-        }
-        (s, d) => {
-            let v6 = |a: SocketAddr| match a {
-                SocketAddr::V4(v4) => v4.ip().to_ipv6_mapped(),
-                SocketAddr::V6(v6) => *v6.ip(),
-            };
-            header.push(0x21); // TCP over IPv6
-            header.extend(36u16.to_be_bytes());
-            header.extend(v6(s).octets());
-            header.extend(v6(d).octets());
-            header.extend(s.port().to_be_bytes());
-            header.extend(d.port().to_be_bytes());
-        }
-    }
-    header
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -474,24 +445,5 @@ mod tests {
         assert!(socket.tcp_nodelay().unwrap());
         assert_eq!(socket.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
         drop(client);
-    }
-
-    #[test]
-    fn proxy_v2_header_bytes() {
-        let header = proxy_v2_header(
-            "192.168.1.10:51000".parse().unwrap(),
-            "10.0.0.1:443".parse().unwrap(),
-        );
-        assert_eq!(&header[..12], b"\r\n\r\n\0\r\nQUIT\n");
-        assert_eq!(header[12..16], [0x21, 0x11, 0, 12]);
-        assert_eq!(header[16..20], [192, 168, 1, 10]);
-        assert_eq!(header[20..24], [10, 0, 0, 1]);
-        assert_eq!(header[24..28], [0xc7, 0x38, 0x01, 0xbb]);
-        let mixed = proxy_v2_header(
-            "[::1]:1000".parse().unwrap(),
-            "10.0.0.1:80".parse().unwrap(),
-        );
-        assert_eq!(mixed[13], 0x21);
-        assert_eq!(mixed.len(), 16 + 36);
     }
 }

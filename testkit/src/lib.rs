@@ -2,6 +2,7 @@
 //! directory, generated clients, a module double, and waiting on conditions with a deadline.
 
 pub mod backend;
+pub mod external;
 pub mod fake_module;
 
 use std::{
@@ -235,13 +236,36 @@ pub async fn heartbeat(
 
 /// One plain HTTP/1.1 GET; returns (status code, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path, &[], b"").await
+}
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`); returns (status code,
+/// body). `Content-Length` is added for a non-empty body.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
-        .expect("admin port open");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !body.is_empty() {
+        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    request.push_str("\r\n");
+    let mut bytes = request.into_bytes();
+    bytes.extend_from_slice(body);
+    // The server may answer (413) and close before reading all of a large body.
+    let _ = stream.write_all(&bytes).await;
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response).await;
+    let response = String::from_utf8_lossy(&response);
     let status = response
         .split_whitespace()
         .nth(1)

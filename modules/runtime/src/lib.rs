@@ -7,6 +7,7 @@
 //!   ([`registration`]);
 //! - one shared rate limiter the data plane asks ([`limiter`]), counters and latency
 //!   percentiles ([`stats`]);
+//! - an HTTP/1.1 data plane for modules that answer HTTP ([`http`]);
 //! - the admin server (`/metrics`, `/healthz`, `/readyz`), the common flags ([`config`]);
 //! - the drain on SIGTERM/SIGINT or a `Shutdown` RPC: stop accepting, let open connections
 //!   finish (up to the drain timeout), unregister, exit.
@@ -15,6 +16,7 @@
 
 pub mod config;
 pub mod echo;
+pub mod http;
 pub mod module;
 pub mod registration;
 pub mod service;
@@ -52,6 +54,7 @@ pub enum RuntimeError {
 impl AdminState for Shared {
     fn metrics(&self) -> String {
         marchproxy::admin::render(&self.stats.registry)
+            + &marchproxy::admin::render(&self.stats.module_registry)
     }
 
     fn ready(&self) -> bool {

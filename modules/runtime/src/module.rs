@@ -124,6 +124,12 @@ pub trait Module: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// Labels added to this instance's registration metadata (e.g. the SQS proxy's `region`),
+    /// which operator routes and `marchctl modules` show.
+    fn metadata(&self) -> HashMap<String, String> {
+        HashMap::new()
+    }
+
     /// Extra figures for GetStats and heartbeats (`custom_stats`).
     fn custom_stats(&self) -> HashMap<String, String> {
         HashMap::new()

@@ -242,8 +242,8 @@ impl Shared {
 
     /// This instance as the NLB and GetStatus show it.
     pub fn instance(&self) -> pb::ModuleInstance {
-        let mut metadata =
-            HashMap::from([("admin_address".to_owned(), self.admin_address.clone())]);
+        let mut metadata = self.module.metadata();
+        metadata.insert("admin_address".to_owned(), self.admin_address.clone());
         if let Some((_, first)) = self.data_addresses.first() {
             metadata.insert("data_address".to_owned(), first.clone());
         }

@@ -71,6 +71,7 @@ impl Window {
 /// The module's live counters. Cheap to update from any task.
 pub struct Stats {
     instance_id: String,
+    kind: ModuleKind,
     bounds: Vec<f64>,
     window: Window,
     active_connections: AtomicI64,
@@ -78,7 +79,11 @@ pub struct Stats {
     pub closed: tokio::sync::Notify,
     in_flight: AtomicI64,
     process: Mutex<ProcessSample>,
+    /// The runtime's metrics, named `marchproxy_module_*`.
     pub registry: Registry,
+    /// The module's own metrics under their own names (`sqs_proxy_*`, `ailb_*`...), served on
+    /// the same `/metrics`; build them with [`Stats::labelled`] so they carry the instance.
+    pub module_registry: Registry,
     requests: IntCounterVec,
     connections: IntCounter,
     active: IntGauge,
@@ -204,6 +209,7 @@ impl Stats {
         );
         Arc::new(Stats {
             instance_id: instance_id.to_owned(),
+            kind,
             window: Window::new(bounds.len()),
             bounds,
             active_connections: AtomicI64::new(0),
@@ -211,6 +217,7 @@ impl Stats {
             in_flight: AtomicI64::new(0),
             process: Mutex::new(ProcessSample::now()),
             registry,
+            module_registry: Registry::new(),
             requests,
             connections,
             active,
@@ -218,6 +225,12 @@ impl Stats {
             latency,
             rate_limited,
         })
+    }
+
+    /// `opts` with this instance's `module_type` and `instance` labels, for module metrics.
+    pub fn labelled(&self, opts: Opts) -> Opts {
+        opts.const_label("module_type", self.kind.name())
+            .const_label("instance", &self.instance_id)
     }
 
     /// Counts a new connection until the guard drops.

@@ -1,0 +1,176 @@
+//! Real servers from installed programs, started on free loopback ports in temporary
+//! directories and stopped when dropped. A missing program fails the test with the command that
+//! installs it (the README's test command installs them all).
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use crate::{eventually, http_request};
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Fails the test unless `check` (a shell command) succeeds, naming `install`.
+pub fn require(what: &str, check: &str, install: &str) {
+    let present = Command::new("sh")
+        .arg("-c")
+        .arg(check)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        present,
+        "{what} is missing; install it with: {install} (./scripts/test.sh does)"
+    );
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Process {
+    pub child: Child,
+    name: String,
+}
+
+impl Process {
+    pub fn spawn(name: &str, command: &mut Command) -> Self {
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Process {
+            child,
+            name: name.to_owned(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (a `kill` name such as STOP, CONT, KILL, TERM).
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(sent, "kill -{signal} {} ({}) failed", self.pid(), self.name);
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.child
+            .wait()
+            .unwrap_or_else(|e| panic!("{}: {e}", self.name))
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub async fn wait_for_port(addr: SocketAddr, deadline: Duration) {
+    eventually(
+        &format!("{addr} accepts connections"),
+        deadline,
+        || async move { tokio::net::TcpStream::connect(addr).await.is_ok() },
+    )
+    .await;
+}
+
+/// moto's SQS-compatible server (PyPI `moto[server]`).
+pub struct Moto {
+    pub addr: SocketAddr,
+    pub process: Process,
+}
+
+/// moto routes a request by the service in its credential scope; any signature passes.
+const SQS_AUTH: &str = "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/sqs/aws4_request, SignedHeaders=host, Signature=0";
+
+impl Moto {
+    pub async fn start() -> Moto {
+        require(
+            "moto's server (an SQS-compatible queue)",
+            "python3 -c 'import moto.server, flask'",
+            "python3 -m pip install 'moto[server]'",
+        );
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let process = Process::spawn(
+            "moto_server",
+            Command::new("python3")
+                .args(["-m", "moto.server", "-H", "127.0.0.1", "-p"])
+                .arg(addr.port().to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        wait_for_port(addr, Duration::from_secs(30)).await;
+        Moto { addr, process }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// One SQS query-protocol call; returns the XML answer.
+    pub async fn call(&self, form: &str) -> String {
+        let (status, body) = http_request(
+            self.addr,
+            "POST",
+            "/",
+            &[
+                ("Authorization", SQS_AUTH),
+                ("Content-Type", "application/x-www-form-urlencoded"),
+            ],
+            format!("{form}&Version=2012-11-05").as_bytes(),
+        )
+        .await;
+        assert_eq!(status, 200, "moto answered {status}: {body}");
+        body
+    }
+
+    /// Creates queue `name` and returns its URL.
+    pub async fn create_queue(&self, name: &str) -> String {
+        let xml = self
+            .call(&format!("Action=CreateQueue&QueueName={name}"))
+            .await;
+        xml_value(&xml, "QueueUrl").unwrap_or_else(|| panic!("no QueueUrl in {xml}"))
+    }
+
+    /// (visible, in flight) messages in the queue at `url`.
+    pub async fn depth(&self, url: &str) -> (u64, u64) {
+        let xml = self
+            .call(&format!(
+                "Action=GetQueueAttributes&QueueUrl={url}&AttributeName.1=All"
+            ))
+            .await;
+        let attribute = |name: &str| {
+            let at = xml
+                .find(&format!("<Name>{name}</Name>"))
+                .unwrap_or_else(|| panic!("no {name} in {xml}"));
+            xml_value(&xml[at..], "Value")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no value for {name} in {xml}"))
+        };
+        (
+            attribute("ApproximateNumberOfMessages"),
+            attribute("ApproximateNumberOfMessagesNotVisible"),
+        )
+    }
+}
+
+fn xml_value(xml: &str, tag: &str) -> Option<String> {
+    let start = xml.find(&format!("<{tag}>"))? + tag.len() + 2;
+    let end = start + xml[start..].find(&format!("</{tag}>"))?;
+    Some(xml[start..end].to_owned())
+}

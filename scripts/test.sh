@@ -29,6 +29,18 @@ if ! python3 -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
   python3 -c 'import grpc, grpc_tools' || { echo "grpcio still missing; run: python3 -m pip install grpcio grpcio-tools" >&2; exit 1; }
 fi
 
+# moto's server mode is the SQS-compatible queue the SQS proxy's tests run against.
+if ! python3 -c 'import moto.server, flask' >/dev/null 2>&1; then
+  say "installing moto[server] (an SQS-compatible server)"
+  python3 -m pip --version >/dev/null 2>&1 \
+    || as_root apt-get install -y -q python3-pip \
+    || { as_root apt-get update -q && as_root apt-get install -y -q python3-pip; } \
+    || { echo "pip is missing; run: sudo apt-get install -y python3-pip" >&2; exit 1; }
+  python3 -m pip install --quiet 'moto[server]' 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages 'moto[server]' \
+    || { echo "cannot install moto; run: python3 -m pip install 'moto[server]'" >&2; exit 1; }
+fi
+
 say "cargo fmt --check"
 cargo fmt --all -- --check
 say "cargo clippy"

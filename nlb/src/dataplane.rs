@@ -270,6 +270,29 @@ impl DataPlane {
         }
         let mut head = Vec::new();
         let detected = match protocol {
+            // Clients of these speak first and name their host (Host header, TLS SNI): read
+            // it so host routes work on a named listener too. Whatever else arrives, the
+            // listener's protocol stands, and the bytes read are passed on.
+            Some(
+                protocol @ (pb::Protocol::Http
+                | pb::Protocol::Https
+                | pb::Protocol::Grpc
+                | pb::Protocol::Websocket),
+            ) => {
+                let sniffed = tokio::time::timeout(
+                    self.limits.sniff_timeout,
+                    read_head(&mut client, &mut head),
+                )
+                .await;
+                if let Ok(Err(Refusal::ClientGone)) = sniffed {
+                    return Err(Refusal::ClientGone);
+                }
+                Detected {
+                    protocol,
+                    label: "named",
+                    name: sniffed.ok().and_then(Result::ok).and_then(|d| d.name),
+                }
+            }
             Some(protocol) => Detected {
                 protocol,
                 label: "named",

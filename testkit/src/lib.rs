@@ -240,7 +240,8 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 /// One HTTP/1.1 request on a fresh connection (`Connection: close`); returns (status code,
-/// body). `Content-Length` is added for a non-empty body.
+/// body). `Host` is the address unless `headers` name one; `Content-Length` is added for a
+/// non-empty body.
 pub async fn http_request(
     addr: SocketAddr,
     method: &str,
@@ -251,7 +252,13 @@ pub async fn http_request(
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("host"))
+    {
+        request.push_str(&format!("Host: {addr}\r\n"));
+    }
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }

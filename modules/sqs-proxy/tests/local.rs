@@ -154,3 +154,182 @@ async fn the_http_contract_and_bad_input() {
     assert_eq!(queue.depth(), (0, 0), "every handled message was deleted");
     assert!(!first_id.is_empty());
 }
+
+#[tokio::test]
+async fn kill_9_under_load_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue_dir = dir.path().join("queue");
+    let queue_arg = queue_dir.to_str().unwrap();
+    let proxy = Proxy::start(dir.path(), &["--queue-dir", queue_arg], &[]).await;
+    let (stop, stopping) = watch::channel(false);
+    let (load, mut senders) = start_load(proxy.data, 8, stopping);
+    eventually("300 readings acknowledged", DEADLINE, || {
+        let acked = load.acked();
+        async move { acked >= 300 }
+    })
+    .await;
+    proxy.process.signal("KILL");
+    eventually("the senders notice the proxy is gone", DEADLINE, || {
+        let broken = load.broken.load(std::sync::atomic::Ordering::Relaxed);
+        async move { broken > 0 }
+    })
+    .await;
+    stop.send_replace(true);
+    while let Some(sender) = senders.join_next().await {
+        sender.expect("no sender saw an unexpected answer");
+    }
+    drop(proxy);
+
+    let acked = load.acked.lock().unwrap().clone();
+    let mut puller = Puller::start(&["--queue-dir", queue_arg], &[]);
+    eventually(
+        &format!(
+            "the puller printed all {} acknowledged readings",
+            acked.len()
+        ),
+        DEADLINE,
+        || {
+            let pulled = puller.sequences();
+            let acked = &acked;
+            async move { acked.is_subset(&pulled) }
+        },
+    )
+    .await;
+    puller.stop();
+}
+
+/// A sink command that takes every message except those containing `poison`, appending the
+/// ones it takes to `file`.
+fn picky_sink(file: &std::path::Path, keep_failed: bool) -> SinkArgs {
+    SinkArgs {
+        sink_command: Some(format!(
+            r#"body=$(cat); case "$body" in *poison*) exit 3;; esac; printf '%s\n' "$body" >> {}"#,
+            file.display()
+        )),
+        keep_failed_messages: keep_failed,
+        visibility_timeout: Duration::from_secs(60),
+        pull_wait: Duration::from_millis(200),
+    }
+}
+
+#[tokio::test]
+async fn the_puller_keeps_or_deletes_what_its_sink_refused() {
+    for keep_failed in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = LocalQueue::open(&dir.path().join("queue")).unwrap();
+        for body in [r#"{"n":1}"#, r#"{"n":"poison"}"#, r#"{"n":2}"#] {
+            queue.send(body.to_owned()).await.unwrap();
+        }
+        let taken = dir.path().join("taken");
+        let puller = puller::Puller::new(
+            Arc::clone(&queue) as Arc<dyn Queue>,
+            &picky_sink(&taken, keep_failed),
+            None,
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(puller.run(async move {
+            let _ = stopped.await;
+        }));
+        let settled = if keep_failed { (1, 1) } else { (0, 0) };
+        eventually(
+            &format!("keep_failed={keep_failed}: the good ones taken, the queue at {settled:?}"),
+            DEADLINE,
+            || {
+                let depth = queue.depth();
+                let taken = std::fs::read_to_string(&taken).unwrap_or_default();
+                async move { depth == settled && taken == "{\"n\":1}\n{\"n\":2}\n" }
+            },
+        )
+        .await;
+        let _ = stop.send(());
+        running.await.unwrap();
+    }
+}
+
+/// Two regional proxies behind one NLB: each region's host name reaches its own proxy, and
+/// the NLB lists each with its `region` label.
+#[tokio::test]
+async fn regions_are_routed_to_their_own_proxies_through_the_nlb() {
+    let state = marchproxy_testkit::state_dir();
+    let nlb = marchproxy_testkit::start_with(marchproxy_nlb::Config {
+        state_dir: Some(state.path().to_owned()),
+        listen: vec![marchproxy::listen::ListenSpec::parse("http=127.0.0.1:0").unwrap()],
+        ..marchproxy_nlb::Config::local()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut proxies = Vec::new();
+    for region in ["eu", "us"] {
+        let file = dir.path().join(format!("{region}.toml"));
+        std::fs::write(
+            &file,
+            format!(
+                "[[routes]]\nroute_id = \"sensors-{region}\"\nprotocol = \"http\"\nsource_pattern = \"{region}.sensors.example\"\n"
+            ),
+        )
+        .unwrap();
+        let queue_dir = dir.path().join(format!("queue-{region}"));
+        proxies.push(
+            Proxy::start(
+                dir.path(),
+                &[
+                    "--config",
+                    file.to_str().unwrap(),
+                    "--nlb",
+                    &nlb.url(),
+                    "--region",
+                    region,
+                    "--instance-id",
+                    &format!("sqs-proxy-{region}"),
+                    "--queue-dir",
+                    queue_dir.to_str().unwrap(),
+                    "--heartbeat-interval",
+                    "1s",
+                ],
+                &[],
+            )
+            .await,
+        );
+    }
+    let client = nlb.client().await;
+    eventually(
+        "both regional proxies registered and healthy",
+        DEADLINE,
+        || {
+            let mut client = client.clone();
+            async move {
+                let listed = client
+                    .list_modules(pb::ListModulesRequest::default())
+                    .await
+                    .map(|r| r.into_inner().modules)
+                    .unwrap_or_default();
+                ["eu", "us"].iter().all(|region| {
+                    listed.iter().any(|m| {
+                        m.module_type == pb::ModuleType::SqsProxy as i32
+                            && m.metadata.get("region").map(String::as_str) == Some(region)
+                            && m.health_status == pb::HealthStatus::Healthy as i32
+                    })
+                })
+            }
+        },
+    )
+    .await;
+
+    let through_nlb = nlb.listen[0];
+    for (region, count) in [("eu", 3), ("us", 1)] {
+        for n in 0..count {
+            let host = format!("{region}.sensors.example");
+            let (status, body) = http_request(
+                through_nlb,
+                "POST",
+                "/send",
+                &[("Host", &host), ("Content-Type", "application/json")],
+                common::reading(n).as_bytes(),
+            )
+            .await;
+            assert_eq!(status, 200, "{region}: {body}");
+        }
+    }
+    assert_eq!(proxies[0].metric("sqs_proxy_queued_total", "").await, 3.0);
+    assert_eq!(proxies[1].metric("sqs_proxy_queued_total", "").await, 1.0);
+}

@@ -214,7 +214,7 @@ impl Puller {
                 .arg("puller")
                 .args(args)
                 .stdout(Stdio::piped())
-                .stderr(Stdio::inherit()),
+                .stderr(Stdio::null()),
         );
         let stdout = process.child.stdout.take().expect("piped stdout");
         let lines = Arc::new(Mutex::new(Vec::new()));

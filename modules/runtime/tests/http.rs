@@ -81,7 +81,10 @@ async fn proxy_header_rate_limit_counts_and_drain() {
     assert!(response.ends_with("\r\n\r\n203.0.113.7"), "{response}");
     let mut stream = TcpStream::connect(proxied).await.unwrap();
     let response = get_over(&mut stream, "/ip").await;
-    assert!(response.is_empty(), "no PROXY header, no answer: {response}");
+    assert!(
+        response.is_empty(),
+        "no PROXY header, no answer: {response}"
+    );
 
     let limit = Limit::try_from_wire(pb::RateLimit {
         limit_id: "edge".into(),
@@ -97,22 +100,31 @@ async fn proxy_header_rate_limit_counts_and_drain() {
     assert_eq!(statuses, [200, 200, 429]);
     let mut stream = TcpStream::connect(plain).await.unwrap();
     let limited = get_over(&mut stream, "/ip").await;
-    assert!(limited.to_ascii_lowercase().contains("retry-after: "), "{limited}");
+    assert!(
+        limited.to_ascii_lowercase().contains("retry-after: "),
+        "{limited}"
+    );
     assert!(limited.contains("rate limited by `edge`"), "{limited}");
     shared.limiter.remove("edge");
 
     let metrics = marchproxy::admin::render(&shared.stats.registry);
     assert!(
-        metrics.contains("marchproxy_module_rate_limited_total{instance=\"who-am-i\",module_type=\"alb\"} 2"),
+        metrics.contains(
+            "marchproxy_module_rate_limited_total{instance=\"who-am-i\",module_type=\"alb\"} 2"
+        ),
         "{metrics}"
     );
 
     // A request in flight when the drain starts still gets its answer.
     let slow = tokio::spawn(http_get(plain, "/slow"));
-    eventually("the slow request is in flight", Duration::from_secs(10), || {
-        let open = shared.stats.active_connections();
-        async move { open >= 1 }
-    })
+    eventually(
+        "the slow request is in flight",
+        Duration::from_secs(10),
+        || {
+            let open = shared.stats.active_connections();
+            async move { open >= 1 }
+        },
+    )
     .await;
     let _ = stop.send(());
     assert_eq!(slow.await.unwrap(), (200, "done".to_owned()));

@@ -170,7 +170,9 @@ async fn send(State(api): State<Arc<Api>>, headers: HeaderMap, body: Body) -> Re
                 QueueError::Busy(_) => Rejection::QueueBusy,
                 _ => Rejection::QueueUnavailable,
             };
-            warn!(queue = %api.proxy.queue.describe(), %error, "message not queued");
+            if let Some(suppressed) = api.proxy.log_throttle.allow() {
+                warn!(queue = %api.proxy.queue.describe(), %error, suppressed_since_last = suppressed, "message not queued");
+            }
             reject(reason, StatusCode::SERVICE_UNAVAILABLE, error.to_string())
         }
     }

@@ -78,6 +78,8 @@ pub struct SqsProxy {
     /// `Some` runs the puller in this process.
     pull: Option<SinkArgs>,
     metrics: OnceLock<Arc<Metrics>>,
+    /// Queue failures are logged at most once a second.
+    log_throttle: marchproxy::telemetry::LogThrottle,
 }
 
 impl SqsProxy {
@@ -92,6 +94,9 @@ impl SqsProxy {
             region,
             pull,
             metrics: OnceLock::new(),
+            log_throttle: marchproxy::telemetry::LogThrottle::new(std::time::Duration::from_secs(
+                1,
+            )),
         })
     }
 
@@ -228,7 +233,7 @@ impl Module for SqsProxy {
 /// Opens the queue the flags name.
 pub async fn open_queue(args: &QueueArgs) -> anyhow::Result<Arc<dyn Queue>> {
     Ok(match args.backend() {
-        Backend::Local => local::LocalQueue::open(&args.queue_dir)?,
+        Backend::Local => local::LocalQueue::open(&args.queue_dir, args.queue_timeout)?,
         Backend::Sqs => {
             let queue_url = args.sqs_queue_url.clone().context(
                 "--queue sqs needs the queue's URL: set SQS_QUEUE_URL (or --sqs-queue-url)",

@@ -132,6 +132,8 @@ impl Shared {
 pub struct LocalQueue {
     shared: Arc<Shared>,
     appends: mpsc::Sender<Append>,
+    /// Longest a send waits for its write; a disk that stalls longer gets senders a 503.
+    send_timeout: Duration,
     /// Held for the queue's life: one process per directory.
     _lock: File,
 }
@@ -223,8 +225,9 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 impl LocalQueue {
-    /// Opens (or creates) the queue in `dir` and replays what it holds.
-    pub fn open(dir: &Path) -> Result<Arc<Self>, OpenError> {
+    /// Opens (or creates) the queue in `dir` and replays what it holds; a send waits up to
+    /// `send_timeout` for the disk.
+    pub fn open(dir: &Path, send_timeout: Duration) -> Result<Arc<Self>, OpenError> {
         let io_error = |source| OpenError::Io {
             path: dir.to_owned(),
             source,
@@ -330,6 +333,7 @@ impl LocalQueue {
         Ok(Arc::new(LocalQueue {
             shared,
             appends,
+            send_timeout,
             _lock: lock,
         }))
     }
@@ -496,7 +500,13 @@ impl Queue for LocalQueue {
             return Err(QueueError::Refused("a message must be under 4 GiB".into()));
         }
         let id = Uuid::new_v4();
-        self.append(Record::Message { id, body }).await?;
+        // On timeout the write may still land: the sender, told 503, may send it again
+        // (a duplicate, never a loss).
+        tokio::time::timeout(self.send_timeout, self.append(Record::Message { id, body }))
+            .await
+            .map_err(|_| {
+                QueueError::Busy(self.appends.max_capacity() - self.appends.capacity())
+            })??;
         Ok(id.to_string())
     }
 
@@ -607,7 +617,7 @@ mod tests {
     #[tokio::test]
     async fn survives_reopening_and_forgets_what_was_deleted() {
         let dir = tempfile::tempdir().unwrap();
-        let queue = LocalQueue::open(dir.path()).unwrap();
+        let queue = LocalQueue::open(dir.path(), LONG).unwrap();
         let first = queue.send(r#"{"n":1}"#.into()).await.unwrap();
         let second = queue.send(r#"{"n":2}"#.into()).await.unwrap();
         let got = queue.receive(1, NOW, LONG).await.unwrap();
@@ -615,7 +625,7 @@ mod tests {
         queue.delete(&got[0].receipt).await.unwrap();
         drop(queue);
 
-        let queue = LocalQueue::open(dir.path()).unwrap();
+        let queue = LocalQueue::open(dir.path(), LONG).unwrap();
         let got = queue.receive(10, NOW, LONG).await.unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(
@@ -627,15 +637,15 @@ mod tests {
     #[tokio::test]
     async fn a_second_process_is_refused_the_directory() {
         let dir = tempfile::tempdir().unwrap();
-        let _queue = LocalQueue::open(dir.path()).unwrap();
-        let error = LocalQueue::open(dir.path()).err().unwrap();
+        let _queue = LocalQueue::open(dir.path(), LONG).unwrap();
+        let error = LocalQueue::open(dir.path(), LONG).err().unwrap();
         assert!(matches!(error, OpenError::Locked(_)), "{error}");
     }
 
     #[tokio::test]
     async fn unacknowledged_messages_come_back_after_the_visibility_timeout() {
         let dir = tempfile::tempdir().unwrap();
-        let queue = LocalQueue::open(dir.path()).unwrap();
+        let queue = LocalQueue::open(dir.path(), LONG).unwrap();
         queue.send("a".into()).await.unwrap();
         let first = queue
             .receive(10, NOW, Duration::from_millis(50))
@@ -656,7 +666,7 @@ mod tests {
     #[tokio::test]
     async fn a_long_poll_wakes_when_a_message_arrives() {
         let dir = tempfile::tempdir().unwrap();
-        let queue = LocalQueue::open(dir.path()).unwrap();
+        let queue = LocalQueue::open(dir.path(), LONG).unwrap();
         let waiting = {
             let queue = Arc::clone(&queue);
             tokio::spawn(async move { queue.receive(10, LONG, LONG).await })
@@ -674,7 +684,7 @@ mod tests {
     #[tokio::test]
     async fn a_torn_tail_is_cut_off_and_damage_elsewhere_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let queue = LocalQueue::open(dir.path()).unwrap();
+        let queue = LocalQueue::open(dir.path(), LONG).unwrap();
         let kept = queue.send("kept".into()).await.unwrap();
         drop(queue);
         let segment = segment_path(dir.path(), 1);
@@ -683,7 +693,7 @@ mod tests {
         torn.extend_from_slice(&whole[..HEADER_BYTES + 2]);
         fs::write(&segment, &torn).unwrap();
 
-        let queue = LocalQueue::open(dir.path()).unwrap();
+        let queue = LocalQueue::open(dir.path(), LONG).unwrap();
         assert_eq!(fs::read(&segment).unwrap(), whole);
         let got = queue.receive(10, NOW, LONG).await.unwrap();
         assert_eq!(
@@ -696,7 +706,7 @@ mod tests {
         damaged[HEADER_BYTES] ^= 0xff;
         fs::write(&segment, &damaged).unwrap();
         fs::write(segment_path(dir.path(), 2), b"").unwrap();
-        let error = LocalQueue::open(dir.path()).err().unwrap();
+        let error = LocalQueue::open(dir.path(), LONG).err().unwrap();
         assert!(
             matches!(error, OpenError::Corrupt { offset: 0, .. }),
             "{error}"

@@ -333,3 +333,96 @@ async fn regions_are_routed_to_their_own_proxies_through_the_nlb() {
     assert_eq!(proxies[0].metric("sqs_proxy_queued_total", "").await, 3.0);
     assert_eq!(proxies[1].metric("sqs_proxy_queued_total", "").await, 1.0);
 }
+
+/// `--pull` drains the local queue inside the proxy; the `module` section changes the filter
+/// live over gRPC; the deep health check reports the queue.
+#[tokio::test]
+async fn in_process_puller_live_settings_and_health() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue_dir = dir.path().join("queue");
+    let taken = dir.path().join("taken");
+    let sink = format!(r#"cat >> {}; echo >> {}"#, taken.display(), taken.display());
+    let proxy = Proxy::start(
+        dir.path(),
+        &[
+            "--queue-dir",
+            queue_dir.to_str().unwrap(),
+            "--pull",
+            "--sink-command",
+            &sink,
+            "--pull-wait",
+            "1s",
+        ],
+        &[],
+    )
+    .await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", proxy.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = pb::module_service_client::ModuleServiceClient::new(channel);
+
+    let reading =
+        |time: u64| json!({"hostname": "node-a", "job_submission_time": time}).to_string();
+    assert!(send(proxy.data, &reading(200)).await.1["message_id"].is_string());
+    assert_eq!(
+        send(proxy.data, &reading(100)).await.1["status"],
+        "filtered"
+    );
+    let update = |data: &str| pb::UpdateConfigRequest {
+        config: Some(pb::ConfigUpdate {
+            config_type: "module".into(),
+            config_data: data.as_bytes().to_vec(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let refused = client
+        .update_config(update(r#"{"max_body_bytes": 0}"#))
+        .await
+        .unwrap_err();
+    assert!(refused.message().contains("max_body_bytes"), "{refused:?}");
+    assert!(
+        client
+            .update_config(update(r#"{"ordering_filter": false}"#))
+            .await
+            .unwrap()
+            .into_inner()
+            .success
+    );
+    assert!(send(proxy.data, &reading(100)).await.1["message_id"].is_string());
+
+    eventually(
+        "the in-process puller handed both queued readings to the sink",
+        DEADLINE,
+        || {
+            let taken = std::fs::read_to_string(&taken).unwrap_or_default();
+            async move { taken.lines().count() == 2 }
+        },
+    )
+    .await;
+    let handled = || proxy.metric("sqs_proxy_pulled_total", "outcome=\"handled\"");
+    eventually("both counted as handled", DEADLINE, || async {
+        handled().await == 2.0
+    })
+    .await;
+
+    let health = client
+        .health_check(pb::HealthCheckRequest {
+            deep_check: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        health.status,
+        pb::HealthStatus::Healthy as i32,
+        "{health:?}"
+    );
+    assert!(
+        health.checks["queue"].contains("0 messages pending"),
+        "{health:?}"
+    );
+}

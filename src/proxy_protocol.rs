@@ -61,10 +61,18 @@ pub async fn read<S: AsyncRead + Unpin>(
     stream: &mut S,
     within: Duration,
 ) -> Result<Option<SocketAddr>, ProxyHeaderError> {
-    let mut fixed = [0u8; 16];
-    tokio::time::timeout(within, stream.read_exact(&mut fixed))
+    tokio::time::timeout(within, read_header(stream))
         .await
         .map_err(|_| ProxyHeaderError::Truncated)?
+}
+
+async fn read_header<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> Result<Option<SocketAddr>, ProxyHeaderError> {
+    let mut fixed = [0u8; 16];
+    stream
+        .read_exact(&mut fixed)
+        .await
         .map_err(|_| ProxyHeaderError::Truncated)?;
     if &fixed[..12] != SIGNATURE {
         return Err(ProxyHeaderError::NotProxy);
@@ -74,9 +82,9 @@ pub async fn read<S: AsyncRead + Unpin>(
         return Err(ProxyHeaderError::Malformed("longer than 4096 bytes"));
     }
     let mut rest = vec![0u8; length];
-    tokio::time::timeout(within, stream.read_exact(&mut rest))
+    stream
+        .read_exact(&mut rest)
         .await
-        .map_err(|_| ProxyHeaderError::Truncated)?
         .map_err(|_| ProxyHeaderError::Truncated)?;
     parse(fixed[12], fixed[13], &rest)
 }
@@ -93,6 +101,10 @@ fn parse(
         0 => return Ok(None), // LOCAL
         1 => {}
         _ => return Err(ProxyHeaderError::Malformed("unknown command")),
+    }
+    // Only streams carry these connections: a datagram (UDP) header is not ours.
+    if matches!(family >> 4, 1 | 2) && family & 0x0f != 1 {
+        return Err(ProxyHeaderError::Malformed("transport is not TCP"));
     }
     let port = |at: usize| u16::from_be_bytes([body[at], body[at + 1]]);
     match family >> 4 {
@@ -169,6 +181,12 @@ mod tests {
         short.truncate(20);
         assert!(matches!(
             read(&mut short.as_slice(), WITHIN).await,
+            Err(ProxyHeaderError::Malformed(_))
+        ));
+        let mut datagram = whole.clone();
+        datagram[13] = 0x12; // UDP over IPv4
+        assert!(matches!(
+            read(&mut datagram.as_slice(), WITHIN).await,
             Err(ProxyHeaderError::Malformed(_))
         ));
         let mut local = whole;

@@ -1,7 +1,10 @@
 //! The edge-facing HTTP API of spec/sqs-proxy.md: `POST /send` and `GET /health`, with the
 //! status codes and bodies edge devices already expect (FastAPI's `{"detail": ...}` errors).
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use axum::{
     Json, Router,
@@ -21,6 +24,9 @@ use crate::{
     metrics::{Metrics, Rejection},
     queue::QueueError,
 };
+
+/// How long a client may take to send its body once the headers arrived.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 struct Api {
     proxy: Arc<SqsProxy>,
@@ -97,7 +103,18 @@ async fn send(State(api): State<Arc<Api>>, headers: HeaderMap, body: Body) -> Re
             too_large(),
         );
     }
-    let bytes = match Limited::new(body, limit).collect().await {
+    let Ok(read) = tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, limit).collect()).await
+    else {
+        return reject(
+            Rejection::InvalidJson,
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "Request body not received within {} s",
+                BODY_TIMEOUT.as_secs()
+            ),
+        );
+    };
+    let bytes = match read {
         Ok(collected) => collected.to_bytes(),
         Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
             return reject(
@@ -145,17 +162,8 @@ async fn send(State(api): State<Arc<Api>>, headers: HeaderMap, body: Body) -> Re
         }))
         .into_response();
     }
-    // Parsing succeeded, so the bytes are UTF-8 JSON text; it is queued exactly as sent.
-    let text = match String::from_utf8(bytes.into()) {
-        Ok(text) => text,
-        Err(_) => {
-            return reject(
-                Rejection::InvalidJson,
-                StatusCode::BAD_REQUEST,
-                "Invalid JSON".into(),
-            );
-        }
-    };
+    // JSON text is UTF-8 and it parsed, so this is the body exactly as sent, queued as is.
+    let text = String::from_utf8_lossy(&bytes).into_owned();
     match api.proxy.queue.send(text).await {
         Ok(message_id) => {
             metrics.queued.inc();

@@ -74,7 +74,7 @@ pub struct QueueArgs {
     /// The local queue's directory
     #[arg(long, env = "MARCHPROXY_QUEUE_DIR", default_value = "sqs-proxy-queue")]
     pub queue_dir: PathBuf,
-    /// Longest a queue call may take; a sender waiting longer gets 503
+    /// Longest a message may wait for the queue (retries included); its sender then gets 503
     #[arg(long, env = "MARCHPROXY_QUEUE_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     pub queue_timeout: Duration,
     /// Most messages waiting for the queue at once; beyond, senders wait (up to

@@ -46,7 +46,8 @@ use crate::{
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
 /// Host names the ordering filter remembers at most (the least recently heard go first).
 const FILTER_MAX_HOSTS: usize = 100_000;
-/// The largest `max_body_bytes` accepted: beyond, SQS refuses the message anyway.
+/// The largest `max_body_bytes` accepted (the local queue takes it; SQS itself takes at most
+/// 1 MiB on AWS and 256 KiB on many compatible servers, and answers larger ones with 503).
 const MAX_BODY_CEILING: usize = 16 * 1024 * 1024;
 
 /// The live settings: config section `module` (UpdateConfig merges into them).
@@ -233,7 +234,13 @@ impl Module for SqsProxy {
 /// Opens the queue the flags name.
 pub async fn open_queue(args: &QueueArgs) -> anyhow::Result<Arc<dyn Queue>> {
     Ok(match args.backend() {
-        Backend::Local => local::LocalQueue::open(&args.queue_dir, args.queue_timeout)?,
+        Backend::Local => local::LocalQueue::open(
+            &args.queue_dir,
+            local::LocalSettings {
+                send_timeout: args.queue_timeout,
+                backlog: args.max_in_flight,
+            },
+        )?,
         Backend::Sqs => {
             let queue_url = args.sqs_queue_url.clone().context(
                 "--queue sqs needs the queue's URL: set SQS_QUEUE_URL (or --sqs-queue-url)",

@@ -4,11 +4,12 @@
 //! A single writer thread appends and `fdatasync`s; concurrent senders share one sync (group
 //! commit), and a send returns only after the sync, so an acknowledged message survives a crash
 //! or `kill -9`. The index of pending messages lives in memory (ids and file offsets, not
-//! bodies) and is rebuilt by replaying the segments at start; a torn record at the end of the
-//! last segment (a crash mid-write, never acknowledged) is cut off. Segments whose messages are
-//! all deleted are removed, oldest first. Received messages stay invisible for the visibility
-//! timeout, then come back unless deleted (at-least-once, like SQS). One process owns a
-//! directory at a time (an advisory lock).
+//! bodies) and is rebuilt by replaying the segments at start. A damaged tail of the last segment
+//! (a crash mid-write: never acknowledged) is copied aside, then cut off; damage anywhere else
+//! stops the start with the file named. Segments whose messages are all deleted are removed,
+//! oldest first. Received messages stay invisible for the visibility timeout, then come back
+//! unless deleted (at-least-once, like SQS). One process owns a directory at a time (an advisory
+//! lock, released only after the writer has stopped).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -17,6 +18,7 @@ use std::{
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
+    thread::JoinHandle,
     time::Duration,
 };
 
@@ -24,19 +26,37 @@ use tokio::{
     sync::{Notify, mpsc, oneshot},
     time::Instant,
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use uuid::Uuid;
 
 use crate::queue::{Queue, QueueError, Received};
 
 /// A segment is closed and a new one started past this size.
 const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// One commit writes at most about this much (plus one message), bounding the writer's buffer.
+const COMMIT_BYTES: usize = 8 * 1024 * 1024;
 /// Length, CRC32, kind, message id.
 const HEADER_BYTES: usize = 4 + 4 + 1 + 16;
 const KIND_MESSAGE: u8 = 1;
 const KIND_DELETE: u8 = 2;
-/// Appends waiting for the writer; senders beyond this wait (backpressure).
-const APPEND_BACKLOG: usize = 4096;
+
+/// How the local queue bounds its work.
+#[derive(Clone, Copy, Debug)]
+pub struct LocalSettings {
+    /// Longest a send waits for its write; a disk that stalls longer gets senders a 503.
+    pub send_timeout: Duration,
+    /// Messages waiting for the writer at once; senders beyond wait (within `send_timeout`).
+    pub backlog: usize,
+}
+
+impl Default for LocalSettings {
+    fn default() -> Self {
+        LocalSettings {
+            send_timeout: Duration::from_secs(10),
+            backlog: 1024,
+        }
+    }
+}
 
 /// Where a pending message's body lies on disk.
 #[derive(Clone, Copy, Debug)]
@@ -91,6 +111,16 @@ impl Index {
         }
     }
 
+    /// Whether the receipt `generation` still holds message `id` (received, not yet visible again).
+    fn holds(&self, id: &Uuid, generation: u64, now: Instant) -> bool {
+        self.by_id
+            .get(id)
+            .and_then(|order| self.pending.get(order))
+            .is_some_and(|e| {
+                e.generation == generation && e.invisible_until.is_some_and(|t| t > now)
+            })
+    }
+
     /// Segments before `current` with no pending message, oldest first, up to the first live one.
     fn take_dead_segments(&mut self, current: u64) -> Vec<u64> {
         let mut dead = Vec::new();
@@ -106,19 +136,28 @@ impl Index {
 }
 
 enum Record {
-    Message { id: Uuid, body: String },
-    Delete { id: Uuid },
+    Message {
+        id: Uuid,
+        body: String,
+    },
+    /// Deletes message `id` if receipt `generation` still holds it (checked by the writer).
+    Delete {
+        id: Uuid,
+        generation: u64,
+    },
 }
 
 struct Append {
     record: Record,
-    done: oneshot::Sender<io::Result<()>>,
+    done: oneshot::Sender<Result<(), QueueError>>,
 }
 
 struct Shared {
     dir: PathBuf,
     index: Mutex<Index>,
     arrived: Notify,
+    /// The last write failure, until a write succeeds again (health reports it).
+    failure: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -126,15 +165,28 @@ impl Shared {
         // The index stays consistent between statements, so a panic elsewhere leaves it usable.
         self.index.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn set_failure(&self, failure: Option<String>) {
+        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = failure;
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// The durable local queue. Cheap to share behind an `Arc`.
 pub struct LocalQueue {
     shared: Arc<Shared>,
     appends: mpsc::Sender<Append>,
-    /// Longest a send waits for its write; a disk that stalls longer gets senders a 503.
-    send_timeout: Duration,
-    /// Held for the queue's life: one process per directory.
+    settings: LocalSettings,
+    /// Joined on drop, so the directory is free once the queue is gone.
+    writer: Option<JoinHandle<()>>,
+    /// Held for the queue's life: one process per directory. Declared after `writer`, and
+    /// released only after the writer thread ended.
     _lock: File,
 }
 
@@ -147,7 +199,7 @@ pub enum OpenError {
     )]
     Locked(PathBuf),
     #[error(
-        "queue segment {path} is damaged at byte {offset} (not at its end, so not a torn write); move it aside to start without it"
+        "queue segment {path} is damaged at byte {offset} (not in the last segment, so not a torn write); move it aside to start without it"
     )]
     Corrupt { path: PathBuf, offset: u64 },
 }
@@ -159,9 +211,9 @@ fn segment_path(dir: &Path, segment: u64) -> PathBuf {
 fn encode(record: &Record, out: &mut Vec<u8>) -> (u64, u32) {
     let (kind, id, body) = match record {
         Record::Message { id, body } => (KIND_MESSAGE, id, body.as_bytes()),
-        Record::Delete { id } => (KIND_DELETE, id, &[][..]),
+        Record::Delete { id, .. } => (KIND_DELETE, id, &[][..]),
     };
-    // Bodies are capped far below 4 GiB by the HTTP limit (and checked in `send`).
+    // `send` refuses bodies of 4 GiB or more.
     let len = body.len() as u32;
     let mut crc = crc32fast::Hasher::new();
     crc.update(&[kind]);
@@ -220,14 +272,48 @@ fn decode(bytes: &[u8], at: usize) -> Decoded {
     }
 }
 
+/// Whole records that decode somewhere after `from` (a torn write can leave later pages intact;
+/// anything else is damage the operator should look at).
+fn records_after(bytes: &[u8], from: usize) -> usize {
+    let (mut at, mut found) = (from + 1, 0);
+    while at < bytes.len() {
+        match decode(bytes, at) {
+            Decoded::Record { next, .. } => {
+                found += 1;
+                at = next;
+            }
+            _ => at += 1,
+        }
+    }
+    found
+}
+
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Copies the damaged tail of `path` (from `at`) to a file beside it, then cuts it off.
+fn set_aside_tail(
+    dir: &Path,
+    segment: u64,
+    path: &Path,
+    bytes: &[u8],
+    at: usize,
+) -> io::Result<PathBuf> {
+    let aside = dir.join(format!("{segment:020}.damaged-at-{at}"));
+    let mut copy = File::create(&aside)?;
+    copy.write_all(&bytes[at..])?;
+    copy.sync_all()?;
+    let file = OpenOptions::new().write(true).open(path)?;
+    file.set_len(at as u64)?;
+    file.sync_all()?;
+    sync_dir(dir)?;
+    Ok(aside)
+}
+
 impl LocalQueue {
-    /// Opens (or creates) the queue in `dir` and replays what it holds; a send waits up to
-    /// `send_timeout` for the disk.
-    pub fn open(dir: &Path, send_timeout: Duration) -> Result<Arc<Self>, OpenError> {
+    /// Opens (or creates) the queue in `dir` and replays what it holds.
+    pub fn open(dir: &Path, settings: LocalSettings) -> Result<Arc<Self>, OpenError> {
         let io_error = |source| OpenError::Io {
             path: dir.to_owned(),
             source,
@@ -278,13 +364,14 @@ impl LocalQueue {
                     }
                     Decoded::End => break,
                     Decoded::Damaged if position + 1 == segments.len() => {
-                        warn!(segment = %path.display(), offset = at, dropped_bytes = bytes.len() - at, "cutting off a torn record at the end of the queue (a crash mid-write; it was never acknowledged)");
-                        let file = OpenOptions::new()
-                            .write(true)
-                            .open(&path)
-                            .map_err(io_error)?;
-                        file.set_len(at as u64).map_err(io_error)?;
-                        file.sync_all().map_err(io_error)?;
+                        let later = records_after(&bytes, at);
+                        let aside =
+                            set_aside_tail(dir, segment, &path, &bytes, at).map_err(io_error)?;
+                        if later == 0 {
+                            warn!(segment = %path.display(), offset = at, set_aside = %aside.display(), "cut off a torn write at the end of the queue (a crash mid-write; it was never acknowledged)");
+                        } else {
+                            error!(segment = %path.display(), offset = at, set_aside = %aside.display(), whole_records_after = later, "the queue's last segment is damaged before its end; the rest was set aside and may hold messages to recover by hand");
+                        }
                         break;
                     }
                     Decoded::Damaged => {
@@ -318,22 +405,25 @@ impl LocalQueue {
             dir: dir.to_owned(),
             index: Mutex::new(index),
             arrived: Notify::new(),
+            failure: Mutex::new(None),
         });
-        let (appends, incoming) = mpsc::channel(APPEND_BACKLOG);
+        let (appends, incoming) = mpsc::channel(settings.backlog.max(1));
         let writer = Writer {
             shared: Arc::clone(&shared),
             file,
             segment: current,
             size,
+            broken: None,
         };
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("local-queue-writer".to_owned())
             .spawn(move || writer.run(incoming))
             .map_err(io_error)?;
         Ok(Arc::new(LocalQueue {
             shared,
             appends,
-            send_timeout,
+            settings,
+            writer: Some(writer),
             _lock: lock,
         }))
     }
@@ -351,35 +441,42 @@ impl LocalQueue {
     }
 
     async fn append(&self, record: Record) -> Result<(), QueueError> {
+        let stopped = || QueueError::Unavailable("the local queue's writer stopped".into());
         let (done, written) = oneshot::channel();
         self.appends
             .send(Append { record, done })
             .await
-            .map_err(|_| QueueError::Unavailable("the local queue's writer stopped".into()))?;
-        written
-            .await
-            .map_err(|_| QueueError::Unavailable("the local queue's writer stopped".into()))?
-            .map_err(QueueError::Storage)
+            .map_err(|_| stopped())?;
+        written.await.map_err(|_| stopped())?
     }
 
-    fn read_bodies(dir: &Path, entries: &[Entry]) -> io::Result<Vec<String>> {
+    /// Each entry's body, or why it could not be read.
+    fn read_bodies(dir: &Path, entries: &[Entry]) -> Vec<io::Result<String>> {
         let mut open: HashMap<u64, File> = HashMap::new();
-        let mut bodies = Vec::with_capacity(entries.len());
-        for entry in entries {
-            let file = match open.entry(entry.segment) {
-                std::collections::hash_map::Entry::Occupied(file) => file.into_mut(),
-                std::collections::hash_map::Entry::Vacant(slot) => {
-                    slot.insert(File::open(segment_path(dir, entry.segment))?)
-                }
-            };
-            let mut body = vec![0u8; entry.len as usize];
-            file.read_exact_at(&mut body, entry.offset)?;
-            bodies.push(
-                String::from_utf8(body)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?,
-            );
+        entries
+            .iter()
+            .map(|entry| {
+                let file = match open.entry(entry.segment) {
+                    std::collections::hash_map::Entry::Occupied(file) => file.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        slot.insert(File::open(segment_path(dir, entry.segment))?)
+                    }
+                };
+                let mut body = vec![0u8; entry.len as usize];
+                file.read_exact_at(&mut body, entry.offset)?;
+                String::from_utf8(body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+            })
+            .collect()
+    }
+}
+
+impl Drop for LocalQueue {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer after its current commit (milliseconds).
+        self.appends = mpsc::channel(1).0;
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
         }
-        Ok(bodies)
     }
 }
 
@@ -389,16 +486,23 @@ struct Writer {
     file: File,
     segment: u64,
     size: u64,
+    /// Set when a partial write could not be cut off: the file no longer ends where the index
+    /// thinks, so nothing more is written until a restart replays it.
+    broken: Option<String>,
 }
 
 impl Writer {
     fn run(mut self, mut incoming: mpsc::Receiver<Append>) {
         let mut batch = Vec::new();
         while let Some(first) = incoming.blocking_recv() {
+            let mut bytes = Self::size_of(&first.record);
             batch.push(first);
-            while batch.len() < APPEND_BACKLOG {
+            while bytes < COMMIT_BYTES {
                 match incoming.try_recv() {
-                    Ok(next) => batch.push(next),
+                    Ok(next) => {
+                        bytes += Self::size_of(&next.record);
+                        batch.push(next);
+                    }
                     Err(_) => break,
                 }
             }
@@ -406,11 +510,44 @@ impl Writer {
         }
     }
 
+    fn size_of(record: &Record) -> usize {
+        HEADER_BYTES
+            + match record {
+                Record::Message { body, .. } => body.len(),
+                Record::Delete { .. } => 0,
+            }
+    }
+
     /// Writes and syncs every append of `batch` at once, then applies them to the index.
     fn commit(&mut self, batch: &mut Vec<Append>) {
+        if let Some(reason) = &self.broken {
+            for append in batch.drain(..) {
+                let _ = append
+                    .done
+                    .send(Err(QueueError::Unavailable(reason.clone())));
+            }
+            return;
+        }
+        // A delete whose receipt went stale since it was asked for is refused, not written:
+        // the message was received again by someone else.
+        let now = Instant::now();
+        let mut accepted = Vec::with_capacity(batch.len());
+        {
+            let index = self.shared.index();
+            for append in batch.drain(..) {
+                match append.record {
+                    Record::Delete { id, generation } if !index.holds(&id, generation, now) => {
+                        let _ = append
+                            .done
+                            .send(Err(QueueError::StaleReceipt(format!("{id}.{generation}"))));
+                    }
+                    _ => accepted.push(append),
+                }
+            }
+        }
         let mut bytes = Vec::new();
-        let mut placed = Vec::with_capacity(batch.len());
-        for append in batch.iter() {
+        let mut placed = Vec::with_capacity(accepted.len());
+        for append in &accepted {
             let (body_offset, len) = encode(&append.record, &mut bytes);
             placed.push((self.size + body_offset, len));
         }
@@ -418,34 +555,44 @@ impl Writer {
             .file
             .write_all(&bytes)
             .and_then(|()| self.file.sync_data());
-        if let Err(error) = written {
-            warn!(dir = %self.shared.dir.display(), %error, messages = batch.len(), "local queue write failed; nothing of this batch was acknowledged");
-            // Cut a partial write off so the next record starts where the log expects it.
-            if let Err(error) = self.file.set_len(self.size) {
-                warn!(%error, "cannot cut off a partial write; replay will drop it as torn");
+        if let Err(write_error) = written {
+            let segment = segment_path(&self.shared.dir, self.segment);
+            let reason = format!("writing {}: {write_error}", segment.display());
+            warn!(%reason, messages = accepted.len(), "local queue write failed; nothing of this batch was acknowledged");
+            // Cut a partial write off so the next record starts where the index expects it.
+            if let Err(cut_error) = self.file.set_len(self.size) {
+                let broken = format!(
+                    "{reason}; cutting the partial write off failed too ({cut_error}); restart the proxy (the damaged tail is set aside at start)"
+                );
+                error!(%broken, "local queue stopped writing");
+                self.broken = Some(broken);
             }
-            for append in batch.drain(..) {
-                let _ = append
-                    .done
-                    .send(Err(io::Error::new(error.kind(), error.to_string())));
+            self.shared
+                .set_failure(Some(self.broken.clone().unwrap_or(reason.clone())));
+            for append in accepted {
+                let _ = append.done.send(Err(QueueError::Storage(io::Error::new(
+                    write_error.kind(),
+                    reason.clone(),
+                ))));
             }
             return;
         }
+        self.shared.set_failure(None);
         self.size += bytes.len() as u64;
         let mut arrived = false;
         {
             let mut index = self.shared.index();
-            for (append, (offset, len)) in batch.iter().zip(placed) {
+            for (append, (offset, len)) in accepted.iter().zip(placed) {
                 match &append.record {
                     Record::Message { id, .. } => {
                         index.add(*id, self.segment, offset, len);
                         arrived = true;
                     }
-                    Record::Delete { id } => index.remove(id),
+                    Record::Delete { id, .. } => index.remove(id),
                 }
             }
         }
-        for append in batch.drain(..) {
+        for append in accepted {
             let _ = append.done.send(Ok(()));
         }
         if arrived {
@@ -502,11 +649,12 @@ impl Queue for LocalQueue {
         let id = Uuid::new_v4();
         // On timeout the write may still land: the sender, told 503, may send it again
         // (a duplicate, never a loss).
-        tokio::time::timeout(self.send_timeout, self.append(Record::Message { id, body }))
-            .await
-            .map_err(|_| {
-                QueueError::Busy(self.appends.max_capacity() - self.appends.capacity())
-            })??;
+        tokio::time::timeout(
+            self.settings.send_timeout,
+            self.append(Record::Message { id, body }),
+        )
+        .await
+        .map_err(|_| QueueError::Busy(self.appends.max_capacity() - self.appends.capacity()))??;
         Ok(id.to_string())
     }
 
@@ -552,17 +700,32 @@ impl Queue for LocalQueue {
                 let reading = taken.clone();
                 let bodies = tokio::task::spawn_blocking(move || Self::read_bodies(&dir, &reading))
                     .await
-                    .map_err(|e| QueueError::Storage(io::Error::other(e)))??;
-                return Ok(taken
-                    .into_iter()
-                    .zip(bodies)
-                    .map(|(entry, body)| Received {
-                        message_id: entry.id.to_string(),
-                        body,
-                        receipt: format!("{}.{}", entry.id, entry.generation),
-                        receive_count: entry.receive_count,
-                    })
-                    .collect());
+                    .map_err(|e| QueueError::Storage(io::Error::other(e)))?;
+                let mut received = Vec::with_capacity(taken.len());
+                for (entry, body) in taken.into_iter().zip(bodies) {
+                    match body {
+                        Ok(body) => received.push(Received {
+                            message_id: entry.id.to_string(),
+                            body,
+                            receipt: format!("{}.{}", entry.id, entry.generation),
+                            receive_count: entry.receive_count,
+                        }),
+                        Err(read_error) => {
+                            // It would fail the same way on every delivery: drop it, loudly.
+                            error!(dir = %self.shared.dir.display(), message_id = %entry.id, %read_error, "an unreadable message was removed from the queue");
+                            let _ = self
+                                .append(Record::Delete {
+                                    id: entry.id,
+                                    generation: entry.generation,
+                                })
+                                .await;
+                        }
+                    }
+                }
+                if !received.is_empty() {
+                    return Ok(received);
+                }
+                continue;
             }
             if now >= deadline {
                 return Ok(Vec::new());
@@ -576,27 +739,16 @@ impl Queue for LocalQueue {
     }
 
     async fn delete(&self, receipt: &str) -> Result<(), QueueError> {
-        let stale = || QueueError::StaleReceipt(receipt.to_owned());
-        let (id, generation) = parse_receipt(receipt).ok_or_else(stale)?;
-        {
-            let index = self.shared.index();
-            let held = index
-                .by_id
-                .get(&id)
-                .and_then(|order| index.pending.get(order))
-                .is_some_and(|e| {
-                    e.generation == generation
-                        && e.invisible_until.is_some_and(|t| t > Instant::now())
-                });
-            if !held {
-                return Err(stale());
-            }
-        }
-        self.append(Record::Delete { id }).await
+        let (id, generation) =
+            parse_receipt(receipt).ok_or_else(|| QueueError::StaleReceipt(receipt.to_owned()))?;
+        self.append(Record::Delete { id, generation }).await
     }
 
     async fn check(&self) -> Result<String, String> {
         let (pending, invisible) = self.depth();
+        if let Some(failure) = self.shared.failure() {
+            return Err(format!("the last write failed: {failure}"));
+        }
         if self.appends.is_closed() {
             return Err("the local queue's writer stopped; restart the proxy".into());
         }
@@ -617,7 +769,7 @@ mod tests {
     #[tokio::test]
     async fn survives_reopening_and_forgets_what_was_deleted() {
         let dir = tempfile::tempdir().unwrap();
-        let queue = LocalQueue::open(dir.path(), LONG).unwrap();
+        let queue = LocalQueue::open(dir.path(), LocalSettings::default()).unwrap();
         let first = queue.send(r#"{"n":1}"#.into()).await.unwrap();
         let second = queue.send(r#"{"n":2}"#.into()).await.unwrap();
         let got = queue.receive(1, NOW, LONG).await.unwrap();
@@ -625,7 +777,7 @@ mod tests {
         queue.delete(&got[0].receipt).await.unwrap();
         drop(queue);
 
-        let queue = LocalQueue::open(dir.path(), LONG).unwrap();
+        let queue = LocalQueue::open(dir.path(), LocalSettings::default()).unwrap();
         let got = queue.receive(10, NOW, LONG).await.unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(
@@ -637,15 +789,17 @@ mod tests {
     #[tokio::test]
     async fn a_second_process_is_refused_the_directory() {
         let dir = tempfile::tempdir().unwrap();
-        let _queue = LocalQueue::open(dir.path(), LONG).unwrap();
-        let error = LocalQueue::open(dir.path(), LONG).err().unwrap();
+        let _queue = LocalQueue::open(dir.path(), LocalSettings::default()).unwrap();
+        let error = LocalQueue::open(dir.path(), LocalSettings::default())
+            .err()
+            .unwrap();
         assert!(matches!(error, OpenError::Locked(_)), "{error}");
     }
 
     #[tokio::test]
     async fn unacknowledged_messages_come_back_after_the_visibility_timeout() {
         let dir = tempfile::tempdir().unwrap();
-        let queue = LocalQueue::open(dir.path(), LONG).unwrap();
+        let queue = LocalQueue::open(dir.path(), LocalSettings::default()).unwrap();
         queue.send("a".into()).await.unwrap();
         let first = queue
             .receive(10, NOW, Duration::from_millis(50))
@@ -666,7 +820,7 @@ mod tests {
     #[tokio::test]
     async fn a_long_poll_wakes_when_a_message_arrives() {
         let dir = tempfile::tempdir().unwrap();
-        let queue = LocalQueue::open(dir.path(), LONG).unwrap();
+        let queue = LocalQueue::open(dir.path(), LocalSettings::default()).unwrap();
         let waiting = {
             let queue = Arc::clone(&queue);
             tokio::spawn(async move { queue.receive(10, LONG, LONG).await })
@@ -684,7 +838,7 @@ mod tests {
     #[tokio::test]
     async fn a_torn_tail_is_cut_off_and_damage_elsewhere_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let queue = LocalQueue::open(dir.path(), LONG).unwrap();
+        let queue = LocalQueue::open(dir.path(), LocalSettings::default()).unwrap();
         let kept = queue.send("kept".into()).await.unwrap();
         drop(queue);
         let segment = segment_path(dir.path(), 1);
@@ -693,8 +847,16 @@ mod tests {
         torn.extend_from_slice(&whole[..HEADER_BYTES + 2]);
         fs::write(&segment, &torn).unwrap();
 
-        let queue = LocalQueue::open(dir.path(), LONG).unwrap();
+        let queue = LocalQueue::open(dir.path(), LocalSettings::default()).unwrap();
         assert_eq!(fs::read(&segment).unwrap(), whole);
+        let aside = dir
+            .path()
+            .join(format!("{:020}.damaged-at-{}", 1, whole.len()));
+        assert_eq!(
+            fs::read(aside).unwrap(),
+            &torn[whole.len()..],
+            "the torn tail is kept aside"
+        );
         let got = queue.receive(10, NOW, LONG).await.unwrap();
         assert_eq!(
             got.iter().map(|m| &m.message_id).collect::<Vec<_>>(),
@@ -706,7 +868,9 @@ mod tests {
         damaged[HEADER_BYTES] ^= 0xff;
         fs::write(&segment, &damaged).unwrap();
         fs::write(segment_path(dir.path(), 2), b"").unwrap();
-        let error = LocalQueue::open(dir.path(), LONG).err().unwrap();
+        let error = LocalQueue::open(dir.path(), LocalSettings::default())
+            .err()
+            .unwrap();
         assert!(
             matches!(error, OpenError::Corrupt { offset: 0, .. }),
             "{error}"

@@ -116,8 +116,17 @@ impl Puller {
             match received {
                 Ok(messages) => {
                     backoff = Duration::from_secs(1);
-                    for message in messages {
-                        self.handle(message).await;
+                    // Every message of the batch must be handled and deleted while it is still
+                    // ours; what is left at the deadline comes back later instead of twice.
+                    let deadline = tokio::time::Instant::now() + self.visibility.mul_f64(0.9);
+                    let total = messages.len();
+                    for (handled, message) in messages.into_iter().enumerate() {
+                        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                        if left.is_zero() {
+                            warn!(queue = %self.queue.describe(), left_for_redelivery = total - handled, visibility_s = self.visibility.as_secs(), "the batch outlasted the visibility timeout; raise --visibility-timeout");
+                            break;
+                        }
+                        self.handle(message, left).await;
                     }
                 }
                 Err(error) => {
@@ -133,8 +142,8 @@ impl Puller {
         info!(queue = %self.queue.describe(), "puller stopped");
     }
 
-    async fn handle(&self, message: Received) {
-        let outcome = match self.sink.handle(&message, self.visibility).await {
+    async fn handle(&self, message: Received, within: Duration) {
+        let outcome = match self.sink.handle(&message, within).await {
             Ok(()) => Pulled::Handled,
             Err(error) if self.keep_failed => {
                 warn!(message_id = %message.message_id, receive_count = message.receive_count, %error, "handling failed; kept for redelivery");

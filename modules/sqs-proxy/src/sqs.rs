@@ -21,7 +21,7 @@ use aws_sdk_sqs::{
     types::{MessageSystemAttributeName, QueueAttributeName, SendMessageBatchRequestEntry},
 };
 use tokio::sync::{Semaphore, mpsc, oneshot};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::queue::{Queue, QueueError, Received};
 
@@ -42,7 +42,8 @@ pub struct SqsSettings {
     pub concurrent_sends: usize,
     /// Messages waiting for the queue at once; beyond, senders wait, then get `Busy`.
     pub backlog: usize,
-    /// Longest a single call to SQS may take (receives add their long-poll wait to it).
+    /// Longest a message may wait for SQS, retries included, before its sender hears 503
+    /// (receives add their long-poll wait to it).
     pub timeout: Duration,
 }
 
@@ -72,7 +73,7 @@ impl SqsQueue {
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(3).min(settings.timeout))
-                    .operation_attempt_timeout(settings.timeout)
+                    .operation_timeout(settings.timeout)
                     .build(),
             )
             .load()
@@ -272,20 +273,26 @@ impl Queue for SqsQueue {
     async fn send(&self, body: String) -> Result<String, QueueError> {
         let (reply, answer) = oneshot::channel();
         let started = Instant::now();
-        let permit = match tokio::time::timeout(self.settings.timeout, self.pending.reserve()).await
-        {
+        let deadline = tokio::time::Instant::now() + self.settings.timeout;
+        let permit = match tokio::time::timeout_at(deadline, self.pending.reserve()).await {
             Ok(Ok(permit)) => permit,
             Ok(Err(_)) => return Err(QueueError::Unavailable("the SQS sender stopped".into())),
-            Err(_) => {
-                let waiting = self.settings.backlog;
-                warn!(waiting, "SQS is too slow: refusing a message");
-                return Err(QueueError::Busy(waiting));
-            }
+            Err(_) => return Err(QueueError::Busy(self.settings.backlog)),
         };
         permit.send(Pending { body, reply });
-        let answer = answer
-            .await
-            .map_err(|_| QueueError::Unavailable("the SQS sender stopped".into()))?;
+        // Past the deadline the message may still land (the batch goes on): the sender, told
+        // 503, may send it again; a duplicate, never a loss.
+        let answer = match tokio::time::timeout_at(deadline, answer).await {
+            Ok(answer) => {
+                answer.map_err(|_| QueueError::Unavailable("the SQS sender stopped".into()))?
+            }
+            Err(_) => {
+                return Err(QueueError::Unavailable(format!(
+                    "SQS did not accept the message within {} s",
+                    self.settings.timeout.as_secs_f64()
+                )));
+            }
+        };
         debug!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             ok = answer.is_ok(),
@@ -313,6 +320,7 @@ impl Queue for SqsQueue {
             .config_override(
                 aws_sdk_sqs::Config::builder().timeout_config(
                     TimeoutConfig::builder()
+                        .operation_timeout(self.settings.timeout + wait)
                         .operation_attempt_timeout(self.settings.timeout + wait)
                         .build(),
                 ),

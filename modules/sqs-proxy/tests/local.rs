@@ -8,7 +8,12 @@ use std::{sync::Arc, time::Duration};
 
 use common::{Proxy, Puller, send, start_load};
 use marchproxy::pb;
-use marchproxy_sqs_proxy::{config::SinkArgs, local::LocalQueue, puller, queue::Queue};
+use marchproxy_sqs_proxy::{
+    config::SinkArgs,
+    local::{LocalQueue, LocalSettings},
+    puller,
+    queue::Queue,
+};
 use marchproxy_testkit::{eventually, http_request};
 use serde_json::json;
 use tokio::{
@@ -150,7 +155,7 @@ async fn the_http_contract_and_bad_input() {
         serde_json::from_str::<serde_json::Value>(&common::reading(1)).unwrap()
     );
     assert_eq!(puller.sequences(), [1, 2, 4, 5].into());
-    let queue = LocalQueue::open(&queue_dir, DEADLINE).unwrap();
+    let queue = LocalQueue::open(&queue_dir, LocalSettings::default()).unwrap();
     assert_eq!(queue.depth(), (0, 0), "every handled message was deleted");
     assert!(!first_id.is_empty());
 }
@@ -216,7 +221,7 @@ fn picky_sink(file: &std::path::Path, keep_failed: bool) -> SinkArgs {
 async fn the_puller_keeps_or_deletes_what_its_sink_refused() {
     for keep_failed in [true, false] {
         let dir = tempfile::tempdir().unwrap();
-        let queue = LocalQueue::open(&dir.path().join("queue"), DEADLINE).unwrap();
+        let queue = LocalQueue::open(&dir.path().join("queue"), LocalSettings::default()).unwrap();
         for body in [r#"{"n":1}"#, r#"{"n":"poison"}"#, r#"{"n":2}"#] {
             queue.send(body.to_owned()).await.unwrap();
         }

@@ -174,3 +174,119 @@ fn xml_value(xml: &str, tag: &str) -> Option<String> {
     let end = start + xml[start..].find(&format!("</{tag}>"))?;
     Some(xml[start..end].to_owned())
 }
+
+/// A Mosquitto MQTT broker (Debian `mosquitto`) on a free loopback port.
+pub struct Mosquitto {
+    pub port: u16,
+    pub process: Process,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    pub async fn start() -> Mosquitto {
+        require(
+            "mosquitto (an MQTT broker)",
+            "command -v mosquitto || test -x /usr/sbin/mosquitto",
+            "sudo apt-get install -y mosquitto",
+        );
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let port = free_port();
+        let config = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &config,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .expect("mosquitto.conf written");
+        let binary = if std::path::Path::new("/usr/sbin/mosquitto").exists() {
+            "/usr/sbin/mosquitto"
+        } else {
+            "mosquitto"
+        };
+        let process = Process::spawn(
+            "mosquitto",
+            Command::new(binary)
+                .arg("-c")
+                .arg(&config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        wait_for_port(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(30),
+        )
+        .await;
+        Mosquitto {
+            port,
+            process,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+/// A Redis server (Debian `redis-server`) on a free loopback port, without persistence;
+/// [`Redis::restart`] brings it back on the same port.
+pub struct Redis {
+    pub port: u16,
+    pub process: Process,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    pub async fn start() -> Redis {
+        require(
+            "redis-server",
+            "command -v redis-server",
+            "sudo apt-get install -y redis-server",
+        );
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let port = free_port();
+        let process = Self::spawn(port, dir.path()).await;
+        Redis { port, process, dir }
+    }
+
+    async fn spawn(port: u16, dir: &std::path::Path) -> Process {
+        let process = Process::spawn(
+            "redis-server",
+            Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .arg("--port")
+                .arg(port.to_string())
+                .arg("--dir")
+                .arg(dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        wait_for_port(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(30),
+        )
+        .await;
+        process
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Kills the server and starts a fresh one on the same port (its data is gone).
+    pub async fn restart(&mut self) {
+        self.process.signal("KILL");
+        self.process.wait();
+        self.process = Self::spawn(self.port, self.dir.path()).await;
+    }
+
+    /// One command through `redis-cli`; its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new("redis-cli")
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+}

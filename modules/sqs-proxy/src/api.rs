@@ -37,6 +37,7 @@ pub fn router(proxy: Arc<SqsProxy>, metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/send", post(send))
         .route("/health", get(health))
+        .route("/devices", get(devices))
         .fallback(|| async { detail(StatusCode::NOT_FOUND, "Not Found") })
         .method_not_allowed_fallback(|| async {
             detail(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
@@ -46,6 +47,17 @@ pub fn router(proxy: Arc<SqsProxy>, metrics: Arc<Metrics>) -> Router {
 
 fn detail(status: StatusCode, detail: impl Into<String>) -> Response {
     (status, Json(json!({ "detail": detail.into() }))).into_response()
+}
+
+/// Every device this instance heard of, with its presence.
+async fn devices(State(api): State<Arc<Api>>) -> Response {
+    match api.proxy.presence() {
+        Some(presence) => Json(json!({ "devices": presence.devices() })).into_response(),
+        None => detail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Device presence is off: start the proxy with --redis-url",
+        ),
+    }
 }
 
 async fn health() -> Response {

@@ -29,6 +29,63 @@ pub struct Cli {
     pub pull: bool,
     #[command(flatten)]
     pub sink: SinkArgs,
+    #[command(flatten)]
+    pub edge: EdgeArgs,
+}
+
+/// The MQTT face: edge devices publishing readings and presence instead of POSTing.
+#[derive(Clone, Debug, Args)]
+pub struct EdgeArgs {
+    /// Broker to take device messages from: mqtt://[user:password@]host[:port] or mqtts://...
+    /// [default: no MQTT face]
+    #[arg(long, env = "MARCHPROXY_MQTT_URL", hide_env_values = true)]
+    pub mqtt_url: Option<String>,
+    /// Broker user name (when not in the URL)
+    #[arg(long, env = "MARCHPROXY_MQTT_USERNAME")]
+    pub mqtt_username: Option<String>,
+    /// Broker password (when not in the URL)
+    #[arg(long, env = "MARCHPROXY_MQTT_PASSWORD", hide_env_values = true)]
+    pub mqtt_password: Option<String>,
+    /// MQTT client id; the broker keeps this session's messages while it reconnects
+    /// [default: marchproxy-<instance id>]
+    #[arg(long, env = "MARCHPROXY_MQTT_CLIENT_ID")]
+    pub mqtt_client_id: Option<String>,
+    /// Topic of `msg.Connect` (device online)
+    #[arg(long, env = "MARCHPROXY_CONNECT_TOPIC", default_value = "connect")]
+    pub connect_topic: String,
+    /// Topic of `msg.LWT` (the devices' last will)
+    #[arg(long, env = "MARCHPROXY_LWT_TOPIC", default_value = "lwt")]
+    pub lwt_topic: String,
+    /// Data topic (filter) and its payload, TOPIC=SensorData or TOPIC=json (repeatable)
+    #[arg(
+        long,
+        env = "MARCHPROXY_DATA_TOPICS",
+        value_delimiter = ',',
+        default_value = "data/sensor=SensorData"
+    )]
+    pub data_topic: Vec<String>,
+    /// Data messages per queued batch: once this many wait, the batch goes when no other is at hand
+    #[arg(long, env = "MARCHPROXY_DATA_BATCH_MIN", default_value_t = 1)]
+    pub data_batch_min: usize,
+    /// Most data messages in one queued batch
+    #[arg(long, env = "MARCHPROXY_DATA_BATCH_MAX", default_value_t = 10)]
+    pub data_batch_max: usize,
+    /// Longest a data message waits for its batch
+    #[arg(long, env = "MARCHPROXY_DATA_BATCH_WAIT", value_parser = parse_duration, default_value = "1s")]
+    pub data_batch_wait: Duration,
+    /// Redis for device presence: redis://[user:password@]host:port[/db] or rediss://...
+    /// [default: no presence]
+    #[arg(long, env = "MARCHPROXY_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Webhook that gets one POST per batch of devices that went offline
+    #[arg(long, env = "MARCHPROXY_ALERT_WEBHOOK")]
+    pub alert_webhook: Option<String>,
+    /// Outages within this window make one alert
+    #[arg(long, env = "MARCHPROXY_ALERT_WINDOW", value_parser = parse_duration, default_value = "5s")]
+    pub alert_window: Duration,
+    /// SQS queue for outage events [default: the data queue; local: <queue-dir>/lwt]
+    #[arg(long, env = "SQS_LWT_QUEUE_URL")]
+    pub lwt_queue_url: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

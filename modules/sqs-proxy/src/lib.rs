@@ -7,24 +7,30 @@
 //! - [`queue`]: the backend trait, with [`sqs`] (Amazon SQS or compatible) and [`local`] (a
 //!   durable queue on disk, the default without `SQS_QUEUE_URL`);
 //! - [`puller`]: `marchproxy-sqs-proxy puller`, or in-process with `--pull`;
+//! - [`mqtt`], [`wire`], [`presence`], [`alerts`]: the MQTT face for edge devices (readings
+//!   batched into the queue, presence in Redis, outages to a `lwt` queue and a webhook);
 //! - [`metrics`]: `sqs_proxy_*` on the module's `/metrics`.
 //!
 //! Everything else (ModuleService, registration as `MODULE_TYPE_SQS_PROXY`, heartbeats, admin)
 //! is the module runtime's. [`run`] is the binary's entry point.
 
+pub mod alerts;
 pub mod api;
 pub mod config;
 pub mod filter;
 pub mod local;
 pub mod metrics;
+pub mod mqtt;
+pub mod presence;
 pub mod puller;
 pub mod queue;
 pub mod sqs;
+pub mod wire;
 
 use std::{
     collections::HashMap,
     sync::{
-        Arc, OnceLock, RwLock,
+        Arc, RwLock,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
 };
@@ -35,7 +41,7 @@ use marchproxy_runtime::{DataPlane, Module, ModuleError, RuntimeConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{Backend, Cli, Command, QueueArgs, SinkArgs},
+    config::{Backend, Cli, Command, EdgeArgs, QueueArgs, SinkArgs},
     filter::OrderingFilter,
     metrics::{Metrics, Rejection},
     puller::Puller,
@@ -78,13 +84,32 @@ pub struct SqsProxy {
     region: Option<String>,
     /// `Some` runs the puller in this process.
     pull: Option<SinkArgs>,
-    metrics: OnceLock<Arc<Metrics>>,
+    pub metrics: Arc<Metrics>,
+    /// The MQTT face and presence, when configured.
+    edge: Option<Edge>,
     /// Queue failures are logged at most once a second.
     log_throttle: marchproxy::telemetry::LogThrottle,
 }
 
+/// The MQTT face's parts, started with the data plane.
+pub struct Edge {
+    pub mqtt: Option<mqtt::MqttSettings>,
+    pub presence: Option<Arc<presence::Presence>>,
+    /// Outage reporting: events from `presence`, to the `lwt` queue and the webhook.
+    pub outages: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<String>>>,
+    pub lwt_queue: Arc<dyn Queue>,
+    pub webhook: Option<alerts::Webhook>,
+    pub alert_window: std::time::Duration,
+}
+
 impl SqsProxy {
-    pub fn new(queue: Arc<dyn Queue>, region: Option<String>, pull: Option<SinkArgs>) -> Arc<Self> {
+    pub fn new(
+        queue: Arc<dyn Queue>,
+        metrics: Arc<Metrics>,
+        region: Option<String>,
+        pull: Option<SinkArgs>,
+        edge: Option<Edge>,
+    ) -> Arc<Self> {
         let settings = Settings::default();
         Arc::new(SqsProxy {
             queue,
@@ -94,11 +119,17 @@ impl SqsProxy {
             settings: RwLock::new(settings),
             region,
             pull,
-            metrics: OnceLock::new(),
+            metrics,
+            edge,
             log_throttle: marchproxy::telemetry::LogThrottle::new(std::time::Duration::from_secs(
                 1,
             )),
         })
+    }
+
+    /// Device presence, when `--redis-url` is set.
+    pub fn presence(&self) -> Option<&Arc<presence::Presence>> {
+        self.edge.as_ref()?.presence.as_ref()
     }
 
     pub fn ordering_filter(&self) -> bool {
@@ -145,11 +176,36 @@ impl Module for SqsProxy {
     }
 
     async fn serve(self: Arc<Self>, plane: DataPlane) -> Result<(), ModuleError> {
-        let metrics = Arc::clone(
-            self.metrics
-                .get_or_init(|| Arc::new(Metrics::new(|opts| plane.stats.labelled(opts)))),
-        );
+        let metrics = Arc::clone(&self.metrics);
         metrics.register(&plane.stats.module_registry)?;
+        let mut edge_tasks = Vec::new();
+        if let Some(edge) = &self.edge {
+            let stopped = || {
+                let mut stopping = plane.stopping.clone();
+                async move { stopping.wait().await }
+            };
+            if let Some(presence) = &edge.presence {
+                edge_tasks.push(tokio::spawn(Arc::clone(presence).listen(stopped())));
+            }
+            let outages = edge.outages.lock().ok().and_then(|mut o| o.take());
+            if let Some(outages) = outages {
+                tokio::spawn(presence::report_outages(
+                    outages,
+                    Arc::clone(&edge.lwt_queue),
+                    edge.webhook.clone(),
+                    edge.alert_window,
+                ));
+            }
+            if let Some(settings) = &edge.mqtt {
+                edge_tasks.push(tokio::spawn(mqtt::run(
+                    settings.clone(),
+                    Arc::clone(&self.queue),
+                    edge.presence.clone(),
+                    Arc::clone(&metrics),
+                    stopped(),
+                )));
+            }
+        }
         let puller = self.pull.as_ref().map(|sink| {
             let puller = Puller::new(Arc::clone(&self.queue), sink, Some(Arc::clone(&metrics)));
             let mut stopping = plane.stopping.clone();
@@ -159,6 +215,9 @@ impl Module for SqsProxy {
         let served = marchproxy_runtime::http::serve(plane, router).await;
         if let Some(puller) = puller {
             let _ = puller.await;
+        }
+        for task in edge_tasks {
+            let _ = task.await;
         }
         served
     }
@@ -200,9 +259,7 @@ impl Module for SqsProxy {
     }
 
     fn custom_stats(&self) -> HashMap<String, String> {
-        let Some(metrics) = self.metrics.get() else {
-            return HashMap::new();
-        };
+        let metrics = &self.metrics;
         let rejected: u64 = [
             Rejection::InvalidJson,
             Rejection::NotAnObject,
@@ -257,6 +314,97 @@ pub async fn open_queue(args: &QueueArgs) -> anyhow::Result<Arc<dyn Queue>> {
     })
 }
 
+/// The MQTT face and presence from the flags: connects to Redis (so a wrong URL stops the
+/// start), opens the `lwt` queue. `None` without `--mqtt-url` and `--redis-url`.
+async fn edge(
+    args: &EdgeArgs,
+    queue_args: &QueueArgs,
+    instance_id: &str,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Option<Edge>> {
+    if args.mqtt_url.is_none() && args.redis_url.is_none() {
+        return Ok(None);
+    }
+    let mqtt = match &args.mqtt_url {
+        Some(url) => {
+            let data_topics = args
+                .data_topic
+                .iter()
+                .map(|spec| match spec.split_once('=') {
+                    Some((topic, format)) => Ok((topic.to_owned(), format.parse()?)),
+                    None => Ok((spec.clone(), wire::DataFormat::Json)),
+                })
+                .collect::<Result<Vec<_>, String>>()
+                .map_err(|e| anyhow::anyhow!("--data-topic: {e}"))?;
+            if args.data_batch_max == 0 || args.data_batch_min > args.data_batch_max {
+                anyhow::bail!(
+                    "--data-batch-min must be at most --data-batch-max, which must be above 0"
+                );
+            }
+            let settings = mqtt::MqttSettings {
+                url: url.clone(),
+                username: args.mqtt_username.clone(),
+                password: args.mqtt_password.clone(),
+                client_id: args
+                    .mqtt_client_id
+                    .clone()
+                    .unwrap_or_else(|| format!("marchproxy-{instance_id}")),
+                connect_topic: args.connect_topic.clone(),
+                lwt_topic: args.lwt_topic.clone(),
+                data_topics,
+                batching: mqtt::Batching {
+                    min: args.data_batch_min.max(1),
+                    max: args.data_batch_max,
+                    wait: args.data_batch_wait,
+                },
+            };
+            mqtt::check(&settings).map_err(|e| anyhow::anyhow!(e))?;
+            Some(settings)
+        }
+        None => None,
+    };
+    let (outage_sender, outages) = tokio::sync::mpsc::channel(1024);
+    let presence = match &args.redis_url {
+        Some(url) => {
+            Some(presence::Presence::connect(url, outage_sender, Arc::clone(metrics)).await?)
+        }
+        None => None,
+    };
+    let lwt_queue: Arc<dyn Queue> = match queue_args.backend() {
+        Backend::Local => local::LocalQueue::open(
+            &queue_args.queue_dir.join("lwt"),
+            local::LocalSettings {
+                send_timeout: queue_args.queue_timeout,
+                backlog: queue_args.max_in_flight,
+            },
+        )?,
+        Backend::Sqs => {
+            let lwt = QueueArgs {
+                sqs_queue_url: args
+                    .lwt_queue_url
+                    .clone()
+                    .or(queue_args.sqs_queue_url.clone()),
+                ..queue_args.clone()
+            };
+            open_queue(&lwt).await?
+        }
+    };
+    let webhook = args
+        .alert_webhook
+        .as_deref()
+        .map(alerts::Webhook::new)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    Ok(Some(Edge {
+        mqtt,
+        presence,
+        outages: std::sync::Mutex::new(Some(outages)),
+        lwt_queue,
+        webhook,
+        alert_window: args.alert_window,
+    }))
+}
+
 /// The binary: the proxy on the module runtime, or the `puller` subcommand.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(Command::Puller(args)) = cli.command {
@@ -283,7 +431,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     let queue = open_queue(&cli.queue).await?;
-    let proxy = SqsProxy::new(queue, cli.proxy.region, cli.pull.then_some(cli.sink));
+    let metrics = Arc::new(Metrics::new(|opts| {
+        opts.const_label("module_type", ModuleKind::SqsProxy.name())
+            .const_label("instance", &config.instance_id)
+    }));
+    let edge = edge(&cli.edge, &cli.queue, &config.instance_id, &metrics).await?;
+    let proxy = SqsProxy::new(
+        queue,
+        metrics,
+        cli.proxy.region,
+        cli.pull.then_some(cli.sink),
+        edge,
+    );
     marchproxy_runtime::run(proxy, config, marchproxy::signal::shutdown()).await?;
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! (by reason), how long the queue takes to accept a message, and what the puller did.
 //! Served on the module's `/metrics` beside the runtime's own `marchproxy_module_*` figures.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Why a message was not queued.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +68,10 @@ pub struct Metrics {
     rejected: IntCounterVec,
     pub queue_latency: Histogram,
     pulled: IntCounterVec,
+    pub devices_online: IntGauge,
+    pub outages: IntCounter,
+    mqtt_messages: IntCounterVec,
+    decode_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -110,6 +114,25 @@ impl Metrics {
                 "Messages the in-process puller handled, by outcome",
                 "outcome",
             ),
+            devices_online: IntGauge::with_opts(labelled(Opts::new(
+                "sqs_proxy_devices_online",
+                "Devices connected or in their last-will grace period, as this instance saw them",
+            )))
+            .unwrap_or_else(|e| panic!("metric sqs_proxy_devices_online: {e}")),
+            outages: counter(
+                "sqs_proxy_outages_total",
+                "Devices that dropped and did not come back within their last will's delay",
+            ),
+            mqtt_messages: by(
+                "sqs_proxy_mqtt_messages_total",
+                "MQTT messages received, by subscribed topic",
+                "topic",
+            ),
+            decode_errors: by(
+                "sqs_proxy_decode_errors_total",
+                "MQTT messages that could not be decoded (counted and dropped), by subscribed topic",
+                "topic",
+            ),
         };
         // Every label value shows from the start, at 0, so rates work before the first event.
         for reason in Rejection::ALL {
@@ -128,7 +151,19 @@ impl Metrics {
         registry.register(Box::new(self.filtered.clone()))?;
         registry.register(Box::new(self.rejected.clone()))?;
         registry.register(Box::new(self.queue_latency.clone()))?;
-        registry.register(Box::new(self.pulled.clone()))
+        registry.register(Box::new(self.pulled.clone()))?;
+        registry.register(Box::new(self.devices_online.clone()))?;
+        registry.register(Box::new(self.outages.clone()))?;
+        registry.register(Box::new(self.mqtt_messages.clone()))?;
+        registry.register(Box::new(self.decode_errors.clone()))
+    }
+
+    pub fn mqtt_message(&self, topic: &str) {
+        self.mqtt_messages.with_label_values(&[topic]).inc();
+    }
+
+    pub fn decode_error(&self, topic: &str) {
+        self.decode_errors.with_label_values(&[topic]).inc();
     }
 
     pub fn reject(&self, reason: Rejection) {

@@ -29,6 +29,14 @@ if ! python3 -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
   python3 -c 'import grpc, grpc_tools' || { echo "grpcio still missing; run: python3 -m pip install grpcio grpcio-tools" >&2; exit 1; }
 fi
 
+# Real servers the edge-ingest tests start: an MQTT broker and Redis.
+if ! { command -v redis-server && command -v redis-cli && { command -v mosquitto || test -x /usr/sbin/mosquitto; }; } >/dev/null 2>&1; then
+  say "installing mosquitto and redis-server"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q mosquitto redis-server \
+    || { as_root apt-get update -q && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q mosquitto redis-server; } \
+    || { echo "cannot install them; run: sudo apt-get install -y mosquitto redis-server" >&2; exit 1; }
+fi
+
 # moto's server mode is the SQS-compatible queue the SQS proxy's tests run against.
 if ! python3 -c 'import moto.server, flask' >/dev/null 2>&1; then
   say "installing moto[server] (an SQS-compatible server)"

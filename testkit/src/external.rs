@@ -175,11 +175,12 @@ fn xml_value(xml: &str, tag: &str) -> Option<String> {
     Some(xml[start..end].to_owned())
 }
 
-/// A Mosquitto MQTT broker (Debian `mosquitto`) on a free loopback port.
+/// A Mosquitto MQTT broker (Debian `mosquitto`) on a free loopback port, without
+/// persistence; [`Mosquitto::restart`] brings it back on the same port.
 pub struct Mosquitto {
     pub port: u16,
     pub process: Process,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Mosquitto {
@@ -197,6 +198,11 @@ impl Mosquitto {
             format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
         )
         .expect("mosquitto.conf written");
+        let process = Self::spawn(port, &config).await;
+        Mosquitto { port, process, dir }
+    }
+
+    async fn spawn(port: u16, config: &std::path::Path) -> Process {
         let binary = if std::path::Path::new("/usr/sbin/mosquitto").exists() {
             "/usr/sbin/mosquitto"
         } else {
@@ -206,7 +212,7 @@ impl Mosquitto {
             "mosquitto",
             Command::new(binary)
                 .arg("-c")
-                .arg(&config)
+                .arg(config)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
         );
@@ -215,11 +221,14 @@ impl Mosquitto {
             Duration::from_secs(30),
         )
         .await;
-        Mosquitto {
-            port,
-            process,
-            _dir: dir,
-        }
+        process
+    }
+
+    /// Kills the broker and starts a fresh one on the same port (sessions are gone).
+    pub async fn restart(&mut self) {
+        self.process.signal("KILL");
+        self.process.wait();
+        self.process = Self::spawn(self.port, &self.dir.path().join("mosquitto.conf")).await;
     }
 
     pub fn url(&self) -> String {

@@ -1,7 +1,7 @@
 //! The MQTT face with a real Mosquitto broker and a real Redis: devices simulated by MQTT
 //! clients with real last wills, readings batched into the queue, garbage counted and dropped,
 //! one outage alert for a device that stays away and none for one that comes back in time,
-//! and a Redis restart survived.
+//! and restarts of Redis and of the broker survived.
 
 mod common;
 
@@ -128,7 +128,7 @@ fn alerted(bodies: &Mutex<Vec<serde_json::Value>>) -> Vec<String> {
 
 #[tokio::test]
 async fn devices_readings_outages_and_a_redis_restart() {
-    let broker = Mosquitto::start().await;
+    let mut broker = Mosquitto::start().await;
     let mut redis = Redis::start().await;
     let (hook, alerts) = webhook().await;
     let dir = tempfile::tempdir().unwrap();
@@ -289,7 +289,30 @@ async fn devices_readings_outages_and_a_redis_restart() {
     })
     .await;
 
+    // The broker comes back without sessions: the proxy reconnects and subscribes again.
     drop((back, sensor));
+    broker.restart().await;
+    eventually("the proxy subscribed again", DEADLINE, || async {
+        proxy.log().matches("MQTT connected").count() >= 2
+    })
+    .await;
+    let after = Device::connect(&broker, "after", 30).await;
+    let reading = SensorData {
+        device: "after".into(),
+        ..Default::default()
+    };
+    after.publish("data/sensor", reading.encode_to_vec()).await;
+    eventually(
+        "a reading after the broker restart reached the queue",
+        DEADLINE,
+        || {
+            let text = std::fs::read_to_string(&batches).unwrap_or_default();
+            async move { text.contains("\"device\":\"after\"") }
+        },
+    )
+    .await;
+
+    drop(after);
     assert_eq!(proxy.stop().code(), Some(0));
     let lwt_dir = queue_dir.join("lwt");
     let mut puller = Puller::start(&["--queue-dir", lwt_dir.to_str().unwrap()], &[]);

@@ -73,10 +73,6 @@ pub struct EdgeArgs {
     /// Longest a data message waits for its batch
     #[arg(long, env = "MARCHPROXY_DATA_BATCH_WAIT", value_parser = parse_duration, default_value = "1s")]
     pub data_batch_wait: Duration,
-    /// Redis for device presence: redis://[user:password@]host:port[/db] or rediss://...
-    /// [default: no presence]
-    #[arg(long, env = "MARCHPROXY_REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
     /// Webhook that gets one POST per batch of devices that went offline
     #[arg(long, env = "MARCHPROXY_ALERT_WEBHOOK")]
     pub alert_webhook: Option<String>,
@@ -117,6 +113,8 @@ pub enum Backend {
     Sqs,
     /// The embedded durable queue in --queue-dir.
     Local,
+    /// Redis lists (--redis-url): one per topic, `send` for POST /send.
+    Redis,
 }
 
 #[derive(Clone, Debug, Args)]
@@ -131,6 +129,14 @@ pub struct QueueArgs {
     /// The local queue's directory
     #[arg(long, env = "MARCHPROXY_QUEUE_DIR", default_value = "sqs-proxy-queue")]
     pub queue_dir: PathBuf,
+    /// Redis, for device presence and the redis backend: redis://[user:password@]host:port[/db]
+    /// or rediss://... [default: no presence]
+    #[arg(long, env = "MARCHPROXY_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// The redis backend's list for POST /send (the puller drains this one; outage events go to
+    /// `lwt`, MQTT data to a list per topic)
+    #[arg(long, env = "MARCHPROXY_REDIS_LIST", default_value = "send")]
+    pub redis_list: String,
     /// Longest a message may wait for the queue (retries included); its sender then gets 503
     #[arg(long, env = "MARCHPROXY_QUEUE_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     pub queue_timeout: Duration,

@@ -4,8 +4,8 @@
 //! - [`api`]: the HTTP contract (`POST /send`, `GET /health`), served by the runtime's HTTP
 //!   data plane (connection counts, rate limits, PROXY protocol, drain);
 //! - [`filter`]: the per-hostname ordering filter;
-//! - [`queue`]: the backend trait, with [`sqs`] (Amazon SQS or compatible) and [`local`] (a
-//!   durable queue on disk, the default without `SQS_QUEUE_URL`);
+//! - [`queue`]: the backend trait, with [`sqs`] (Amazon SQS or compatible), [`local`] (a
+//!   durable queue on disk, the default without `SQS_QUEUE_URL`) and [`redis_queue`];
 //! - [`puller`]: `marchproxy-sqs-proxy puller`, or in-process with `--pull`;
 //! - [`mqtt`], [`wire`], [`presence`], [`alerts`]: the MQTT face for edge devices (readings
 //!   batched into the queue, presence in Redis, outages to a `lwt` queue and a webhook);
@@ -24,6 +24,7 @@ pub mod mqtt;
 pub mod presence;
 pub mod puller;
 pub mod queue;
+pub mod redis_queue;
 pub mod sqs;
 pub mod wire;
 
@@ -298,6 +299,13 @@ pub async fn open_queue(args: &QueueArgs) -> anyhow::Result<Arc<dyn Queue>> {
                 backlog: args.max_in_flight,
             },
         )?,
+        Backend::Redis => {
+            let url = args
+                .redis_url
+                .as_deref()
+                .context("--queue redis needs --redis-url (or MARCHPROXY_REDIS_URL)")?;
+            redis_queue::RedisQueue::connect(url, &args.redis_list).await?
+        }
         Backend::Sqs => {
             let queue_url = args.sqs_queue_url.clone().context(
                 "--queue sqs needs the queue's URL: set SQS_QUEUE_URL (or --sqs-queue-url)",
@@ -322,7 +330,7 @@ async fn edge(
     instance_id: &str,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<Option<Edge>> {
-    if args.mqtt_url.is_none() && args.redis_url.is_none() {
+    if args.mqtt_url.is_none() && queue_args.redis_url.is_none() {
         return Ok(None);
     }
     let mqtt = match &args.mqtt_url {
@@ -364,7 +372,7 @@ async fn edge(
         None => None,
     };
     let (outage_sender, outages) = tokio::sync::mpsc::channel(1024);
-    let presence = match &args.redis_url {
+    let presence = match &queue_args.redis_url {
         Some(url) => {
             Some(presence::Presence::connect(url, outage_sender, Arc::clone(metrics)).await?)
         }
@@ -378,6 +386,13 @@ async fn edge(
                 backlog: queue_args.max_in_flight,
             },
         )?,
+        Backend::Redis => {
+            open_queue(&QueueArgs {
+                redis_list: "lwt".into(),
+                ..queue_args.clone()
+            })
+            .await?
+        }
         Backend::Sqs => {
             let lwt = QueueArgs {
                 sqs_queue_url: args

@@ -320,7 +320,7 @@ impl Handler {
         .to_string();
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.queue.send(body.clone()).await {
+            match self.queue.send_to(&batch.topic, body.clone()).await {
                 Ok(message_id) => {
                     debug!(topic = %batch.topic, count = batch.publishes.len(), %message_id, "data batch queued");
                     self.metrics.queued.inc();

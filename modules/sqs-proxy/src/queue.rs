@@ -1,6 +1,6 @@
-//! The queue behind the proxy, as a small trait with two backends: Amazon SQS (or any
-//! SQS-compatible server) in [`crate::sqs`], and a durable queue on local disk in
-//! [`crate::local`]. The proxy sends; the puller receives and deletes.
+//! The queue behind the proxy, as a small trait with three backends: Amazon SQS (or any
+//! SQS-compatible server) in [`crate::sqs`], a durable queue on local disk in [`crate::local`],
+//! and Redis lists in [`crate::redis_queue`]. The proxy sends; the puller receives and deletes.
 
 use std::time::Duration;
 
@@ -42,6 +42,13 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Stores `body`; returns the queue's message id once the queue has it for good.
     async fn send(&self, body: String) -> Result<String, QueueError>;
+
+    /// Stores a message of `topic` (an MQTT data topic). Backends with one queue take it like
+    /// any message (the body names its topic); the Redis backend keeps a list per topic.
+    async fn send_to(&self, topic: &str, body: String) -> Result<String, QueueError> {
+        let _ = topic;
+        self.send(body).await
+    }
 
     /// Up to `max` messages, waiting up to `wait` for the first one.
     async fn receive(

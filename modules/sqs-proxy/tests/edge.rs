@@ -338,3 +338,93 @@ async fn devices_readings_outages_and_a_redis_restart() {
         ["gone", "late"]
     );
 }
+
+/// `--queue redis`: a list per topic, one element per message; the puller drains `send`
+/// through `send:processing`, and what it kept after a failure is back for the next puller.
+#[tokio::test]
+async fn redis_lists_hold_each_topic() {
+    let broker = Mosquitto::start().await;
+    let redis = Redis::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let redis_url = redis.url();
+    let mut proxy = Proxy::start(
+        dir.path(),
+        &[
+            "--queue",
+            "redis",
+            "--redis-url",
+            &redis_url,
+            "--mqtt-url",
+            &broker.url(),
+            "--data-batch-min",
+            "5",
+            "--data-batch-max",
+            "5",
+        ],
+        &[],
+    )
+    .await;
+    for body in [r#"{"n":1}"#, r#"{"n":"poison"}"#, r#"{"n":2}"#] {
+        let (status, answer) = common::send(proxy.data, body).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    assert_eq!(
+        redis.cli(&["LRANGE", "send", "0", "-1"]),
+        "{\"n\":1}\n{\"n\":\"poison\"}\n{\"n\":2}"
+    );
+    eventually("the proxy subscribed", DEADLINE, || async {
+        proxy.log().contains("MQTT connected")
+    })
+    .await;
+    let sensor = Device::connect(&broker, "sensor", 30).await;
+    for epoch in 0..5 {
+        let reading = SensorData {
+            device: "sensor".into(),
+            epoch,
+            ..Default::default()
+        };
+        sensor.publish("data/sensor", reading.encode_to_vec()).await;
+    }
+    eventually(
+        "one batch of five in list data/sensor",
+        DEADLINE,
+        || async { redis.cli(&["LLEN", "data/sensor"]) == "1" },
+    )
+    .await;
+    let batch: serde_json::Value =
+        serde_json::from_str(&redis.cli(&["LINDEX", "data/sensor", "0"])).unwrap();
+    assert_eq!(batch["count"], 5);
+    drop(sensor);
+    assert_eq!(proxy.stop().code(), Some(0));
+
+    let taken = dir.path().join("taken");
+    let sink = format!(
+        r#"body=$(cat); case "$body" in *poison*) exit 3;; esac; printf '%s\n' "$body" >> {}"#,
+        taken.display()
+    );
+    let queue = ["--queue", "redis", "--redis-url", &redis_url];
+    let keep = [("KEEP_FAILED_MESSAGES", "true")];
+    let mut puller = Puller::start(
+        &[&queue[..], &["--sink-command", &sink, "--pull-wait", "1s"]].concat(),
+        &keep,
+    );
+    eventually(
+        "the good ones taken, the poisoned one kept",
+        DEADLINE,
+        || async {
+            std::fs::read_to_string(&taken).unwrap_or_default() == "{\"n\":1}\n{\"n\":2}\n"
+                && redis.cli(&["LLEN", "send"]) == "0"
+                && redis.cli(&["LRANGE", "send:processing", "0", "-1"]) == "{\"n\":\"poison\"}"
+        },
+    )
+    .await;
+    puller.stop();
+    let mut next = Puller::start(&[&queue[..], &["--pull-wait", "1s"]].concat(), &[]);
+    eventually("the next puller gets the kept message", DEADLINE, || {
+        let lines = next.lines.lock().unwrap().clone();
+        async move { lines == ["{\"n\":\"poison\"}"] }
+    })
+    .await;
+    next.stop();
+    assert_eq!(redis.cli(&["LLEN", "send:processing"]), "0");
+}

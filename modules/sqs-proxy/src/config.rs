@@ -50,6 +50,14 @@ pub struct EdgeArgs {
     /// [default: marchproxy-<instance id>]
     #[arg(long, env = "MARCHPROXY_MQTT_CLIENT_ID")]
     pub mqtt_client_id: Option<String>,
+    /// Shared-subscription group, so several instances split the messages; empty to subscribe
+    /// plainly (every instance gets every message)
+    #[arg(
+        long,
+        env = "MARCHPROXY_MQTT_SHARE_GROUP",
+        default_value = "marchproxy"
+    )]
+    pub mqtt_share_group: String,
     /// Topic of `msg.Connect` (device online)
     #[arg(long, env = "MARCHPROXY_CONNECT_TOPIC", default_value = "connect")]
     pub connect_topic: String,
@@ -74,7 +82,7 @@ pub struct EdgeArgs {
     #[arg(long, env = "MARCHPROXY_DATA_BATCH_WAIT", value_parser = parse_duration, default_value = "1s")]
     pub data_batch_wait: Duration,
     /// Webhook that gets one POST per batch of devices that went offline
-    #[arg(long, env = "MARCHPROXY_ALERT_WEBHOOK")]
+    #[arg(long, env = "MARCHPROXY_ALERT_WEBHOOK", hide_env_values = true)]
     pub alert_webhook: Option<String>,
     /// Outages within this window make one alert
     #[arg(long, env = "MARCHPROXY_ALERT_WINDOW", value_parser = parse_duration, default_value = "5s")]

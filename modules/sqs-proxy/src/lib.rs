@@ -304,7 +304,7 @@ pub async fn open_queue(args: &QueueArgs) -> anyhow::Result<Arc<dyn Queue>> {
                 .redis_url
                 .as_deref()
                 .context("--queue redis needs --redis-url (or MARCHPROXY_REDIS_URL)")?;
-            redis_queue::RedisQueue::connect(url, &args.redis_list).await?
+            redis_queue::RedisQueue::connect(url, &args.redis_list, args.queue_timeout).await?
         }
         Backend::Sqs => {
             let queue_url = args.sqs_queue_url.clone().context(
@@ -360,6 +360,7 @@ async fn edge(
                 connect_topic: args.connect_topic.clone(),
                 lwt_topic: args.lwt_topic.clone(),
                 data_topics,
+                share_group: args.mqtt_share_group.clone(),
                 batching: mqtt::Batching {
                     min: args.data_batch_min.max(1),
                     max: args.data_batch_max,

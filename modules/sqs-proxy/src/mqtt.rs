@@ -1,20 +1,25 @@
 //! The MQTT face of the edge-ingest module: subscribes (QoS 1, a persistent session, so the
-//! broker keeps what arrives while we reconnect) to the connect, lwt and data topics; presence
+//! broker keeps what arrives while we reconnect; a shared subscription, so several instances
+//! split the messages instead of each taking all) to the connect, lwt and data topics; presence
 //! messages go to Redis, data messages are batched into the queue. A message is acknowledged to
 //! the broker only once it is stored (in Redis or the queue): a crash or an outage of either
 //! loses nothing, the broker delivers again. Garbage is counted and acknowledged (dropped).
+//! Acknowledgements are only sent on the connection the message came in on: after a reconnect
+//! the broker redelivers, and a packet id may have been reused.
 
 use std::{sync::Arc, time::Duration};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS, Transport};
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::{
     metrics::Metrics,
     presence::Presence,
-    queue::Queue,
+    queue::{Queue, QueueError},
     wire::{self, DataFormat},
 };
 
@@ -43,6 +48,8 @@ pub struct MqttSettings {
     pub lwt_topic: String,
     /// Topic filters carrying data, with their payload format.
     pub data_topics: Vec<(String, DataFormat)>,
+    /// Shared-subscription group (`$share/<group>/<filter>`); empty subscribes plainly.
+    pub share_group: String,
     pub batching: Batching,
 }
 
@@ -116,16 +123,25 @@ pub async fn run(
     };
     let (client, mut events) = AsyncClient::new(options, 256);
     let (publishes, incoming) = mpsc::unbounded_channel();
+    let (stopping, stopped) = watch::channel(false);
+    let connection = Arc::new(AtomicU64::new(0));
     let handler = Handler {
         settings: settings.clone(),
         client: client.clone(),
         queue,
         presence,
         metrics,
+        connection: Arc::clone(&connection),
+        stopped,
     };
     let handling = tokio::spawn(handler.run(incoming));
     let mut topics = vec![settings.connect_topic.clone(), settings.lwt_topic.clone()];
     topics.extend(settings.data_topics.iter().map(|(topic, _)| topic.clone()));
+    if !settings.share_group.is_empty() {
+        for topic in &mut topics {
+            *topic = format!("$share/{}/{topic}", settings.share_group);
+        }
+    }
     let broker = crate::presence::redacted(&settings.url);
     tokio::pin!(stop);
     let mut backoff = Duration::from_millis(200);
@@ -137,16 +153,22 @@ pub async fn run(
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff = Duration::from_millis(200);
+                connection.fetch_add(1, Ordering::AcqRel);
                 info!(%broker, session_present = ack.session_present, topics = ?topics, "MQTT connected; subscribing");
-                for topic in &topics {
-                    // The request queue is drained by this very loop: never wait on it here.
-                    if let Err(error) = client.try_subscribe(topic.clone(), QoS::AtLeastOnce) {
-                        warn!(%topic, %error, "MQTT subscribe not sent");
+                // The request queue is drained by this very loop: subscribe from another task.
+                let (client, filters) = (client.clone(), topics.clone());
+                tokio::spawn(async move {
+                    let filters = filters
+                        .into_iter()
+                        .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce));
+                    if let Err(error) = client.subscribe_many(filters).await {
+                        warn!(%error, "MQTT subscribe not sent");
                     }
-                }
+                });
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                if publishes.send(publish).is_err() {
+                let arrived = (connection.load(Ordering::Acquire), publish);
+                if publishes.send(arrived).is_err() {
                     break;
                 }
             }
@@ -161,9 +183,13 @@ pub async fn run(
             }
         }
     }
-    let _ = client.try_disconnect();
+    // What is buffered or being retried now stays unacknowledged: the broker delivers it again.
+    stopping.send_replace(true);
     drop(publishes);
     let _ = handling.await;
+    let _ = client.try_disconnect();
+    // One more poll sends the DISCONNECT (a clean goodbye keeps the session's messages).
+    let _ = tokio::time::timeout(Duration::from_secs(1), events.poll()).await;
 }
 
 /// Handles publishes in order; stores, then acknowledges.
@@ -173,18 +199,33 @@ struct Handler {
     queue: Arc<dyn Queue>,
     presence: Option<Arc<Presence>>,
     metrics: Arc<Metrics>,
+    /// Counts broker connections; a publish is acknowledged only on the one it came in on.
+    connection: Arc<AtomicU64>,
+    stopped: watch::Receiver<bool>,
 }
 
-/// A data topic's pending batch.
+/// A publish and the connection it arrived on.
+type Arrived = (u64, Publish);
+
+/// A data topic filter's pending batch.
 struct Batch {
     topic: String,
     messages: Vec<serde_json::Value>,
-    publishes: Vec<Publish>,
+    publishes: Vec<Arrived>,
     deadline: tokio::time::Instant,
 }
 
+/// How storing one message ended.
+enum Stored {
+    Yes,
+    /// Refused for good (not worth retrying): dropped, acknowledged.
+    Refused(String),
+    /// Shutting down before it could be stored: left unacknowledged.
+    Stopping,
+}
+
 impl Handler {
-    async fn run(self, mut incoming: mpsc::UnboundedReceiver<Publish>) {
+    async fn run(mut self, mut incoming: mpsc::UnboundedReceiver<Arrived>) {
         let mut batch: Option<Batch> = None;
         loop {
             let deadline = batch.as_ref().map(|b| b.deadline);
@@ -202,33 +243,35 @@ impl Handler {
                     continue;
                 }
             };
-            let Some(publish) = next else {
-                // Shutting down: an unsent batch is not acknowledged, so the broker redelivers it.
+            // Shutting down: what is unsent stays unacknowledged, so the broker redelivers it.
+            let Some(arrived) = next else { return };
+            if *self.stopped.borrow() {
                 return;
-            };
-            let topic = publish.topic.clone();
-            self.metrics.mqtt_message(&self.topic_label(&topic));
+            }
+            let topic = arrived.1.topic.clone();
+            let label = self.topic_label(&topic);
+            self.metrics.mqtt_message(&label);
             if topic == self.settings.connect_topic {
-                self.presence(publish, true).await;
+                self.presence(arrived, true).await;
             } else if topic == self.settings.lwt_topic {
-                self.presence(publish, false).await;
+                self.presence(arrived, false).await;
             } else if let Some(format) = self.format_of(&topic) {
-                match wire::decode_data(format, &publish.payload) {
+                match wire::decode_data(format, &arrived.1.payload) {
                     Ok(message) => {
-                        // One batch per topic: another topic's message closes the current one.
-                        if batch.as_ref().is_some_and(|b| b.topic != topic)
+                        // One batch per topic filter: another filter's message closes the current one.
+                        if batch.as_ref().is_some_and(|b| b.topic != label)
                             && let Some(other) = batch.take()
                         {
                             self.flush(other).await;
                         }
                         let current = batch.get_or_insert_with(|| Batch {
-                            topic: topic.clone(),
+                            topic: label.clone(),
                             messages: Vec::new(),
                             publishes: Vec::new(),
                             deadline: tokio::time::Instant::now() + self.settings.batching.wait,
                         });
                         current.messages.push(message);
-                        current.publishes.push(publish);
+                        current.publishes.push(arrived);
                         let len = current.messages.len();
                         let ready = len >= self.settings.batching.max
                             || (len >= self.settings.batching.min && incoming.is_empty());
@@ -236,105 +279,157 @@ impl Handler {
                             self.flush(full).await;
                         }
                     }
-                    Err(error) => self.garbage(publish, &error).await,
+                    Err(error) => self.garbage(arrived, &error).await,
                 }
             } else {
-                self.garbage(publish, "no handler for this topic").await;
+                self.garbage(arrived, "no handler for this topic").await;
             }
         }
     }
 
-    /// The configured topic (or filter) a message came in on: metrics are labelled by it, so
-    /// wildcards cannot multiply the series.
+    /// The configured topic (or filter) a message came in on: metrics and batches go by it, so
+    /// wildcards cannot multiply series or lists.
     fn topic_label(&self, topic: &str) -> String {
         if topic == self.settings.connect_topic || topic == self.settings.lwt_topic {
             return topic.to_owned();
         }
+        self.data_filter(topic)
+            .map_or_else(|| "other".to_owned(), |(filter, _)| filter.to_owned())
+    }
+
+    fn data_filter(&self, topic: &str) -> Option<(&str, DataFormat)> {
         self.settings
             .data_topics
             .iter()
             .find(|(filter, _)| wire::topic_matches(filter, topic))
-            .map_or_else(|| "other".to_owned(), |(filter, _)| filter.clone())
+            .map(|(filter, format)| (filter.as_str(), *format))
     }
 
     fn format_of(&self, topic: &str) -> Option<DataFormat> {
-        self.settings
-            .data_topics
-            .iter()
-            .find(|(filter, _)| wire::topic_matches(filter, topic))
-            .map(|(_, format)| *format)
+        self.data_filter(topic).map(|(_, format)| format)
     }
 
-    async fn ack(&self, publish: &Publish) {
+    async fn ack(&self, (connection, publish): &Arrived) {
+        if *connection != self.connection.load(Ordering::Acquire) {
+            debug!(topic = %publish.topic, "not acknowledged: it came on an earlier connection, the broker redelivers it");
+            return;
+        }
         if let Err(error) = self.client.ack(publish).await {
             debug!(%error, "MQTT ack not sent (disconnected; the broker will redeliver)");
         }
     }
 
-    async fn garbage(&self, publish: Publish, why: &str) {
+    async fn garbage(&self, arrived: Arrived, why: &str) {
+        let publish = &arrived.1;
         debug!(topic = %publish.topic, bytes = publish.payload.len(), why, "MQTT message ignored");
         self.metrics.decode_error(&self.topic_label(&publish.topic));
-        self.ack(&publish).await;
+        self.ack(&arrived).await;
     }
 
-    async fn presence(&self, publish: Publish, connected: bool) {
-        let decoded = if connected {
-            wire::decode_connect(&publish.payload).map(|device| (device, None))
-        } else {
-            wire::decode_lwt(&publish.payload).map(|(device, delay)| (device, Some(delay)))
-        };
-        let (device, delay) = match decoded {
-            Ok(decoded) => decoded,
-            Err(error) => return self.garbage(publish, &error).await,
-        };
-        let Some(presence) = &self.presence else {
-            debug!(%device, "presence message without --redis-url: counted only");
-            return self.ack(&publish).await;
-        };
+    /// Retries `store` while it fails for a reason that may pass, until it succeeds, fails for
+    /// good, or the module stops.
+    async fn store<F, Fut>(&mut self, what: &str, mut store: F) -> Stored
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), (bool, String)>>,
+    {
         let mut backoff = Duration::from_millis(100);
         loop {
-            let stored = match delay {
-                None => presence.online(&device).await,
-                Some(delay) => presence.leaving(&device, delay).await,
-            };
-            match stored {
-                Ok(()) => break,
-                Err(error) => {
+            match store().await {
+                Ok(()) => return Stored::Yes,
+                Err((false, error)) => return Stored::Refused(error),
+                Err((true, error)) => {
                     // Not acknowledged until stored: the broker holds further messages back.
-                    warn!(%device, %error, retry_in_ms = backoff.as_millis() as u64, "presence not stored in Redis; retrying");
-                    tokio::time::sleep(backoff).await;
+                    warn!(what, %error, retry_in_ms = backoff.as_millis() as u64, "not stored yet; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        _ = self.stopped.wait_for(|stopped| *stopped) => return Stored::Stopping,
+                    }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }
-        debug!(%device, ?delay, "presence stored");
-        self.ack(&publish).await;
     }
 
-    async fn flush(&self, batch: Batch) {
+    async fn presence(&mut self, arrived: Arrived, connected: bool) {
+        let payload = &arrived.1.payload;
+        let decoded = if connected {
+            wire::decode_connect(payload).map(|device| (device, None))
+        } else {
+            wire::decode_lwt(payload).map(|(device, delay)| (device, Some(delay)))
+        };
+        let (device, delay) = match decoded {
+            Ok(decoded) => decoded,
+            Err(error) => return self.garbage(arrived, &error).await,
+        };
+        if let Some(why) = crate::presence::refused_name(&device) {
+            return self.garbage(arrived, why).await;
+        }
+        let Some(presence) = self.presence.clone() else {
+            debug!(%device, "presence message without --redis-url: counted only");
+            return self.ack(&arrived).await;
+        };
+        let stored = self
+            .store("presence", || {
+                let (presence, device) = (Arc::clone(&presence), device.clone());
+                async move {
+                    let result = match delay {
+                        None => presence.online(&device).await,
+                        Some(delay) => presence.leaving(&device, delay).await,
+                    };
+                    result.map_err(|e| (crate::presence::transient(&e), e.to_string()))
+                }
+            })
+            .await;
+        match stored {
+            Stored::Yes => {
+                debug!(%device, ?delay, "presence stored");
+                self.ack(&arrived).await;
+            }
+            Stored::Refused(error) => {
+                warn!(%device, %error, "Redis refused the presence update; dropped");
+                self.garbage(arrived, &error).await;
+            }
+            Stored::Stopping => {}
+        }
+    }
+
+    async fn flush(&mut self, batch: Batch) {
         let body = json!({
             "topic": batch.topic,
             "count": batch.messages.len(),
             "messages": batch.messages,
         })
         .to_string();
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.queue.send_to(&batch.topic, body.clone()).await {
-                Ok(message_id) => {
-                    debug!(topic = %batch.topic, count = batch.publishes.len(), %message_id, "data batch queued");
-                    self.metrics.queued.inc();
-                    break;
+        let queue = Arc::clone(&self.queue);
+        let topic = batch.topic.clone();
+        let stored = self
+            .store("data batch", || {
+                let (queue, topic, body) = (Arc::clone(&queue), topic.clone(), body.clone());
+                async move {
+                    match queue.send_to(&topic, body).await {
+                        Ok(_) => Ok(()),
+                        Err(QueueError::Refused(error)) => Err((false, error)),
+                        Err(error) => Err((true, error.to_string())),
+                    }
                 }
-                Err(error) => {
-                    warn!(topic = %batch.topic, %error, retry_in_ms = backoff.as_millis() as u64, "data batch not queued; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+            })
+            .await;
+        match stored {
+            Stored::Yes => {
+                debug!(topic = %batch.topic, count = batch.publishes.len(), "data batch queued");
+                self.metrics.queued.inc();
+                for arrived in &batch.publishes {
+                    self.ack(arrived).await;
                 }
             }
-        }
-        for publish in &batch.publishes {
-            self.ack(publish).await;
+            Stored::Refused(error) => {
+                warn!(topic = %batch.topic, count = batch.publishes.len(), %error, "the queue refused a data batch; dropped");
+                for arrived in &batch.publishes {
+                    self.ack(arrived).await;
+                }
+            }
+            Stored::Stopping => {}
         }
     }
 }
@@ -352,6 +447,7 @@ mod tests {
             connect_topic: "connect".into(),
             lwt_topic: "lwt".into(),
             data_topics: vec![],
+            share_group: String::new(),
             batching: Batching {
                 min: 1,
                 max: 10,

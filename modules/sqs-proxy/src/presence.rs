@@ -5,7 +5,11 @@
 //! the set `marchproxy:leaving` holds the devices in their grace period, and removing a device
 //! from it decides which instance reports the outage (exactly one, and only for devices that
 //! left through their last will). Outages go to the `lwt` queue and, batched, to the alert
-//! webhook. The expiry listener reconnects and re-subscribes after a Redis restart.
+//! webhook. The expiry listener reconnects and re-subscribes after a Redis restart, and sweeps
+//! the set for keys that expired while it was not listening.
+//!
+//! Device names are Redis keys, so names that would touch our own keys (`marchproxy:...`) are
+//! refused, and grace periods are capped at a week.
 
 use std::{
     collections::BTreeMap,
@@ -26,6 +30,14 @@ use crate::{metrics::Metrics, queue::Queue};
 const LEAVING: &str = "marchproxy:leaving";
 /// Longest pause between reconnection attempts to Redis.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often the leaving set is swept for keys whose expiry notification was missed.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// The longest grace period a last will may ask for.
+pub const MAX_DELAY_SECONDS: u64 = 7 * 24 * 3600;
+/// Devices remembered for `GET /devices`; past it, the offline ones heard from longest ago go.
+const MAX_DEVICES: usize = 100_000;
+/// Longest a Redis command may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where a device stands, as `GET /devices` shows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -79,12 +91,42 @@ pub enum PresenceError {
     },
 }
 
-/// The database number in a `redis://host:port/N` URL (0 without one).
-fn database_of(url: &str) -> i64 {
-    url.split_once("://")
-        .and_then(|(_, rest)| rest.split_once('/'))
-        .and_then(|(_, path)| path.split(['?', '#']).next()?.parse().ok())
-        .unwrap_or(0)
+/// A Redis client and a reconnecting, timed connection for `url` (shown redacted in errors).
+pub async fn connect_redis(
+    url: &str,
+    timeout: Duration,
+) -> Result<(redis::Client, ConnectionManager), PresenceError> {
+    let shown = redacted(url);
+    let client = redis::Client::open(url).map_err(|source| PresenceError::Url {
+        url: shown.clone(),
+        source,
+    })?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(timeout)
+        .set_response_timeout(timeout);
+    let commands = ConnectionManager::new_with_config(client.clone(), config)
+        .await
+        .map_err(|source| PresenceError::Connect { url: shown, source })?;
+    Ok((client, commands))
+}
+
+/// Whether retrying can help (the server was unreachable), as opposed to a refused command.
+pub fn transient(error: &redis::RedisError) -> bool {
+    error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_timeout()
+}
+
+/// Why a device name cannot be a presence key, if it cannot.
+pub fn refused_name(device: &str) -> Option<&'static str> {
+    if device.starts_with("marchproxy:") {
+        Some("device names starting with `marchproxy:` are reserved")
+    } else if device.len() > 256 {
+        Some("device names are at most 256 bytes")
+    } else {
+        None
+    }
 }
 
 /// Hides the password of a URL for logs.
@@ -106,18 +148,12 @@ impl Presence {
         outages: mpsc::Sender<String>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, PresenceError> {
-        let shown = redacted(url);
-        let client = redis::Client::open(url).map_err(|source| PresenceError::Url {
-            url: shown.clone(),
-            source,
-        })?;
-        let commands = ConnectionManager::new(client.clone())
-            .await
-            .map_err(|source| PresenceError::Connect { url: shown, source })?;
+        let (client, commands) = connect_redis(url, COMMAND_TIMEOUT).await?;
+        let database = client.get_connection_info().redis.db;
         Ok(Arc::new(Presence {
             client,
             commands,
-            database: database_of(url),
+            database,
             devices: DashMap::new(),
             outages,
             metrics,
@@ -125,7 +161,7 @@ impl Presence {
     }
 
     fn note(&self, device: &str, state: State) {
-        self.devices.insert(
+        let was = self.devices.insert(
             device.to_owned(),
             Device {
                 device: device.to_owned(),
@@ -133,12 +169,22 @@ impl Presence {
                 last_seen: unix_now(),
             },
         );
-        let online = self
-            .devices
-            .iter()
-            .filter(|d| d.state != State::Offline)
-            .count();
-        self.metrics.devices_online.set(online as i64);
+        let counted = |s: Option<State>| i64::from(s.is_some_and(|s| s != State::Offline));
+        self.metrics
+            .devices_online
+            .add(counted(Some(state)) - counted(was.map(|d| d.state)));
+        if self.devices.len() > MAX_DEVICES {
+            let mut offline: Vec<(u64, String)> = self
+                .devices
+                .iter()
+                .filter(|d| d.state == State::Offline)
+                .map(|d| (d.last_seen, d.key().clone()))
+                .collect();
+            offline.sort_unstable();
+            for (_, name) in offline.into_iter().take(MAX_DEVICES / 10) {
+                self.devices.remove(&name);
+            }
+        }
     }
 
     /// A device connected: its key stays without expiry, and a pending outage is called off.
@@ -161,7 +207,7 @@ impl Presence {
         let mut commands = self.commands.clone();
         redis::pipe()
             .atomic()
-            .set_ex(device, "", delay)
+            .set_ex(device, "", delay.clamp(1, MAX_DELAY_SECONDS))
             .ignore()
             .sadd(LEAVING, device)
             .ignore()
@@ -222,11 +268,18 @@ impl Presence {
                 pubsub.subscribe(&channel).await?;
                 info!(%channel, "presence: listening for expired devices");
                 let mut messages = pubsub.on_message();
-                while let Some(message) = messages.next().await {
-                    let Ok(key) = message.get_payload::<String>() else {
-                        continue;
-                    };
-                    self.expired(&key).await;
+                let mut sweeps = tokio::time::interval(SWEEP_EVERY);
+                loop {
+                    tokio::select! {
+                        message = messages.next() => {
+                            let Some(message) = message else { break };
+                            if let Ok(key) = message.get_payload::<String>() {
+                                self.expired(&key).await;
+                            }
+                        }
+                        // The first tick is at once: what expired while we were away.
+                        _ = sweeps.tick() => self.sweep().await?,
+                    }
                 }
                 Ok::<(), redis::RedisError>(())
             };
@@ -243,6 +296,18 @@ impl Presence {
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+    }
+
+    /// Devices in their grace period whose key is gone: their notification was missed.
+    async fn sweep(&self) -> redis::RedisResult<()> {
+        let mut commands = self.commands.clone();
+        let leaving: Vec<String> = commands.smembers(LEAVING).await?;
+        for device in leaving {
+            if !commands.exists::<_, bool>(&device).await? {
+                self.expired(&device).await;
+            }
+        }
+        Ok(())
     }
 
     async fn expired(&self, key: &str) {
@@ -311,10 +376,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls() {
-        assert_eq!(database_of("redis://127.0.0.1:6379/3"), 3);
-        assert_eq!(database_of("redis://127.0.0.1:6379"), 0);
-        assert_eq!(database_of("rediss://u:p@host:6380/2?x=1"), 2);
+    fn names_and_urls() {
+        assert!(refused_name("marchproxy:leaving").is_some());
+        assert!(refused_name(&"d".repeat(300)).is_some());
+        assert_eq!(refused_name("sensor-7"), None);
         assert_eq!(
             redacted("redis://user:secret@host:6379/0"),
             "redis://user:***@host:6379/0"

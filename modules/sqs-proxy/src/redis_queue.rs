@@ -1,7 +1,8 @@
 //! The Redis list backend (`--queue redis`, with `--redis-url`): one list per topic, one
-//! element per message, appended with RPUSH: `/send` goes to list `send`, an MQTT data topic's
-//! batches to the list named after the topic, outage events to `lwt`. A list is also what other
-//! edge tools read directly.
+//! element per message, appended with RPUSH: `/send` goes to list `marchproxy:queue:send`, an
+//! MQTT data topic's batches to `marchproxy:queue:<topic filter>`, outage events to
+//! `marchproxy:queue:lwt` (device presence keys can never take these names). A list is also
+//! what other edge tools read directly.
 //!
 //! The puller takes messages with LMOVE into `<list>:processing` and removes them from there
 //! once handled (the reliable-queue pattern), so a crash between the two loses nothing. A
@@ -21,9 +22,24 @@ use uuid::Uuid;
 
 use crate::queue::{Queue, QueueError, Received};
 
+/// Where the list of `topic` lives.
+pub fn list_key(topic: &str) -> String {
+    format!("marchproxy:queue:{topic}")
+}
+
+/// Moves a message back from `:processing` to the front of its list, only if it is still there.
+const PUT_BACK: &str = r"
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('LPUSH', KEYS[2], ARGV[1])
+  return 1
+end
+return 0";
+
 pub struct RedisQueue {
     client: redis::Client,
     commands: ConnectionManager,
+    /// A connection of its own for blocking moves (the shared one must stay free).
+    blocking: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
     /// The list `send` (and messages without a topic) go to.
     list: String,
     shown_url: String,
@@ -42,17 +58,21 @@ fn unavailable(error: redis::RedisError) -> QueueError {
 }
 
 impl RedisQueue {
-    pub async fn connect(url: &str, list: &str) -> Result<Arc<Self>, QueueError> {
+    /// Connects; every command may take up to `timeout`.
+    pub async fn connect(
+        url: &str,
+        list: &str,
+        timeout: Duration,
+    ) -> Result<Arc<Self>, QueueError> {
         let shown_url = crate::presence::redacted(url);
-        let client = redis::Client::open(url)
-            .map_err(|e| QueueError::Unavailable(format!("--redis-url {shown_url}: {e}")))?;
-        let commands = ConnectionManager::new(client.clone()).await.map_err(|e| {
-            QueueError::Unavailable(format!("cannot reach Redis at {shown_url}: {e}"))
-        })?;
+        let (client, commands) = crate::presence::connect_redis(url, timeout)
+            .await
+            .map_err(|e| QueueError::Unavailable(e.to_string()))?;
         Ok(Arc::new(RedisQueue {
             client,
             commands,
-            list: list.to_owned(),
+            blocking: tokio::sync::Mutex::new(None),
+            list: list_key(list),
             shown_url,
             held: Mutex::new(HashMap::new()),
             recovered: tokio::sync::OnceCell::new(),
@@ -66,14 +86,13 @@ impl RedisQueue {
     /// Puts `body` back from `:processing` to the front of its list, atomically.
     async fn put_back(&self, list: &str, body: &str) -> Result<(), QueueError> {
         let mut commands = self.commands.clone();
-        redis::pipe()
-            .atomic()
-            .lrem(processing(list), 1, body)
-            .ignore()
-            .lpush(list, body)
-            .ignore()
-            .query_async::<()>(&mut commands)
+        redis::Script::new(PUT_BACK)
+            .key(processing(list))
+            .key(list)
+            .arg(body)
+            .invoke_async::<i64>(&mut commands)
             .await
+            .map(|_| ())
             .map_err(unavailable)
     }
 
@@ -124,14 +143,18 @@ impl Queue for RedisQueue {
     }
 
     async fn send(&self, body: String) -> Result<String, QueueError> {
-        let list = self.list.clone();
-        self.send_to(&list, body).await
+        let mut commands = self.commands.clone();
+        commands
+            .rpush::<_, _, i64>(&self.list, body)
+            .await
+            .map_err(unavailable)?;
+        Ok(Uuid::new_v4().to_string())
     }
 
     async fn send_to(&self, topic: &str, body: String) -> Result<String, QueueError> {
         let mut commands = self.commands.clone();
         commands
-            .rpush::<_, _, i64>(topic, body)
+            .rpush::<_, _, i64>(list_key(topic), body)
             .await
             .map_err(unavailable)?;
         Ok(Uuid::new_v4().to_string())
@@ -149,61 +172,77 @@ impl Queue for RedisQueue {
         }
         self.return_overdue().await?;
         let (list, busy) = (self.list.clone(), processing(&self.list));
-        let mut bodies = Vec::new();
+        let due = Instant::now() + visibility;
+        let mut received = Vec::new();
+        // Each moved message is tracked at once, so a failure halfway loses track of none.
+        let track = |body: String| {
+            let receipt = Uuid::new_v4().to_string();
+            self.held()
+                .insert(receipt.clone(), (list.clone(), body.clone(), due));
+            Received {
+                message_id: receipt.clone(),
+                body,
+                receipt,
+                receive_count: 1,
+            }
+        };
         let mut commands = self.commands.clone();
-        while bodies.len() < max {
-            let moved: Option<String> = commands
-                .lmove(
+        let mut failure = None;
+        for _ in 0..max {
+            match commands
+                .lmove::<_, _, Option<String>>(
                     &list,
                     &busy,
                     redis::Direction::Left,
                     redis::Direction::Right,
                 )
                 .await
-                .map_err(unavailable)?;
-            match moved {
-                Some(body) => bodies.push(body),
-                None => break,
+            {
+                Ok(Some(body)) => received.push(track(body)),
+                Ok(None) => break,
+                Err(error) => {
+                    failure = Some(unavailable(error));
+                    break;
+                }
             }
         }
-        if bodies.is_empty() && !wait.is_zero() {
-            // A blocking call gets a connection of its own: the shared one must stay free.
-            let mut blocking = self
-                .client
-                .get_multiplexed_async_connection()
-                .await
-                .map_err(unavailable)?;
-            let moved: Option<String> = blocking
-                .blmove(
-                    &list,
-                    &busy,
-                    redis::Direction::Left,
-                    redis::Direction::Right,
-                    wait.as_secs_f64(),
-                )
-                .await
-                .map_err(unavailable)?;
-            bodies.extend(moved);
-        }
-        let due = Instant::now() + visibility;
-        let mut held = self.held();
-        Ok(bodies
-            .into_iter()
-            .map(|body| {
-                let receipt = Uuid::new_v4().to_string();
-                held.insert(receipt.clone(), (list.clone(), body.clone(), due));
-                Received {
-                    message_id: receipt.clone(),
-                    body,
-                    receipt,
-                    receive_count: 1,
+        if received.is_empty() && failure.is_none() && !wait.is_zero() {
+            let mut blocking = self.blocking.lock().await;
+            if blocking.is_none() {
+                *blocking = Some(
+                    self.client
+                        .get_multiplexed_async_connection()
+                        .await
+                        .map_err(unavailable)?,
+                );
+            }
+            if let Some(connection) = blocking.as_mut() {
+                match connection
+                    .blmove::<_, _, Option<String>>(
+                        &list,
+                        &busy,
+                        redis::Direction::Left,
+                        redis::Direction::Right,
+                        wait.as_secs_f64(),
+                    )
+                    .await
+                {
+                    Ok(moved) => received.extend(moved.map(track)),
+                    Err(error) => {
+                        *blocking = None;
+                        failure = Some(unavailable(error));
+                    }
                 }
-            })
-            .collect())
+            }
+        }
+        match failure {
+            Some(error) if received.is_empty() => Err(error),
+            _ => Ok(received),
+        }
     }
 
     async fn delete(&self, receipt: &str) -> Result<(), QueueError> {
-        let Some((list, body, _)) = self.held().remove(receipt) else {
+        let Some((list, body, _)) = self.held().get(receipt).cloned() else {
             return Err(QueueError::StaleReceipt(receipt.to_owned()));
         };
         let mut commands = self.commands.clone();
@@ -211,6 +250,7 @@ impl Queue for RedisQueue {
             .lrem::<_, _, i64>(processing(&list), 1, body)
             .await
             .map_err(unavailable)?;
+        self.held().remove(receipt);
         Ok(())
     }
 

@@ -299,3 +299,116 @@ impl Redis {
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     }
 }
+
+/// An OCI registry (Debian `docker-registry`) on a free loopback port, storing in a temporary
+/// directory; optionally behind basic auth (htpasswd). Artifacts are pushed with ORAS (PyPI
+/// `oras`), as `application/wasm` single-layer manifests.
+pub struct OciRegistry {
+    pub port: u16,
+    pub process: Process,
+    dir: tempfile::TempDir,
+    credentials: Option<(String, String)>,
+}
+
+impl OciRegistry {
+    pub async fn start(credentials: Option<(&str, &str)>) -> OciRegistry {
+        require(
+            "docker-registry (an OCI registry)",
+            "command -v docker-registry",
+            "sudo apt-get install -y docker-registry",
+        );
+        require(
+            "ORAS for Python (pushes wasm artifacts)",
+            "python3 -c 'import oras.client'",
+            "python3 -m pip install oras",
+        );
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let port = free_port();
+        let mut config = format!(
+            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        );
+        if let Some((user, password)) = credentials {
+            require(
+                "htpasswd",
+                "command -v htpasswd",
+                "sudo apt-get install -y apache2-utils",
+            );
+            let file = dir.path().join("htpasswd");
+            let output = Command::new("htpasswd")
+                .args(["-Bbn", user, password])
+                .output()
+                .expect("htpasswd runs");
+            std::fs::write(&file, output.stdout).expect("htpasswd file written");
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+                file.display()
+            ));
+        }
+        std::fs::write(dir.path().join("config.yml"), config).expect("registry config written");
+        let process = Self::spawn(port, dir.path()).await;
+        OciRegistry {
+            port,
+            process,
+            dir,
+            credentials: credentials.map(|(u, p)| (u.to_owned(), p.to_owned())),
+        }
+    }
+
+    async fn spawn(port: u16, dir: &std::path::Path) -> Process {
+        let process = Process::spawn(
+            "docker-registry",
+            Command::new("docker-registry")
+                .arg("serve")
+                .arg(dir.join("config.yml"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        wait_for_port(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(30),
+        )
+        .await;
+        process
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Pushes `bytes` as `<host>/<repository>:<tag>` (an `application/wasm` layer).
+    pub fn push(&self, repository_and_tag: &str, bytes: &[u8]) {
+        let file = self.dir.path().join("module.wasm");
+        std::fs::write(&file, bytes).expect("module written");
+        let login = match &self.credentials {
+            Some((user, password)) => format!(
+                "c.login(username={user:?}, password={password:?}, hostname={:?})\n",
+                self.host()
+            ),
+            None => String::new(),
+        };
+        let script = format!(
+            "import oras.client\nc = oras.client.OrasClient(hostname={host:?}, insecure=True)\n{login}r = c.push(target={target:?}, files=[{file:?} + ':application/wasm'], disable_path_validation=True)\nassert r.status_code in (200, 201), r.status_code\n",
+            host = self.host(),
+            target = format!("{}/{repository_and_tag}", self.host()),
+            file = file.display().to_string(),
+        );
+        let output = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("python3 runs");
+        assert!(
+            output.status.success(),
+            "oras push failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    pub fn stop(&mut self) {
+        self.process.signal("KILL");
+        self.process.wait();
+    }
+}

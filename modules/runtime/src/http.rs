@@ -2,7 +2,8 @@
 //! the module writes an axum [`Router`]; this serves it on every data listener with what each
 //! of them would otherwise write again: connection and request counts in [`Stats`], the shared
 //! rate limiter (429 with `Retry-After`), the client address from a PROXY v2 header on `+proxy`
-//! listeners (as [`ConnectInfo`]), and a graceful stop when the runtime drains.
+//! listeners (as [`ConnectInfo`]), and a graceful stop when the runtime drains. Also the one
+//! outbound HTTP/HTTPS client modules use ([`client`]).
 
 use std::{
     convert::Infallible,
@@ -180,4 +181,23 @@ fn too_many_requests(limit_id: &str, retry_after: Duration) -> Response<Body> {
         .headers_mut()
         .insert(RETRY_AFTER, HeaderValue::from(seconds));
     response
+}
+
+/// An outbound HTTP/1.1 client for http:// and https:// (the system's root certificates).
+pub type Client = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Full<hyper::body::Bytes>,
+>;
+
+/// Builds a [`Client`]; fails only when the system has no root certificates at all.
+pub fn client() -> Result<Client, std::io::Error> {
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_native_roots()?
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Ok(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(connector),
+    )
 }

@@ -6,11 +6,6 @@ use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::{Method, Request, body::Bytes};
-use hyper_rustls::HttpsConnector;
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
 use tracing::{info, warn};
 
 const ATTEMPTS: u32 = 4;
@@ -19,7 +14,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct Webhook {
     url: hyper::Uri,
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: marchproxy_runtime::http::Client,
 }
 
 impl Webhook {
@@ -31,16 +26,9 @@ impl Webhook {
         if !matches!(uri.scheme_str(), Some("http" | "https")) {
             return Err("--alert-webhook must be an http:// or https:// URL".into());
         }
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_native_roots()
-            .map_err(|e| format!("no root certificates for --alert-webhook: {e}"))?
-            .https_or_http()
-            .enable_http1()
-            .build();
-        Ok(Webhook {
-            url: uri,
-            client: Client::builder(TokioExecutor::new()).build(connector),
-        })
+        let client = marchproxy_runtime::http::client()
+            .map_err(|e| format!("no root certificates for --alert-webhook: {e}"))?;
+        Ok(Webhook { url: uri, client })
     }
 
     /// The alert's JSON body.

@@ -29,24 +29,28 @@ if ! python3 -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
   python3 -c 'import grpc, grpc_tools' || { echo "grpcio still missing; run: python3 -m pip install grpcio grpcio-tools" >&2; exit 1; }
 fi
 
-# Real servers the edge-ingest tests start: an MQTT broker and Redis.
-if ! { command -v redis-server && command -v redis-cli && { command -v mosquitto || test -x /usr/sbin/mosquitto; }; } >/dev/null 2>&1; then
-  say "installing mosquitto and redis-server"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q mosquitto redis-server \
-    || { as_root apt-get update -q && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q mosquitto redis-server; } \
-    || { echo "cannot install them; run: sudo apt-get install -y mosquitto redis-server" >&2; exit 1; }
+# Real servers the module tests start: an MQTT broker, Redis, an OCI registry (htpasswd for its
+# password-protected variant).
+if ! { command -v redis-server && command -v redis-cli && command -v docker-registry && command -v htpasswd \
+       && { command -v mosquitto || test -x /usr/sbin/mosquitto; }; } >/dev/null 2>&1; then
+  packages="mosquitto redis-server docker-registry apache2-utils"
+  say "installing $packages"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $packages \
+    || { as_root apt-get update -q && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $packages; } \
+    || { echo "cannot install them; run: sudo apt-get install -y $packages" >&2; exit 1; }
 fi
 
-# moto's server mode is the SQS-compatible queue the SQS proxy's tests run against.
-if ! python3 -c 'import moto.server, flask' >/dev/null 2>&1; then
-  say "installing moto[server] (an SQS-compatible server)"
+# moto's server mode is the SQS-compatible queue the SQS proxy's tests run against; ORAS pushes
+# wasm artifacts to the registry.
+if ! python3 -c 'import moto.server, flask, oras.client' >/dev/null 2>&1; then
+  say "installing moto[server] (an SQS-compatible server) and oras"
   python3 -m pip --version >/dev/null 2>&1 \
     || as_root apt-get install -y -q python3-pip \
     || { as_root apt-get update -q && as_root apt-get install -y -q python3-pip; } \
     || { echo "pip is missing; run: sudo apt-get install -y python3-pip" >&2; exit 1; }
-  python3 -m pip install --quiet 'moto[server]' 2>/dev/null \
-    || python3 -m pip install --quiet --break-system-packages 'moto[server]' \
-    || { echo "cannot install moto; run: python3 -m pip install 'moto[server]'" >&2; exit 1; }
+  python3 -m pip install --quiet 'moto[server]' oras 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages 'moto[server]' oras \
+    || { echo "cannot install them; run: python3 -m pip install 'moto[server]' oras" >&2; exit 1; }
 fi
 
 say "cargo fmt --check"

@@ -383,8 +383,8 @@ impl OciRegistry {
         std::fs::write(&file, bytes).expect("module written");
         let login = match &self.credentials {
             Some((user, password)) => format!(
-                "c.login(username={user:?}, password={password:?}, hostname={:?})\n",
-                self.host()
+                "c = oras.client.OrasClient(hostname={host:?}, insecure=True, auth_backend='basic')\nc.login(username={user:?}, password={password:?}, hostname={host:?}, tls_verify=False)\n",
+                host = self.host()
             ),
             None => String::new(),
         };

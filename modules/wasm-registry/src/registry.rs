@@ -327,10 +327,10 @@ impl Registry {
 
     fn static_authorization(&self, registry: &str) -> Option<String> {
         let credentials = self.credentials_for(registry)?;
-        match &credentials.token {
-            Some(token) => Some(format!("Bearer {token}")),
-            None => None,
-        }
+        credentials
+            .token
+            .as_ref()
+            .map(|token| format!("Bearer {token}"))
     }
 
     /// Answers a 401 challenge: basic credentials, or a token from the realm.
@@ -420,14 +420,13 @@ impl Registry {
                 .to_owned();
             return Ok(Answer::Challenge(value));
         }
-        if status.is_redirection() {
-            if let Some(location) = response
+        if status.is_redirection()
+            && let Some(location) = response
                 .headers()
                 .get(header::LOCATION)
                 .and_then(|v| v.to_str().ok())
-            {
-                return Ok(Answer::Redirect(location.to_owned()));
-            }
+        {
+            return Ok(Answer::Redirect(location.to_owned()));
         }
         if !status.is_success() {
             return Ok(Answer::Status(status));

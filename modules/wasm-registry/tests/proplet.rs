@@ -256,3 +256,57 @@ async fn proplets_get_modules_from_the_registry_and_the_cache() {
         (200, r#"{"service":"proxy","status":"ok"}"#)
     );
 }
+
+#[tokio::test]
+async fn registry_credentials_and_a_broker_restart() {
+    let mut broker = Mosquitto::start().await;
+    let registry = OciRegistry::start(Some(("edge", "s3cret"))).await;
+    let module = random_bytes(250_000, 3);
+    registry.push("private/app.wasm:v1", &module);
+    let reference = format!("{}/private/app.wasm:v1", registry.host());
+    let ask = format!(r#"{{"app_name": "{reference}"}}"#);
+
+    let dir = tempfile::tempdir().unwrap();
+    let without = Service::start(dir.path(), &broker, &[]).await;
+    let proplet = Proplet::connect(&broker, "proplet-1").await;
+    proplet.ask(&ask).await;
+    eventually(
+        "an error object saying credentials are needed",
+        DEADLINE,
+        || {
+            let errors = proplet.errors(&reference);
+            async move { errors.iter().any(|e| e.contains("PROXY_AUTHENTICATE")) }
+        },
+    )
+    .await;
+    drop(without);
+
+    let host = registry.host();
+    let service = Service::start(
+        dir.path(),
+        &broker,
+        &[
+            ("PROXY_AUTHENTICATE", "true"),
+            ("PROXY_REGISTRY_URL", &host),
+            ("PROXY_REGISTRY_USERNAME", "edge"),
+            ("PROXY_REGISTRY_PASSWORD", "s3cret"),
+        ],
+    )
+    .await;
+    proplet.ask(&ask).await;
+    assert_eq!(proplet.module(&reference).await, module);
+    assert!(
+        !service.log().contains("s3cret"),
+        "the password is never logged"
+    );
+
+    // The broker restarts: the service reconnects and subscribes again.
+    broker.restart().await;
+    eventually("the service subscribed again", DEADLINE, || async {
+        service.log().matches("MQTT connected").count() >= 2
+    })
+    .await;
+    let after = Proplet::connect(&broker, "proplet-after").await;
+    after.ask(&ask).await;
+    assert_eq!(after.module(&reference).await, module);
+}

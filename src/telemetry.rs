@@ -12,7 +12,15 @@ pub enum LogFormat {
 
 /// Installs the global subscriber once; later calls (tests starting several servers) are no-ops.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with_default(format, "info");
+}
+
+/// [`init`] with `default` as the filter when `RUST_LOG` is not set (a module's own log-level
+/// variable, such as the wasm-registry's `PROXY_LOG_LEVEL`).
+pub fn init_with_default(format: LogFormat, default: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(default))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _already_set = match format {
         LogFormat::Text => builder.try_init(),

@@ -18,8 +18,12 @@ pub struct Cache {
     max_bytes: u64,
 }
 
+/// Writes to a file of its own, then renames: readers see the whole file or none, and two
+/// writers of one digest never share a temporary file.
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let partial = path.with_extension("partial");
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let unique = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let partial = path.with_extension(format!("{}-{unique}.partial", std::process::id()));
     fs::write(&partial, bytes)?;
     fs::rename(&partial, path)
 }
@@ -107,6 +111,10 @@ impl Cache {
         let mut blobs: Vec<(SystemTime, u64, PathBuf)> = entries
             .filter_map(|e| {
                 let e = e.ok()?;
+                // Files being written are not counted or evicted.
+                if e.file_name().to_string_lossy().ends_with(".partial") {
+                    return None;
+                }
                 let meta = e.metadata().ok()?;
                 Some((meta.modified().ok()?, meta.len(), e.path()))
             })

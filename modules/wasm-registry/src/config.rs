@@ -7,6 +7,9 @@ use clap::{Args, Parser, ValueEnum};
 use marchproxy::time::parse_duration;
 use marchproxy_runtime::CommonArgs;
 
+/// The largest chunk: its base64 (4/3) and JSON framing stay under 16 MiB MQTT packets.
+pub const MAX_CHUNK: usize = 8 << 20;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "marchproxy-wasm-registry",
@@ -57,6 +60,18 @@ pub struct ProxyArgs {
     /// MQTT password (alias PROXY_API_KEY)
     #[arg(long, env = "PROXY_CLIENT_KEY", hide_env_values = true)]
     pub client_key: Option<String>,
+    /// CA certificate (PEM file) for TLS to the broker
+    #[arg(long, env = "PROXY_MQTT_TLS_CA_CERT")]
+    pub mqtt_tls_ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM file) for TLS to the broker
+    #[arg(long, env = "PROXY_MQTT_TLS_CLIENT_CERT")]
+    pub mqtt_tls_client_cert: Option<PathBuf>,
+    /// Client key (PEM file) for TLS to the broker
+    #[arg(long, env = "PROXY_MQTT_TLS_CLIENT_KEY")]
+    pub mqtt_tls_client_key: Option<PathBuf>,
+    /// Log level when RUST_LOG is not set (error, warn, info, debug, trace)
+    #[arg(long, env = "PROXY_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
     /// Topic forms to serve
     #[arg(long, env = "PROXY_TOPIC_STYLE", value_enum, default_value = "current")]
     pub topic_style: TopicStyle,
@@ -122,8 +137,12 @@ impl ProxyArgs {
         if self.channel_id.as_deref().is_none_or(str::is_empty) {
             return Err("PROXY_CHANNEL_ID (or --channel-id) is required".into());
         }
-        if self.chunk_size == 0 {
-            return Err("PROXY_CHUNK_SIZE must be above 0".into());
+        // Base64 and the JSON around it must fit the 16 MiB packets the client allows.
+        if !(1..=MAX_CHUNK).contains(&self.chunk_size) {
+            return Err(format!(
+                "PROXY_CHUNK_SIZE must be from 1 to {MAX_CHUNK} bytes (got {})",
+                self.chunk_size
+            ));
         }
         Ok(self)
     }

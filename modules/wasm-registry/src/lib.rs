@@ -15,7 +15,7 @@ pub mod reference;
 pub mod registry;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -174,10 +174,56 @@ fn mqtt_options(args: &ProxyArgs, default_id: &str) -> Result<MqttOptions, Strin
     if let Some(key) = &args.client_key {
         options.set_credentials(client_id, key.clone());
     }
+    let read = |path: &std::path::PathBuf, what: &str| {
+        std::fs::read(path).map_err(|e| format!("{what} {}: {e}", path.display()))
+    };
+    let tls = tls || args.mqtt_tls_ca_cert.is_some();
     if tls {
-        options.set_transport(Transport::tls_with_default_config());
+        let client_auth = match (&args.mqtt_tls_client_cert, &args.mqtt_tls_client_key) {
+            (Some(cert), Some(key)) => Some((
+                read(cert, "PROXY_MQTT_TLS_CLIENT_CERT")?,
+                read(key, "PROXY_MQTT_TLS_CLIENT_KEY")?,
+            )),
+            (None, None) => None,
+            _ => {
+                return Err(
+                    "PROXY_MQTT_TLS_CLIENT_CERT and PROXY_MQTT_TLS_CLIENT_KEY go together".into(),
+                );
+            }
+        };
+        let transport = match &args.mqtt_tls_ca_cert {
+            Some(ca) => Transport::tls(read(ca, "PROXY_MQTT_TLS_CA_CERT")?, client_auth, None),
+            None if client_auth.is_some() => {
+                return Err("a client certificate needs PROXY_MQTT_TLS_CA_CERT too".into());
+            }
+            None => Transport::tls_with_default_config(),
+        };
+        options.set_transport(transport);
     }
     Ok(options)
+}
+
+/// Where a publication stands.
+#[derive(Clone, Copy, Debug, Default)]
+struct Publication {
+    /// The first chunk went out: a new requester missed it.
+    started: bool,
+    /// Someone asked after it started: publish the module once more when done.
+    again: bool,
+}
+
+/// Registry hosts as references resolve them (`docker.io` is `registry-1.docker.io`).
+fn registry_host(url: &str) -> String {
+    let host = url
+        .trim_start_matches("https://")
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    match host {
+        "docker.io" | "index.docker.io" => "registry-1.docker.io".to_owned(),
+        other => other.to_owned(),
+    }
 }
 
 #[derive(Deserialize)]
@@ -189,10 +235,11 @@ struct Request {
 pub struct WasmRegistry {
     args: ProxyArgs,
     registry: registry::Registry,
-    cache: Cache,
+    cache: Arc<Cache>,
     metrics: Arc<Metrics>,
-    /// References being served now: a second request for one shares its publication.
-    serving: Mutex<HashSet<String>>,
+    /// Publications under way, by (server topic, reference): a request arriving before the
+    /// first chunk went out shares it; one arriving later marks it to be published once more.
+    serving: Mutex<HashMap<(String, String), Publication>>,
     fetches: Semaphore,
     instance_id: String,
 }
@@ -200,12 +247,7 @@ pub struct WasmRegistry {
 impl WasmRegistry {
     pub fn new(args: ProxyArgs, instance_id: &str) -> anyhow::Result<Arc<Self>> {
         let credentials = args.authenticate.then(|| registry::Credentials {
-            host: args.registry_url.as_deref().map(|url| {
-                url.trim_start_matches("https://")
-                    .trim_start_matches("http://")
-                    .trim_end_matches('/')
-                    .to_owned()
-            }),
+            host: args.registry_url.as_deref().map(registry_host),
             username: args.registry_username.clone(),
             password: args.registry_password.clone(),
             token: args.registry_token.clone(),
@@ -215,7 +257,7 @@ impl WasmRegistry {
             credentials,
             args.max_module_bytes,
         )?;
-        let cache = Cache::open(&args.cache_dir, args.cache_max_bytes)?;
+        let cache = Arc::new(Cache::open(&args.cache_dir, args.cache_max_bytes)?);
         let metrics = Arc::new(Metrics::new(|opts| {
             opts.const_label("module_type", ModuleKind::WasmRegistry.name())
                 .const_label("instance", instance_id)
@@ -226,7 +268,7 @@ impl WasmRegistry {
             registry,
             cache,
             metrics,
-            serving: Mutex::new(HashSet::new()),
+            serving: Mutex::new(HashMap::new()),
             instance_id: instance_id.to_owned(),
         }))
     }
@@ -239,10 +281,12 @@ impl WasmRegistry {
             Version::Digest(_) => None,
             Version::Tag(_) => Some(self.args.tag_ttl),
         };
-        if let Some(hit) = self.cache.lookup(app_name, fresh) {
+        if let Some(hit) = self.cached(app_name, fresh).await {
             self.metrics.cache_hits.inc();
             return Ok(hit);
         }
+        // Only pulls take a turn: cached modules never wait behind a slow registry.
+        let _turn = self.fetches.acquire().await;
         let started = Instant::now();
         match self.registry.fetch(&reference).await {
             Ok(module) => {
@@ -251,10 +295,19 @@ impl WasmRegistry {
                     .observe(started.elapsed().as_secs_f64());
                 self.metrics.bytes_pulled.inc_by(module.bytes.len() as u64);
                 info!(%reference, digest = %module.digest, bytes = module.bytes.len(), elapsed_ms = started.elapsed().as_millis() as u64, "module pulled");
-                self.cache.store(app_name, &module.digest, &module.bytes);
+                let (cache, name, module_bytes, digest) = (
+                    Arc::clone(&self.cache),
+                    app_name.to_owned(),
+                    module.bytes.clone(),
+                    module.digest.clone(),
+                );
+                // Hashing and writing up to the module limit: off the async workers.
+                let _ =
+                    tokio::task::spawn_blocking(move || cache.store(&name, &digest, &module_bytes))
+                        .await;
                 Ok((module.digest, module.bytes))
             }
-            Err(error) => match self.cache.lookup(app_name, None) {
+            Err(error) => match self.cached(app_name, None).await {
                 Some(stale)
                     if matches!(
                         error,
@@ -271,13 +324,29 @@ impl WasmRegistry {
         }
     }
 
-    /// Serves one request: resolves, then publishes the chunks or an error object.
+    /// The cached module for `app_name`, read and checked off the async workers.
+    async fn cached(&self, app_name: &str, fresh: Option<Duration>) -> Option<(String, Bytes)> {
+        let (cache, name) = (Arc::clone(&self.cache), app_name.to_owned());
+        tokio::task::spawn_blocking(move || cache.lookup(&name, fresh))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Serves one request: resolves, then publishes the chunks (again while someone asked
+    /// after the first chunk went out) or an error object.
     async fn serve_request(self: Arc<Self>, client: AsyncClient, topic: String, app_name: String) {
-        let _turn = self.fetches.acquire().await;
         let server = server_topic(&topic);
+        let key = (server.clone(), app_name.clone());
         let qos = qos(self.args.mqtt_qos);
         match self.resolve(&app_name).await {
-            Ok((digest, bytes)) if !bytes.is_empty() => {
+            Ok((digest, bytes)) if !bytes.is_empty() => loop {
+                self.update(&key, |p| {
+                    *p = Publication {
+                        started: true,
+                        again: false,
+                    }
+                });
                 let total = bytes.len().div_ceil(self.args.chunk_size);
                 for (index, chunk) in bytes.chunks(self.args.chunk_size).enumerate() {
                     let payload = json!({
@@ -289,6 +358,7 @@ impl WasmRegistry {
                         "size": bytes.len(),
                     })
                     .to_string();
+                    // Waits while the client's queue is full: at most its capacity is in memory.
                     if let Err(error) = client.publish(&server, qos, false, payload).await {
                         warn!(%app_name, %error, chunk = index, "chunk not published (the MQTT client stopped)");
                         break;
@@ -296,7 +366,15 @@ impl WasmRegistry {
                     self.metrics.chunks_published.inc();
                 }
                 info!(%app_name, %digest, chunks = total, topic = %server, "module published");
-            }
+                let again = self
+                    .serving
+                    .lock()
+                    .map(|serving| serving.get(&key).is_some_and(|p| p.again))
+                    .unwrap_or(false);
+                if !again {
+                    break;
+                }
+            },
             Ok(_) => {
                 self.fail(&client, &server, &app_name, "empty", "the module is empty")
                     .await
@@ -307,7 +385,15 @@ impl WasmRegistry {
             }
         }
         if let Ok(mut serving) = self.serving.lock() {
-            serving.remove(&app_name);
+            serving.remove(&key);
+        }
+    }
+
+    fn update(&self, key: &(String, String), change: impl FnOnce(&mut Publication)) {
+        if let Ok(mut serving) = self.serving.lock()
+            && let Some(publication) = serving.get_mut(key)
+        {
+            change(publication);
         }
     }
 
@@ -339,11 +425,20 @@ impl WasmRegistry {
             warn!(%topic, bytes = payload.len(), "request is not JSON with a string app_name; dropped");
             return;
         };
-        let first = self
-            .serving
-            .lock()
-            .map(|mut serving| serving.insert(app_name.clone()))
-            .unwrap_or(true);
+        let key = (server_topic(&topic), app_name.clone());
+        let first = match self.serving.lock() {
+            Ok(mut serving) => match serving.get_mut(&key) {
+                Some(publication) => {
+                    publication.again |= publication.started;
+                    false
+                }
+                None => {
+                    serving.insert(key, Publication::default());
+                    true
+                }
+            },
+            Err(_) => true,
+        };
         if !first {
             self.metrics.coalesced.inc();
             debug!(%app_name, "already being served; this request shares that publication");
@@ -362,7 +457,10 @@ impl WasmRegistry {
                 return;
             }
         };
-        let (client, mut events) = AsyncClient::new(options, 1024);
+        let (client, mut events) = AsyncClient::new(options, 64);
+        events
+            .network_options
+            .set_connection_timeout(self.args.mqtt_timeout.as_secs().max(1));
         let topics = request_topics(
             self.args.domain_id.as_deref().unwrap_or_default(),
             self.args.channel_id.as_deref().unwrap_or_default(),
@@ -389,6 +487,9 @@ impl WasmRegistry {
                             }
                         }
                     });
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    info!(broker = %self.args.mqtt_address, "MQTT subscribed");
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     self.request(&client, publish.topic.clone(), &publish.payload);
@@ -470,7 +571,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         common.listen = vec![format!("0.0.0.0:{}", args.http_port)];
     }
     let config = RuntimeConfig::from_args(ModuleKind::WasmRegistry, common)?;
-    marchproxy::telemetry::init(config.log_format);
+    marchproxy::telemetry::init_with_default(config.log_format, &args.log_level);
     mqtt_options(&args, "check").map_err(anyhow::Error::msg)?;
     let module = WasmRegistry::new(args, &config.instance_id)?;
     marchproxy_runtime::run(module, config, marchproxy::signal::shutdown()).await?;

@@ -16,9 +16,13 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tracing::{debug, warn};
 
-use crate::reference::{Reference, Version};
+use crate::reference::Reference;
 
 const ATTEMPTS: u32 = 5;
+/// Longest wait for a response's headers, and for a whole body (a stalled blob must not hold
+/// its fetch slot for ever).
+const HEADERS_WITHIN: Duration = Duration::from_secs(30);
+const BODY_WITHIN: Duration = Duration::from_secs(600);
 const MANIFEST_LIMIT: usize = 4 * 1024 * 1024;
 const WASM_TYPES: [&str; 3] = [
     "application/wasm",
@@ -112,6 +116,39 @@ pub fn digest_of(bytes: &[u8]) -> String {
     hex
 }
 
+/// `host[:port]` of an absolute URL.
+fn host_of(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    rest.split(['/', '?', '#']).next().unwrap_or(rest)
+}
+
+/// `location` made absolute against `base` (registries answer with relative redirects too).
+fn absolute(base: &str, location: &str) -> String {
+    if location.contains("://") {
+        return location.to_owned();
+    }
+    let (scheme, rest) = base.split_once("://").unwrap_or(("https", base));
+    let host = rest.split('/').next().unwrap_or(rest);
+    if location.starts_with('/') {
+        format!("{scheme}://{host}{location}")
+    } else {
+        format!("{scheme}://{host}/{location}")
+    }
+}
+
+/// Percent-encoding for a query value.
+fn query_escape(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// The parameters of a `WWW-Authenticate` challenge (`Bearer realm="...",service="..."`).
 fn challenge(value: &str) -> (String, HashMap<String, String>) {
     let (scheme, rest) = value.trim().split_once(' ').unwrap_or((value.trim(), ""));
@@ -193,13 +230,12 @@ impl Registry {
                 reference.repository
             );
             let body = self.get(reference, &url, &accept, MANIFEST_LIMIT).await?;
-            if let Version::Digest(expected) = &reference.version
-                && version == *expected
-            {
+            // Whatever is asked for by digest (the reference's, or an index entry's) must match.
+            if version.starts_with("sha256:") {
                 let actual = digest_of(&body);
-                if actual != *expected {
+                if actual != version {
                     return Err(FetchError::DigestMismatch {
-                        expected: expected.clone(),
+                        expected: version,
                         actual,
                     });
                 }
@@ -269,29 +305,46 @@ impl Registry {
         let scope = format!("repository:{}:pull", reference.repository);
         let key = (reference.registry.clone(), scope.clone());
         let mut backoff = Duration::from_millis(200);
-        let mut authorization = self.static_authorization(&reference.registry);
+        let mut challenged: Option<String> = None;
         let mut url = url.to_owned();
         let mut attempt = 0;
         loop {
             attempt += 1;
-            if let Some(token) = self.tokens.lock().ok().and_then(|t| t.get(&key).cloned()) {
-                authorization = Some(format!("Bearer {token}"));
-            }
+            // Credentials and tokens go to the registry only, never to where it redirects.
+            let to_registry = host_of(&url) == reference.registry;
+            let authorization = if to_registry {
+                challenged
+                    .clone()
+                    .or_else(|| {
+                        self.tokens
+                            .lock()
+                            .ok()
+                            .and_then(|t| t.get(&key).cloned())
+                            .map(|token| format!("Bearer {token}"))
+                    })
+                    .or_else(|| self.static_authorization(&reference.registry))
+            } else {
+                None
+            };
             let outcome = self
                 .once(&url, accept, authorization.as_deref(), limit)
                 .await;
             let retry = match outcome {
                 Ok(Answer::Body(bytes)) => return Ok(bytes),
                 Ok(Answer::Redirect(location)) if attempt < ATTEMPTS => {
-                    // Blob storage elsewhere: credentials stay with the registry.
-                    url = location;
-                    authorization = None;
+                    url = absolute(&url, &location);
                     continue;
                 }
                 Ok(Answer::Redirect(_)) => return Err(FetchError::Status(307)),
-                Ok(Answer::Challenge(value)) if attempt < ATTEMPTS => {
-                    authorization = Some(self.answer(reference, &value, &scope).await?);
-                    continue;
+                Ok(Answer::Challenge(value)) if attempt < ATTEMPTS && to_registry => {
+                    match self.answer(reference, &value, &scope).await {
+                        Ok(answer) => {
+                            challenged = Some(answer);
+                            continue;
+                        }
+                        Err(error @ FetchError::Unreachable(_)) => error,
+                        Err(error) => return Err(error),
+                    }
                 }
                 Ok(Answer::Challenge(value)) => {
                     return Err(FetchError::Denied(reference.to_string(), value));
@@ -351,19 +404,27 @@ impl Registry {
         let realm = params
             .get("realm")
             .ok_or_else(|| denied("a bearer challenge without a realm"))?;
-        let mut token_url = format!(
-            "{realm}?scope={}",
-            scope.replace(':', "%3A").replace('/', "%2F")
-        );
+        let separator = if realm.contains('?') { '&' } else { '?' };
+        let mut token_url = format!("{realm}{separator}scope={}", query_escape(scope));
         if let Some(service) = params.get("service") {
-            token_url.push_str(&format!("&service={}", service.replace(' ', "%20")));
+            token_url.push_str(&format!("&service={}", query_escape(service)));
         }
-        let basic = credentials.and_then(Self::basic);
+        // Credentials go to a token service over HTTPS, or to the registry's own host.
+        let basic = credentials
+            .filter(|_| realm.starts_with("https://") || host_of(realm) == reference.registry)
+            .and_then(Self::basic);
         let body = match self
             .once(&token_url, "application/json", basic.as_deref(), 64 * 1024)
             .await
         {
             Ok(Answer::Body(body)) => body,
+            Ok(Answer::Status(status))
+                if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS =>
+            {
+                return Err(FetchError::Unreachable(format!(
+                    "the token service answered {status}"
+                )));
+            }
             Ok(Answer::Status(status)) => {
                 return Err(denied(&format!("the token service answered {status}")));
             }
@@ -406,7 +467,7 @@ impl Registry {
         let request = request
             .body(Full::new(Bytes::new()))
             .map_err(|e| FetchError::Unreachable(format!("bad request to {url}: {e}")))?;
-        let response = tokio::time::timeout(Duration::from_secs(30), self.client.request(request))
+        let response = tokio::time::timeout(HEADERS_WITHIN, self.client.request(request))
             .await
             .map_err(|_| FetchError::Unreachable(format!("{url}: no answer within 30 s")))?
             .map_err(|e| FetchError::Unreachable(format!("{url}: {e}")))?;
@@ -431,9 +492,15 @@ impl Registry {
         if !status.is_success() {
             return Ok(Answer::Status(status));
         }
-        let body = Limited::new(response.into_body(), limit)
-            .collect()
+        let collected = Limited::new(response.into_body(), limit).collect();
+        let body = tokio::time::timeout(BODY_WITHIN, collected)
             .await
+            .map_err(|_| {
+                FetchError::Unreachable(format!(
+                    "{url}: body not received within {} s",
+                    BODY_WITHIN.as_secs()
+                ))
+            })?
             .map_err(|e| {
                 if e.downcast_ref::<http_body_util::LengthLimitError>()
                     .is_some()
@@ -470,6 +537,26 @@ mod tests {
         assert_eq!(params["scope"], "repository:library/x:pull");
         assert_eq!(challenge(r#"Basic realm="Registry Realm""#).0, "basic");
         assert!(challenge("garbage").1.is_empty());
+    }
+
+    #[test]
+    fn urls() {
+        assert_eq!(host_of("https://reg.example:5000/v2/x"), "reg.example:5000");
+        assert_eq!(
+            absolute(
+                "https://reg.example/v2/x/blobs/sha256:1",
+                "/storage/abc?sig=1"
+            ),
+            "https://reg.example/storage/abc?sig=1"
+        );
+        assert_eq!(
+            absolute("http://a/b", "https://s3.example/x"),
+            "https://s3.example/x"
+        );
+        assert_eq!(
+            query_escape("repository:a/b:pull"),
+            "repository%3Aa%2Fb%3Apull"
+        );
     }
 
     #[test]

@@ -62,7 +62,7 @@ impl Service {
             _process: process,
         };
         eventually("the service subscribed", DEADLINE, || async {
-            service.log().contains("MQTT connected")
+            service.log().contains("MQTT subscribed")
         })
         .await;
         service
@@ -303,7 +303,7 @@ async fn registry_credentials_and_a_broker_restart() {
     // The broker restarts: the service reconnects and subscribes again.
     broker.restart().await;
     eventually("the service subscribed again", DEADLINE, || async {
-        service.log().matches("MQTT connected").count() >= 2
+        service.log().matches("MQTT subscribed").count() >= 2
     })
     .await;
     let after = Proplet::connect(&broker, "proplet-after").await;

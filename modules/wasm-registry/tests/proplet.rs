@@ -223,6 +223,11 @@ async fn proplets_get_modules_from_the_registry_and_the_cache() {
         large,
         "chunks are broadcast"
     );
+    assert_eq!(
+        service.metric("wasm_registry_coalesced_total").await,
+        1.0,
+        "the second request for the large module shared (or re-ran) the first one's publication"
+    );
     assert_eq!(proplet.chunks(&small_ref)[&0]["total_chunks"], 1);
     let digest = proplet.chunks(&large_ref)[&0]["digest"]
         .as_str()

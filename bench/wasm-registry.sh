@@ -4,12 +4,14 @@
 # Cold (pulled from the registry) and warm (from the disk cache); each the median of ROUNDS runs.
 #
 #   bench/wasm-registry.sh     # needs mosquitto, mosquitto-clients, docker-registry (apt) and oras (pip)
-#   SIZE_MB=20 SUBSCRIBERS=20 QOS=1 bench/wasm-registry.sh
+#   SIZE_MB=20 SUBSCRIBERS=20 QOS=2 ROUNDS=3 bench/wasm-registry.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MB=${SIZE_MB:-10}
 SUBSCRIBERS=${SUBSCRIBERS:-10}
-QOS=${QOS:-2}
+# QoS 1 by default: at QoS 2 (the spec's default) deliveries stall after a few rounds here, which
+# is being investigated (see the README's performance section).
+QOS=${QOS:-1}
 ROUNDS=${ROUNDS:-5}
 CHUNK=512000
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/marchproxy-target}"
@@ -54,13 +56,15 @@ for _ in $(seq 100); do grep -q "MQTT subscribed" "$work/service.log" && break; 
 deliver() {
   local subs=()
   for n in $(seq "$SUBSCRIBERS"); do
-    mosquitto_sub -p 18800 -q "$QOS" -t "$topic" -C "$chunks" -i "bench-$n-$RANDOM" >/dev/null & subs+=($!)
+    timeout 120 mosquitto_sub -p 18800 -q "$QOS" -t "$topic" -C "$chunks" -i "bench-$n-$RANDOM" >/dev/null & subs+=($!)
   done
   sleep 1 # let every subscription settle before the clock starts
   local start end
   start=$(date +%s.%N)
   "$@"
-  wait "${subs[@]}"
+  for sub in "${subs[@]}"; do
+    wait "$sub" || { echo "a subscriber did not get all $chunks chunks within 120 s" >&2; exit 1; }
+  done
   end=$(date +%s.%N)
   awk -v a="$start" -v b="$end" 'BEGIN { printf "%.3f", b - a }'
 }

@@ -379,32 +379,19 @@ async fn edge(
         }
         None => None,
     };
-    let lwt_queue: Arc<dyn Queue> = match queue_args.backend() {
-        Backend::Local => local::LocalQueue::open(
-            &queue_args.queue_dir.join("lwt"),
-            local::LocalSettings {
-                send_timeout: queue_args.queue_timeout,
-                backlog: queue_args.max_in_flight,
-            },
-        )?,
-        Backend::Redis => {
-            open_queue(&QueueArgs {
-                redis_list: "lwt".into(),
-                ..queue_args.clone()
-            })
-            .await?
-        }
-        Backend::Sqs => {
-            let lwt = QueueArgs {
-                sqs_queue_url: args
-                    .lwt_queue_url
-                    .clone()
-                    .or(queue_args.sqs_queue_url.clone()),
-                ..queue_args.clone()
-            };
-            open_queue(&lwt).await?
-        }
-    };
+    // The data queue's settings, with the lwt queue's own place in each backend (the backend
+    // pinned, since an lwt URL alone would otherwise pick SQS).
+    let lwt_queue = open_queue(&QueueArgs {
+        backend: Some(queue_args.backend()),
+        queue_dir: queue_args.queue_dir.join("lwt"),
+        redis_list: "lwt".into(),
+        sqs_queue_url: args
+            .lwt_queue_url
+            .clone()
+            .or(queue_args.sqs_queue_url.clone()),
+        ..queue_args.clone()
+    })
+    .await?;
     let webhook = args
         .alert_webhook
         .as_deref()

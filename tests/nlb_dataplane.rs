@@ -229,11 +229,12 @@ async fn a_dead_instance_costs_no_client_a_connection() {
     }
     assert_eq!(live.connections(), 20);
     let text = metrics(&nlb).await;
-    let failures: u64 = text
-        .lines()
-        .find(|l| l.starts_with("nlb_routing_errors_total{cause=\"connect_failed\"}"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0);
+    let failures = metric_value(
+        &text,
+        "nlb_routing_errors_total",
+        "cause=\"connect_failed\"",
+    )
+    .unwrap_or(0.0) as u64;
     assert!(
         (1..=3).contains(&failures),
         "the dead instance is ejected after a few failures, not tried 20 times: {failures}"

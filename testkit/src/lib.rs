@@ -234,6 +234,21 @@ pub async fn heartbeat(
         .into_inner()
 }
 
+/// The value of metric `name` in a Prometheus text `page`, on the first series whose labels
+/// contain `labels` (`""` for any).
+pub fn metric_value(page: &str, name: &str, labels: &str) -> Option<f64> {
+    page.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(labels))
+        .find_map(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+/// [`metric_value`] of `http://<addr>/metrics`; fails the test, showing the page, when absent.
+pub async fn metric(addr: SocketAddr, name: &str, labels: &str) -> f64 {
+    let (_, page) = http_get(addr, "/metrics").await;
+    metric_value(&page, name, labels)
+        .unwrap_or_else(|| panic!("no {name} with {labels} on /metrics:\n{page}"))
+}
+
 /// One plain HTTP/1.1 GET; returns (status code, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     http_request(addr, "GET", path, &[], b"").await

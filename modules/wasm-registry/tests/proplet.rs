@@ -73,11 +73,7 @@ impl Service {
     }
 
     async fn metric(&self, name: &str) -> f64 {
-        let (_, page) = marchproxy_testkit::http_get(self.http, "/metrics").await;
-        page.lines()
-            .find(|l| l.starts_with(&format!("{name}{{")))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} on /metrics"))
+        marchproxy_testkit::metric(self.http, name, "").await
     }
 }
 

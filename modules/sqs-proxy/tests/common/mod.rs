@@ -106,11 +106,7 @@ impl Proxy {
 
     /// The value of metric `name` on /metrics, on the series whose labels contain `labels`.
     pub async fn metric(&self, name: &str, labels: &str) -> f64 {
-        let (_, page) = marchproxy_testkit::http_get(self.admin, "/metrics").await;
-        page.lines()
-            .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(labels))
-            .find_map(|line| line.rsplit(' ').next()?.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} with {labels} on /metrics:\n{page}"))
+        marchproxy_testkit::metric(self.admin, name, labels).await
     }
 
     /// SIGTERM, then the exit status.

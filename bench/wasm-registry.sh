@@ -9,9 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MB=${SIZE_MB:-10}
 SUBSCRIBERS=${SUBSCRIBERS:-10}
-# QoS 1 by default: at QoS 2 (the spec's default) deliveries stall after a few rounds here, which
-# is being investigated (see the README's performance section).
-QOS=${QOS:-1}
+QOS=${QOS:-2}
 ROUNDS=${ROUNDS:-5}
 CHUNK=512000
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/marchproxy-target}"

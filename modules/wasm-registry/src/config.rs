@@ -48,6 +48,11 @@ pub struct ProxyArgs {
     /// QoS for subscribe and publish (0, 1 or 2)
     #[arg(long, env = "PROXY_MQTT_QOS", default_value_t = 2, value_parser = clap::value_parser!(u8).range(0..=2))]
     pub mqtt_qos: u8,
+    /// QoS 1/2 publications awaiting the broker's acknowledgement at once. Brokers cap what a client
+    /// may have unacknowledged (Mosquitto's max_inflight_messages is 20, HiveMQ's receive maximum
+    /// 10) and over MQTT 3.1.1 they drop the excess silently, so stay at or under the broker's cap.
+    #[arg(long, env = "PROXY_MQTT_INFLIGHT", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub mqtt_inflight: u16,
     /// Topic domain (alias PROXY_TENANT_ID)
     #[arg(long, env = "PROXY_DOMAIN_ID")]
     pub domain_id: Option<String>,

@@ -26,7 +26,7 @@ use hyper::body::Bytes;
 use marchproxy::{names::ModuleKind, pb};
 use marchproxy_runtime::{DataPlane, Module, ModuleError, RuntimeConfig};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeFilter, Transport};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::Semaphore;
@@ -170,6 +170,7 @@ fn mqtt_options(args: &ProxyArgs, default_id: &str) -> Result<MqttOptions, Strin
     let mut options = MqttOptions::new(&client_id, host, port);
     options
         .set_keep_alive(Duration::from_secs(30))
+        .set_inflight(args.mqtt_inflight)
         .set_max_packet_size(16 << 20, 16 << 20);
     if let Some(key) = &args.client_key {
         options.set_credentials(client_id, key.clone());
@@ -481,10 +482,11 @@ impl WasmRegistry {
                         (client.clone(), topics.clone(), qos(self.args.mqtt_qos));
                     // The request queue is drained by this very loop: subscribe from another task.
                     tokio::spawn(async move {
-                        for topic in topics {
-                            if let Err(error) = client.subscribe(topic, qos).await {
-                                warn!(%error, "MQTT subscribe not sent");
-                            }
+                        let filters = topics
+                            .into_iter()
+                            .map(|topic| SubscribeFilter::new(topic, qos));
+                        if let Err(error) = client.subscribe_many(filters).await {
+                            warn!(%error, "MQTT subscribe not sent");
                         }
                     });
                 }

@@ -16,11 +16,13 @@ use marchproxy_testkit::{
     external::{Mosquitto, OciRegistry, Process, free_port, wait_for_port},
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use sha2::Digest;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 const CHUNK: usize = 100_000;
-const REQUESTS: &str = "m/d1/c/c1/registry/proplet";
-const CHUNKS: &str = "m/d1/c/c1/registry/server";
+/// The topics of today's proplets; older ones put `messages/` before `registry`.
+const TOPICS: &str = "m/d1/c/c1/registry";
+const OLDER_TOPICS: &str = "m/d1/c/c1/messages/registry";
 
 struct Service {
     http: SocketAddr,
@@ -47,7 +49,6 @@ impl Service {
                 )
                 .env("PROXY_DOMAIN_ID", "d1")
                 .env("PROXY_CHANNEL_ID", "c1")
-                .env("PROXY_MQTT_QOS", "1")
                 .env("PROXY_CHUNK_SIZE", CHUNK.to_string())
                 .env("PROXY_CACHE_DIR", dir.join("cache"))
                 .env("RUST_LOG", "info")
@@ -80,15 +81,24 @@ impl Service {
 /// A proplet: everything published on the server topic, in arrival order.
 struct Proplet {
     client: AsyncClient,
+    requests: String,
     received: Arc<Mutex<Vec<serde_json::Value>>>,
 }
 
 impl Proplet {
     async fn connect(broker: &Mosquitto, name: &str) -> Proplet {
+        Proplet::connect_on(broker, name, TOPICS).await
+    }
+
+    /// Connects at QoS 2 (the spec's default) to the `proplet`/`server` topics under `topics`.
+    async fn connect_on(broker: &Mosquitto, name: &str, topics: &str) -> Proplet {
         let mut options = MqttOptions::new(name, "127.0.0.1", broker.port);
         options.set_max_packet_size(16 << 20, 16 << 20);
         let (client, mut events) = AsyncClient::new(options, 64);
-        client.subscribe(CHUNKS, QoS::AtLeastOnce).await.unwrap();
+        client
+            .subscribe(format!("{topics}/server"), QoS::ExactlyOnce)
+            .await
+            .unwrap();
         let received = Arc::new(Mutex::new(Vec::new()));
         let (recorded, subscribed) = (Arc::clone(&received), Arc::new(tokio::sync::Notify::new()));
         let ready = Arc::clone(&subscribed);
@@ -108,14 +118,18 @@ impl Proplet {
         tokio::time::timeout(DEADLINE, subscribed.notified())
             .await
             .expect("the proplet subscribed");
-        Proplet { client, received }
+        Proplet {
+            client,
+            requests: format!("{topics}/proplet"),
+            received,
+        }
     }
 
     async fn ask(&self, payload: &str) {
         self.client
             .publish(
-                REQUESTS,
-                QoS::AtLeastOnce,
+                &self.requests,
+                QoS::ExactlyOnce,
                 false,
                 payload.as_bytes().to_vec(),
             )
@@ -231,6 +245,24 @@ async fn proplets_get_modules_from_the_registry_and_the_cache() {
         .to_owned();
     assert!(digest.starts_with("sha256:"));
 
+    // A reference pinned by manifest digest (the manifest is the registry's bytes, hashed).
+    let (status, manifest) = marchproxy_testkit::http_request(
+        SocketAddr::from(([127, 0, 0, 1], registry.port)),
+        "GET",
+        "/v2/demo/small.wasm/manifests/v1",
+        &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200, "{manifest}");
+    let pinned = format!(
+        "{}/demo/small.wasm@sha256:{:x}",
+        registry.host(),
+        sha2::Sha256::digest(manifest.as_bytes())
+    );
+    proplet.ask(&format!(r#"{{"app_name": "{pinned}"}}"#)).await;
+    assert_eq!(proplet.module(&pinned).await, small);
+
     // Garbage is ignored; the service carries on.
     proplet.ask("not json").await;
     proplet.ask(r#"{"app_name": 7}"#).await;
@@ -287,6 +319,7 @@ async fn registry_credentials_and_a_broker_restart() {
         dir.path(),
         &broker,
         &[
+            ("PROXY_TOPIC_STYLE", "both"),
             ("PROXY_AUTHENTICATE", "true"),
             ("PROXY_REGISTRY_URL", &host),
             ("PROXY_REGISTRY_USERNAME", "edge"),
@@ -301,13 +334,13 @@ async fn registry_credentials_and_a_broker_restart() {
         "the password is never logged"
     );
 
-    // The broker restarts: the service reconnects and subscribes again.
+    // The broker restarts: the service reconnects and subscribes again, to both topic forms.
     broker.restart().await;
     eventually("the service subscribed again", DEADLINE, || async {
         service.log().matches("MQTT subscribed").count() >= 2
     })
     .await;
-    let after = Proplet::connect(&broker, "proplet-after").await;
+    let after = Proplet::connect_on(&broker, "proplet-after", OLDER_TOPICS).await;
     after.ask(&ask).await;
     assert_eq!(after.module(&reference).await, module);
 }

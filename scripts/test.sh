@@ -30,10 +30,10 @@ if ! python3 -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
 fi
 
 # Real servers the module tests start: an MQTT broker, Redis, an OCI registry (htpasswd for its
-# password-protected variant).
-if ! { command -v redis-server && command -v redis-cli && command -v docker-registry && command -v htpasswd \
+# password-protected variant); curl is one of the AILB's test clients.
+if ! { command -v curl && command -v redis-server && command -v redis-cli && command -v docker-registry && command -v htpasswd \
        && { command -v mosquitto || test -x /usr/sbin/mosquitto; }; } >/dev/null 2>&1; then
-  packages="mosquitto redis-server docker-registry apache2-utils"
+  packages="curl mosquitto redis-server docker-registry apache2-utils"
   say "installing $packages"
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $packages \
     || { as_root apt-get update -q && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $packages; } \
@@ -41,16 +41,16 @@ if ! { command -v redis-server && command -v redis-cli && command -v docker-regi
 fi
 
 # moto's server mode is the SQS-compatible queue the SQS proxy's tests run against; ORAS pushes
-# wasm artifacts to the registry.
-if ! python3 -c 'import moto.server, flask, oras.client' >/dev/null 2>&1; then
-  say "installing moto[server] (an SQS-compatible server) and oras"
+# wasm artifacts to the registry; the official openai client drives the AILB.
+if ! python3 -c 'import moto.server, flask, oras.client, openai' >/dev/null 2>&1; then
+  say "installing moto[server] (an SQS-compatible server), oras and openai"
   python3 -m pip --version >/dev/null 2>&1 \
     || as_root apt-get install -y -q python3-pip \
     || { as_root apt-get update -q && as_root apt-get install -y -q python3-pip; } \
     || { echo "pip is missing; run: sudo apt-get install -y python3-pip" >&2; exit 1; }
-  python3 -m pip install --quiet 'moto[server]' oras 2>/dev/null \
-    || python3 -m pip install --quiet --break-system-packages 'moto[server]' oras \
-    || { echo "cannot install them; run: python3 -m pip install 'moto[server]' oras" >&2; exit 1; }
+  python3 -m pip install --quiet 'moto[server]' oras openai 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages 'moto[server]' oras openai \
+    || { echo "cannot install them; run: python3 -m pip install 'moto[server]' oras openai" >&2; exit 1; }
 fi
 
 say "cargo fmt --check"

@@ -234,11 +234,17 @@ pub async fn heartbeat(
         .into_inner()
 }
 
-/// The value of metric `name` in a Prometheus text `page`, on the first series whose labels
-/// contain `labels` (`""` for any).
+/// The value of metric `name` in a Prometheus text `page`, on the first series that has every
+/// label of `labels` (`a="x",b="y"` in any order; `""` for any).
 pub fn metric_value(page: &str, name: &str, labels: &str) -> Option<f64> {
+    let wanted: Vec<String> = labels
+        .split("\",")
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| format!("{}\"", pair.trim_end_matches('"')))
+        .collect();
     page.lines()
-        .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(labels))
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .filter(|line| wanted.iter().all(|pair| line.contains(pair.as_str())))
         .find_map(|line| line.rsplit(' ').next()?.parse().ok())
 }
 

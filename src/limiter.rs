@@ -266,8 +266,26 @@ impl RateLimiter {
 
     /// May a request from `subject` pass now? Counts it when it may.
     pub fn check(&self, subject: &Subject<'_>) -> Verdict {
+        self.check_targets(subject, |_| true)
+    }
+
+    /// Only the `key:<api key>` limits, for a data plane that has checked the client's other
+    /// limits already (checking them again would count the request twice).
+    pub fn check_api_key(&self, key: &str) -> Verdict {
+        let subject = Subject {
+            api_key: Some(key),
+            ..Subject::default()
+        };
+        self.check_targets(&subject, |target| matches!(target, Target::ApiKey(_)))
+    }
+
+    fn check_targets(&self, subject: &Subject<'_>, applies: impl Fn(&Target) -> bool) -> Verdict {
         let now = Instant::now();
-        for limit in self.snapshot().iter().filter(|l| l.spec.enabled) {
+        for limit in self
+            .snapshot()
+            .iter()
+            .filter(|l| l.spec.enabled && applies(&l.target))
+        {
             let Some(key) = limit.matches(subject) else {
                 continue;
             };
@@ -349,6 +367,25 @@ mod tests {
             limiter.check(&from("192.168.0.1")),
             Verdict::Allowed,
             "outside the range"
+        );
+    }
+
+    #[test]
+    fn api_key_checks_leave_client_limits_alone() {
+        let limiter = RateLimiter::new();
+        limiter.set(limit("*", 1, 1));
+        limiter.set(limit("key:team", 1, 1));
+        for _ in 0..3 {
+            assert_eq!(limiter.check_api_key("other"), Verdict::Allowed);
+        }
+        assert_eq!(limiter.check_api_key("team"), Verdict::Allowed);
+        assert!(
+            matches!(limiter.check_api_key("team"), Verdict::Limited { limit_id, .. } if limit_id == "limit-key:team")
+        );
+        assert_eq!(
+            limiter.check(&from("10.0.0.1")),
+            Verdict::Allowed,
+            "the client's own bucket is untouched"
         );
     }
 

@@ -25,7 +25,7 @@ use axum::{
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use marchproxy_runtime::{RateLimiter, Subject, Verdict};
+use marchproxy_runtime::{RateLimiter, Verdict};
 use serde_json::{Value, json};
 use tokio::{sync::mpsc, time::timeout_at};
 use tokio_stream::wrappers::ReceiverStream;
@@ -34,9 +34,9 @@ use tracing::{debug, info, warn};
 use crate::{
     Ailb,
     config::Compiled,
-    keys::VirtualKey,
+    keys::{Charge, VirtualKey},
     metrics::ProviderError,
-    providers::{Ask, Endpoint, Translator, error_json, sse},
+    providers::{Ask, Endpoint, Translator, Usage, error_event, error_json},
     routing::{Deployment, InFlight, Model},
 };
 
@@ -76,7 +76,7 @@ pub fn router(ailb: Arc<Ailb>, limiter: Arc<RateLimiter>) -> Router {
                 }),
             )
             .route(&format!("{prefix}/models"), get(models))
-            .route(&format!("{prefix}/models/{{model}}"), get(model));
+            .route(&format!("{prefix}/models/{{*model}}"), get(model));
     }
     router
         .fallback(|| async {
@@ -223,12 +223,13 @@ fn describe(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// Seconds (or OpenAI's `retry-after-ms`) a provider asked to wait.
+/// Seconds (or OpenAI's `retry-after-ms`) a provider asked to wait, at most an hour.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let number = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok();
-    number("retry-after-ms")
-        .map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1000.0))
-        .or_else(|| number("retry-after").map(|s| Duration::from_secs_f64(s.max(0.0))))
+    let seconds = number("retry-after-ms")
+        .map(|ms| ms / 1000.0)
+        .or_else(|| number("retry-after"))?;
+    Duration::try_from_secs_f64(seconds.clamp(0.0, 3600.0)).ok()
 }
 
 /// Reads at most `limit` bytes of `body` before `deadline`.
@@ -237,6 +238,33 @@ async fn read(body: Incoming, limit: usize, deadline: Instant) -> Result<Bytes, 
         Err(_) => Err(ProviderError::Timeout),
         Ok(Err(_)) => Err(ProviderError::BadAnswer),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
+}
+
+/// The client's JSON object, or the status and reason to refuse it with.
+async fn read_request(body: Body, limit: usize) -> Result<Value, (StatusCode, String)> {
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, limit).collect()).await
+    {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err((
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is over {limit} bytes"),
+            ));
+        }
+        Ok(Err(_)) | Err(_) => {
+            return Err((
+                StatusCode::REQUEST_TIMEOUT,
+                "the body did not arrive in time".into(),
+            ));
+        }
+    };
+    match serde_json::from_slice(&bytes) {
+        Ok(body @ Value::Object(_)) => Ok(body),
+        _ => Err((
+            StatusCode::BAD_REQUEST,
+            "the body must be a JSON object".into(),
+        )),
     }
 }
 
@@ -265,7 +293,8 @@ impl Failures {
     }
 
     fn response(self, model: &Model, endpoint: Endpoint) -> (StatusCode, Response) {
-        if self.lines.is_empty() {
+        let tried = self.lines.join("; ");
+        let (status, message, kind, code) = if self.lines.is_empty() && !self.timed_out {
             let message = self.untranslatable.unwrap_or_else(|| {
                 format!(
                     "model `{}` has no deployment serving {}",
@@ -273,54 +302,46 @@ impl Failures {
                     endpoint.path()
                 )
             });
-            return (
+            (
                 StatusCode::BAD_REQUEST,
-                error(
-                    StatusCode::BAD_REQUEST,
-                    &message,
-                    "invalid_request_error",
-                    None,
-                ),
-            );
-        }
-        let tried = self.lines.join("; ");
-        if self.timed_out {
+                message,
+                "invalid_request_error",
+                None,
+            )
+        } else if self.timed_out {
             let message = format!("model `{}`: no answer in time (tried {tried})", model.name);
-            return (
+            (
                 StatusCode::GATEWAY_TIMEOUT,
-                error(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    &message,
-                    "timeout",
-                    Some("timeout"),
-                ),
-            );
-        }
-        if self.all_rate_limited {
+                message,
+                "timeout",
+                Some("timeout"),
+            )
+        } else if self.all_rate_limited {
             let message = format!(
                 "every provider of model `{}` is rate limiting ({tried})",
                 model.name
             );
+            let wait = self.shortest_wait.unwrap_or(Duration::from_secs(1));
             return (
                 StatusCode::TOO_MANY_REQUESTS,
-                too_many(
-                    &message,
-                    "rate_limit_exceeded",
-                    self.shortest_wait.unwrap_or(Duration::from_secs(1)),
-                ),
+                too_many(&message, "rate_limit_exceeded", wait),
             );
-        }
-        let message = format!("no provider could answer model `{}`: {tried}", model.name);
-        (
-            StatusCode::BAD_GATEWAY,
-            error(
+        } else {
+            let message = format!("no provider could answer model `{}`: {tried}", model.name);
+            (
                 StatusCode::BAD_GATEWAY,
-                &message,
+                message,
                 "api_error",
                 Some("provider_error"),
-            ),
-        )
+            )
+        };
+        (status, error(status, &message, kind, code))
     }
+}
+
+/// A provider failure counts against the deployment unless it was the request's own deadline.
+fn blamed(reason: ProviderError, deadline: Instant) -> bool {
+    reason != ProviderError::Timeout || Instant::now() < deadline
 }
 
 impl Api {
@@ -333,278 +354,357 @@ impl Api {
             response
         };
 
-        let bytes = match tokio::time::timeout(
-            BODY_TIMEOUT,
-            Limited::new(body, compiled.max_body_bytes).collect(),
-        )
-        .await
-        {
-            Ok(Ok(collected)) => collected.to_bytes(),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                let message = format!("the body is over {} bytes", compiled.max_body_bytes);
-                return refused(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "unknown",
-                    error(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        &message,
-                        "invalid_request_error",
-                        None,
-                    ),
-                );
-            }
-            Ok(Err(_)) | Err(_) => {
-                return refused(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "unknown",
-                    error(
-                        StatusCode::REQUEST_TIMEOUT,
-                        "the body did not arrive in time",
-                        "invalid_request_error",
-                        None,
-                    ),
-                );
-            }
-        };
-        let body: Value = match serde_json::from_slice(&bytes) {
-            Ok(body @ Value::Object(_)) => body,
-            _ => {
-                return refused(
-                    StatusCode::BAD_REQUEST,
-                    "unknown",
-                    error(
-                        StatusCode::BAD_REQUEST,
-                        "the body must be a JSON object",
-                        "invalid_request_error",
-                        None,
-                    ),
-                );
-            }
-        };
+        // The key first: a client without one gets no body read.
         let key = match authenticate(&compiled, &headers) {
             Ok(key) => key,
             Err(why) => return refused(StatusCode::UNAUTHORIZED, "unknown", unauthorized(why)),
         };
+        let body = match read_request(body, compiled.max_body_bytes).await {
+            Ok(body) => body,
+            Err((status, message)) => {
+                let response = error(status, &message, "invalid_request_error", None);
+                return refused(status, "unknown", response);
+            }
+        };
         let Some(asked) = body["model"].as_str().map(str::to_owned) else {
-            return refused(
+            let response = error(
                 StatusCode::BAD_REQUEST,
-                "unknown",
-                error(
-                    StatusCode::BAD_REQUEST,
-                    "you must provide a model parameter",
-                    "invalid_request_error",
-                    None,
-                ),
+                "you must provide a model parameter",
+                "invalid_request_error",
+                None,
             );
+            return refused(StatusCode::BAD_REQUEST, "unknown", response);
         };
         let Some(model) = compiled.catalog.get(&asked).cloned() else {
             return refused(StatusCode::NOT_FOUND, "unknown", not_found(&asked));
         };
-        if let Some(key) = &key {
-            if !key.allows(&model.name, &asked) {
-                let message = format!("key `{}` may not use model `{asked}`", key.name);
-                return refused(
-                    StatusCode::FORBIDDEN,
-                    &model.name,
-                    error(
-                        StatusCode::FORBIDDEN,
-                        &message,
-                        "invalid_request_error",
-                        Some("model_not_allowed"),
-                    ),
-                );
-            }
+        if let Some(key) = key.as_ref().filter(|key| !key.allows(&model.name, &asked)) {
+            let message = format!("key `{}` may not use model `{asked}`", key.name);
+            let response = error(
+                StatusCode::FORBIDDEN,
+                &message,
+                "invalid_request_error",
+                Some("model_not_allowed"),
+            );
+            return refused(StatusCode::FORBIDDEN, &model.name, response);
         }
-        if let Some(presented) = presented_key(&headers) {
-            let subject = Subject {
-                api_key: Some(presented),
-                ..Subject::default()
-            };
-            if let Verdict::Limited {
-                limit_id,
-                retry_after,
-            } = self.limiter.check(&subject)
-            {
-                let message = format!("rate limited by `{limit_id}`");
-                return refused(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    &model.name,
-                    too_many(&message, "rate_limit_exceeded", retry_after),
-                );
-            }
+        if let Some(Verdict::Limited {
+            limit_id,
+            retry_after,
+        }) = presented_key(&headers).map(|presented| self.limiter.check_api_key(presented))
+        {
+            let message = format!("rate limited by `{limit_id}`");
+            let response = too_many(&message, "rate_limit_exceeded", retry_after);
+            return refused(StatusCode::TOO_MANY_REQUESTS, &model.name, response);
         }
-        if let Some(key) = &key {
-            if let Err((limit, wait)) = key.admit() {
-                metrics.limited(&key.name, limit.label());
-                let message = format!(
-                    "key `{}` is over its {} limit; retry in {} s",
-                    key.name,
-                    match limit {
-                        crate::keys::Limit::Requests => "requests-per-minute",
-                        crate::keys::Limit::Tokens => "tokens-per-minute",
-                    },
-                    wait.as_secs_f64().ceil()
-                );
-                return refused(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    &model.name,
-                    too_many(&message, "rate_limit_exceeded", wait),
-                );
-            }
-        }
-
         let ask = Ask::new(endpoint, body);
-        let deadline = started + compiled.request_timeout;
-        let (allowed_fails, cooldown) = compiled.cooldown;
-        let mut failures = Failures::default();
-        let candidates = model.order();
-        for deployment in candidates.iter().filter(|d| d.provider.serves(endpoint)) {
-            let provider = deployment.provider.name.as_str();
+        let charge = match &key {
+            None => None,
+            Some(key) => match key.admit(Usage::estimate(ask.prompt_chars(), 0).prompt) {
+                Ok(charge) => Some(charge),
+                Err((limit, wait)) => {
+                    metrics.limited(&key.name, limit.label());
+                    let message = format!(
+                        "key `{}` is over its {} limit; retry in {} s",
+                        key.name,
+                        limit.describe(),
+                        wait.as_secs_f64().ceil()
+                    );
+                    let response = too_many(&message, "rate_limit_exceeded", wait);
+                    return refused(StatusCode::TOO_MANY_REQUESTS, &model.name, response);
+                }
+            },
+        };
+
+        let mut call = Call {
+            ailb: &self.ailb,
+            compiled: &compiled,
+            ask: &ask,
+            model: &model,
+            started,
+            deadline: started + compiled.request_timeout,
+            failures: Failures::default(),
+            charge,
+        };
+        for deployment in model.order().iter().filter(|d| d.provider.serves(endpoint)) {
+            if Instant::now() >= call.deadline {
+                call.failures.timed_out = true;
+                break;
+            }
             let request = match deployment.provider.request(&ask, &deployment.model) {
                 Ok(request) => request,
                 Err(why) => {
-                    failures.untranslatable.get_or_insert(why);
+                    call.failures.untranslatable.get_or_insert(why);
                     continue;
                 }
             };
-            if !failures.lines.is_empty() {
+            if !call.failures.lines.is_empty() {
                 metrics.failover(&model.name);
                 info!(model = %model.name, to = %deployment.label(), "failing over");
             }
-            let in_flight = deployment.start();
-            let sent = Instant::now();
-            let response = match timeout_at(deadline.into(), self.ailb.client.request(request))
-                .await
-            {
-                Err(_) => {
-                    metrics.provider_error(provider, ProviderError::Timeout);
-                    deployment.failed(allowed_fails, cooldown, None);
-                    failures.add(deployment, "no answer in time".into(), None);
-                    failures.timed_out = true;
-                    break;
-                }
-                Ok(Err(e)) => {
-                    metrics.provider_error(provider, ProviderError::Connect);
-                    let why = describe(&e);
-                    warn!(model = %model.name, deployment = %deployment.label(), error = %why, "provider unreachable");
-                    deployment.failed(allowed_fails, cooldown, None);
-                    failures.add(deployment, why, None);
-                    continue;
-                }
-                Ok(Ok(response)) => response,
-            };
-            let status = response.status();
-            if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-                let asked_wait = retry_after(response.headers());
-                let text = read(response.into_body(), MAX_ERROR_BYTES, deadline)
-                    .await
-                    .map(|b| {
-                        String::from_utf8_lossy(&b)
-                            .chars()
-                            .take(300)
-                            .collect::<String>()
-                    })
-                    .unwrap_or_default();
-                let (reason, wait) = if status == StatusCode::TOO_MANY_REQUESTS {
-                    (
-                        ProviderError::RateLimited,
-                        Some(asked_wait.unwrap_or(cooldown)),
-                    )
-                } else {
-                    (ProviderError::ServerError, None)
-                };
-                metrics.provider_error(provider, reason);
-                warn!(model = %model.name, deployment = %deployment.label(), status = status.as_u16(), body = %text, "provider failed");
-                deployment.failed(allowed_fails, cooldown, wait);
-                failures.add(deployment, format!("{status} {text}"), wait);
-                continue;
+            if let Some(response) = call.attempt(deployment, request).await {
+                return response;
             }
-            if !status.is_success() {
-                let body = read(response.into_body(), MAX_ERROR_BYTES, deadline)
-                    .await
-                    .unwrap_or_default();
-                deployment.succeeded(sent.elapsed());
-                metrics.finished(&model.name, provider, status.as_u16(), started.elapsed());
-                debug!(model = %model.name, deployment = %deployment.label(), status = status.as_u16(), "provider refused the request");
-                return json_response(
-                    status,
-                    deployment.provider.error_body(status.as_u16(), &body),
-                );
-            }
-            if ask.stream {
-                deployment.succeeded(sent.elapsed());
-                let job = StreamJob {
-                    translator: deployment.provider.translator(&ask, &deployment.model),
-                    deployment: Arc::clone(deployment),
-                    _in_flight: in_flight,
-                    model: model.name.clone(),
-                    key: key.clone(),
-                    prompt_chars: ask.prompt_chars(),
-                    started,
-                    deadline,
-                    ailb: Arc::clone(&self.ailb),
-                };
-                return job.start(response.into_body());
-            }
-            let bytes = match read(response.into_body(), MAX_ANSWER_BYTES, deadline).await {
-                Ok(bytes) => bytes,
-                Err(reason) => {
-                    metrics.provider_error(provider, reason);
-                    deployment.failed(allowed_fails, cooldown, None);
-                    failures.add(
-                        deployment,
-                        format!("the answer did not arrive whole ({})", reason.label()),
-                        None,
-                    );
-                    failures.timed_out |= reason == ProviderError::Timeout;
-                    if failures.timed_out {
-                        break;
-                    }
-                    continue;
-                }
-            };
-            match deployment.provider.answer(&ask, &bytes) {
-                Ok(answer) => {
-                    deployment.succeeded(sent.elapsed());
-                    metrics.tokens(&model.name, provider, answer.usage);
-                    metrics.first_token(&model.name, provider, started.elapsed());
-                    metrics.finished(&model.name, provider, 200, started.elapsed());
-                    if let Some(key) = &key {
-                        key.spend(answer.usage.total());
-                    }
-                    return json_response(StatusCode::OK, answer.body);
-                }
-                Err(why) => {
-                    metrics.provider_error(provider, ProviderError::BadAnswer);
-                    warn!(model = %model.name, deployment = %deployment.label(), error = %why, "provider answer unreadable");
-                    deployment.failed(allowed_fails, cooldown, None);
-                    failures.add(deployment, why, None);
-                }
+            if call.failures.timed_out {
+                break;
             }
         }
-        let (status, response) = failures.response(&model, endpoint);
+        let (status, response) = call.failures.response(&model, endpoint);
         metrics.finished(&model.name, "none", status.as_u16(), started.elapsed());
         response
     }
 }
 
-/// A stream being relayed: provider events in, the client's events out.
-struct StreamJob {
-    deployment: Arc<Deployment>,
-    _in_flight: InFlight,
-    translator: Box<dyn Translator>,
-    model: String,
-    key: Option<Arc<VirtualKey>>,
-    prompt_chars: usize,
+/// One client request while its deployments are tried.
+struct Call<'a> {
+    ailb: &'a Arc<Ailb>,
+    compiled: &'a Compiled,
+    ask: &'a Ask,
+    model: &'a Model,
     started: Instant,
     deadline: Instant,
+    failures: Failures,
+    charge: Option<Charge>,
+}
+
+impl Call<'_> {
+    /// Sends `request` to `deployment`: the response for the client, or None when this
+    /// deployment failed before anything reached the client (noted in `failures`).
+    async fn attempt(
+        &mut self,
+        deployment: &Arc<Deployment>,
+        request: hyper::Request<http_body_util::Full<Bytes>>,
+    ) -> Option<Response> {
+        let metrics = &self.ailb.metrics;
+        let (model, provider) = (self.model.name.as_str(), deployment.provider.name.as_str());
+        let in_flight = deployment.start();
+        let sent = Instant::now();
+        let response =
+            match timeout_at(self.deadline.into(), self.ailb.client.request(request)).await {
+                Err(_) => {
+                    self.fail(
+                        deployment,
+                        ProviderError::Timeout,
+                        "no answer in time".into(),
+                        None,
+                    );
+                    self.failures.timed_out = true;
+                    return None;
+                }
+                Ok(Err(e)) => {
+                    let reason = if e.is_connect() {
+                        ProviderError::Connect
+                    } else {
+                        ProviderError::Transport
+                    };
+                    self.fail(deployment, reason, describe(&e), None);
+                    return None;
+                }
+                Ok(Ok(response)) => response,
+            };
+        if !response.status().is_success() {
+            return self.refusal(deployment, response).await;
+        }
+        if self.ask.stream {
+            return self.stream(deployment, in_flight, sent, response).await;
+        }
+        let bytes = match read(response.into_body(), MAX_ANSWER_BYTES, self.deadline).await {
+            Ok(bytes) => bytes,
+            Err(reason) => {
+                let why = format!("the answer did not arrive whole ({})", reason.label());
+                self.fail(deployment, reason, why, None);
+                self.failures.timed_out |= reason == ProviderError::Timeout;
+                return None;
+            }
+        };
+        match deployment.provider.answer(self.ask, &bytes) {
+            Ok(answer) => {
+                deployment.succeeded(sent.elapsed());
+                metrics.tokens(model, provider, answer.usage);
+                metrics.finished(model, provider, 200, self.started.elapsed());
+                if let Some(charge) = &mut self.charge {
+                    charge.used(answer.usage.total());
+                }
+                Some(json_response(StatusCode::OK, answer.body))
+            }
+            Err(why) => {
+                self.fail(deployment, ProviderError::BadAnswer, why, None);
+                None
+            }
+        }
+    }
+
+    /// Notes a deployment's failure: counted, logged, held against it (unless it was the
+    /// request's own deadline) and kept for the client's error.
+    fn fail(
+        &mut self,
+        deployment: &Deployment,
+        reason: ProviderError,
+        why: String,
+        rate_limited: Option<Duration>,
+    ) {
+        let (model, provider) = (self.model.name.as_str(), deployment.provider.name.as_str());
+        self.ailb.metrics.provider_error(model, provider, reason);
+        warn!(model, deployment = %deployment.label(), reason = reason.label(), error = %why, "provider failed");
+        if blamed(reason, self.deadline) {
+            let (allowed_fails, cooldown) = self.compiled.cooldown;
+            deployment.failed(allowed_fails, cooldown, rate_limited);
+        }
+        self.failures.add(deployment, why, rate_limited);
+    }
+
+    /// A non-2xx answer: the provider's verdict on the request goes back to the client (400, 413,
+    /// 422: another deployment would say the same); anything else is this deployment failing.
+    async fn refusal(
+        &mut self,
+        deployment: &Arc<Deployment>,
+        response: hyper::Response<Incoming>,
+    ) -> Option<Response> {
+        let status = response.status();
+        let wait = retry_after(response.headers());
+        let body = read(response.into_body(), MAX_ERROR_BYTES, self.deadline)
+            .await
+            .unwrap_or_default();
+        let text: String = String::from_utf8_lossy(&body).chars().take(300).collect();
+        let (reason, rate_limited, why) = match status.as_u16() {
+            400 | 413 | 422 => {
+                let provider = deployment.provider.name.as_str();
+                self.ailb.metrics.finished(
+                    &self.model.name,
+                    provider,
+                    status.as_u16(),
+                    self.started.elapsed(),
+                );
+                debug!(model = %self.model.name, deployment = %deployment.label(), status = status.as_u16(), "provider refused the request");
+                let body = deployment.provider.error_body(status.as_u16(), &body);
+                return Some(json_response(status, body));
+            }
+            429 => {
+                let cooldown = self.compiled.cooldown.1;
+                (
+                    ProviderError::RateLimited,
+                    Some(wait.unwrap_or(cooldown)),
+                    format!("{status} {text}"),
+                )
+            }
+            // The body may echo part of the provider's key: it stays out of the client's view.
+            401 | 403 => (
+                ProviderError::Refused,
+                None,
+                format!("{status}: the provider refused the gateway's credentials (its API key)"),
+            ),
+            code if code >= 500 => (ProviderError::ServerError, None, format!("{status} {text}")),
+            _ => (ProviderError::Refused, None, format!("{status} {text}")),
+        };
+        self.fail(deployment, reason, why, rate_limited);
+        None
+    }
+
+    /// A 2xx answer to a streamed request: relayed once its first events arrived (until then a
+    /// failure can still move to another deployment).
+    async fn stream(
+        &mut self,
+        deployment: &Arc<Deployment>,
+        in_flight: InFlight,
+        sent: Instant,
+        response: hyper::Response<Incoming>,
+    ) -> Option<Response> {
+        if !deployment.provider.is_stream(response.headers()) {
+            let content_type = response
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none")
+                .to_owned();
+            let why = format!("answered a streamed request with content type {content_type}");
+            self.fail(deployment, ProviderError::BadAnswer, why, None);
+            return None;
+        }
+        let mut relay = Relay {
+            body: response.into_body(),
+            translator: deployment.provider.translator(self.ask, &deployment.model),
+            idle: self.compiled.stream_idle_timeout,
+            deadline: self.deadline,
+        };
+        let mut first = Vec::new();
+        while first.is_empty() {
+            let failure = match relay.pump(&mut first).await {
+                Ok(true) if relay.translator.failed() => Some(ProviderError::StreamError),
+                Ok(true) => None,
+                Ok(false) => Some(ProviderError::StreamBroken),
+                Err(reason) => Some(reason),
+            };
+            if let Some(reason) = failure {
+                let why = format!(
+                    "the stream failed before its first event ({})",
+                    reason.label()
+                );
+                self.fail(deployment, reason, why, None);
+                self.failures.timed_out |= !blamed(reason, self.deadline);
+                return None;
+            }
+        }
+        deployment.succeeded(sent.elapsed());
+        let job = StreamJob {
+            relay,
+            deployment: Arc::clone(deployment),
+            _in_flight: in_flight,
+            model: self.model.name.clone(),
+            charge: self.charge.take(),
+            prompt_chars: self.ask.prompt_chars(),
+            started: self.started,
+            ailb: Arc::clone(self.ailb),
+        };
+        Some(job.start(first))
+    }
+}
+
+/// A provider's streamed body and its translation.
+struct Relay {
+    body: Incoming,
+    translator: Box<dyn Translator>,
+    idle: Duration,
+    deadline: Instant,
+}
+
+impl Relay {
+    /// Feeds the provider's next bytes through the translator into `events`; false at the end.
+    async fn pump(&mut self, events: &mut Vec<Bytes>) -> Result<bool, ProviderError> {
+        loop {
+            let until = self.deadline.min(Instant::now() + self.idle);
+            let frame = match timeout_at(until.into(), self.body.frame()).await {
+                Err(_) => return Err(ProviderError::Timeout),
+                Ok(None) => return Ok(false),
+                Ok(Some(Err(_))) => return Err(ProviderError::StreamBroken),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            if let Ok(data) = frame.into_data() {
+                self.translator.feed(&data, events).map_err(|why| {
+                    debug!(error = %why, "provider stream unreadable");
+                    ProviderError::BadAnswer
+                })?;
+                return Ok(true);
+            }
+        }
+    }
+}
+
+/// A stream being relayed: provider events in, the client's events out.
+struct StreamJob {
+    relay: Relay,
+    deployment: Arc<Deployment>,
+    _in_flight: InFlight,
+    model: String,
+    charge: Option<Charge>,
+    prompt_chars: usize,
+    started: Instant,
     ailb: Arc<Ailb>,
 }
 
 impl StreamJob {
-    fn start(self, body: Incoming) -> Response {
+    fn start(self, first: Vec<Bytes>) -> Response {
         let (sender, receiver) = mpsc::channel::<Result<Bytes, Infallible>>(32);
-        tokio::spawn(self.relay(body, sender));
+        tokio::spawn(self.run(first, sender));
         (
             StatusCode::OK,
             [
@@ -619,69 +719,78 @@ impl StreamJob {
             .into_response()
     }
 
-    async fn relay(mut self, mut body: Incoming, sender: mpsc::Sender<Result<Bytes, Infallible>>) {
-        let metrics = &self.ailb.metrics;
+    /// Sends `event` unless the client left or stopped reading for the idle timeout.
+    async fn send(&self, sender: &mpsc::Sender<Result<Bytes, Infallible>>, event: Bytes) -> bool {
+        let until = self.relay.deadline.min(Instant::now() + self.relay.idle);
+        matches!(
+            timeout_at(until.into(), sender.send(Ok(event))).await,
+            Ok(Ok(()))
+        )
+    }
+
+    async fn run(mut self, first: Vec<Bytes>, sender: mpsc::Sender<Result<Bytes, Infallible>>) {
+        let metrics = Arc::clone(&self.ailb.metrics);
         let provider = self.deployment.provider.name.clone();
-        let mut events = Vec::new();
+        let mut events = first;
         let mut first_token = false;
         let mut client_gone = false;
         let mut broken = None;
         loop {
-            let frame = match timeout_at(self.deadline.into(), body.frame()).await {
-                Err(_) => {
-                    broken = Some(ProviderError::Timeout);
-                    break;
-                }
-                Ok(None) => break,
-                Ok(Some(Err(_))) => {
-                    broken = Some(ProviderError::StreamBroken);
-                    break;
-                }
-                Ok(Some(Ok(frame))) => frame,
-            };
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            if let Err(why) = self.translator.feed(&data, &mut events) {
-                warn!(model = %self.model, deployment = %self.deployment.label(), error = %why, "provider stream unreadable");
-                broken = Some(ProviderError::BadAnswer);
-                break;
-            }
-            if !first_token && self.translator.content_started() {
+            if !first_token && self.relay.translator.content_started() {
                 first_token = true;
                 metrics.first_token(&self.model, &provider, self.started.elapsed());
             }
-            for event in events.drain(..) {
-                if sender.send(Ok(event)).await.is_err() {
+            for event in std::mem::take(&mut events) {
+                if !self.send(&sender, event).await {
                     client_gone = true;
                     break;
                 }
             }
-            if client_gone || self.translator.complete() {
+            if client_gone || self.relay.translator.complete() {
                 break;
             }
+            let pumped = tokio::select! {
+                () = sender.closed() => {
+                    client_gone = true;
+                    break;
+                }
+                pumped = self.relay.pump(&mut events) => pumped,
+            };
+            match pumped {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(reason) => {
+                    broken = Some(reason);
+                    break;
+                }
+            }
         }
-        if !client_gone && !self.translator.complete() {
-            let reason = broken.unwrap_or(ProviderError::StreamBroken);
-            metrics.provider_error(&provider, reason);
-            let ailb = self.ailb.compiled();
-            let (allowed_fails, cooldown) = ailb.cooldown;
+        let label = self.deployment.label();
+        let (allowed_fails, cooldown) = self.ailb.compiled().cooldown;
+        if client_gone {
+            debug!(model = %self.model, deployment = %label, "client left mid-stream");
+        } else if self.relay.translator.failed() {
+            metrics.provider_error(&self.model, &provider, ProviderError::StreamError);
             self.deployment.failed(allowed_fails, cooldown, None);
-            warn!(model = %self.model, deployment = %self.deployment.label(), reason = reason.label(), "provider stream ended early; the client gets an error event");
+            warn!(model = %self.model, deployment = %label, "provider reported an error mid-stream; passed on to the client");
+        } else if !self.relay.translator.finished() {
+            let reason = broken.unwrap_or(ProviderError::StreamBroken);
+            metrics.provider_error(&self.model, &provider, reason);
+            if blamed(reason, self.relay.deadline) {
+                self.deployment.failed(allowed_fails, cooldown, None);
+            }
+            warn!(model = %self.model, deployment = %label, reason = reason.label(), "provider stream ended early; the client gets an error event");
             let message = format!(
                 "the provider's stream ended before the answer was complete ({})",
                 reason.label()
             );
-            let event = error_json(&message, "api_error", Some("stream_interrupted"));
-            let _ = sender.send(Ok(sse(&String::from_utf8_lossy(&event)))).await;
+            let event = error_event(&message, "api_error", Some("stream_interrupted"));
+            self.send(&sender, event).await;
         }
-        if client_gone {
-            debug!(model = %self.model, deployment = %self.deployment.label(), "client left mid-stream");
-        }
-        let usage = self.translator.usage(self.prompt_chars);
+        let usage = self.relay.translator.usage(self.prompt_chars);
         metrics.tokens(&self.model, &provider, usage);
-        if let Some(key) = &self.key {
-            key.spend(usage.total());
+        if let Some(charge) = &mut self.charge {
+            charge.used(usage.total());
         }
         metrics.finished(&self.model, &provider, 200, self.started.elapsed());
     }

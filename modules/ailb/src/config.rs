@@ -28,6 +28,9 @@ pub struct Cli {
     pub common: CommonArgs,
 }
 
+/// The longest timeout or cooldown accepted, in milliseconds (a day).
+const MAX_MS: u64 = 86_400_000;
+
 /// The `[module]` section.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -40,6 +43,8 @@ pub struct Settings {
     pub keys: Vec<KeySettings>,
     /// A request's whole time, streams included, across every deployment tried.
     pub request_timeout_ms: u64,
+    /// The longest a started stream may go without an event (then it counts as broken).
+    pub stream_idle_timeout_ms: u64,
     /// How long a failing deployment gets no requests.
     pub cooldown_ms: u64,
     /// Consecutive failures (connect errors, timeouts, 5xx) before a deployment cools down; a 429
@@ -55,6 +60,7 @@ impl Default for Settings {
             models: BTreeMap::new(),
             keys: Vec::new(),
             request_timeout_ms: 600_000,
+            stream_idle_timeout_ms: 120_000,
             cooldown_ms: 30_000,
             allowed_fails: 3,
             max_body_bytes: 16 * 1024 * 1024,
@@ -74,6 +80,14 @@ pub struct ProviderSettings {
     pub api_key_env: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key: Option<String>,
+    /// OpenAI-compatible servers only: ask for the usage chunk of streams (`stream_options`);
+    /// turn off for servers that refuse that field (tokens are then estimated).
+    #[serde(default = "yes")]
+    pub stream_usage: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -126,7 +140,7 @@ pub struct KeySettings {
 struct ModelDraft {
     strategy: Strategy,
     aliases: Vec<String>,
-    deployments: Vec<Arc<Deployment>>,
+    deployments: Vec<Deployment>,
 }
 
 /// Everything a request needs, built from valid settings.
@@ -134,6 +148,7 @@ pub struct Compiled {
     pub catalog: Catalog,
     pub keys: VirtualKeys,
     pub request_timeout: Duration,
+    pub stream_idle_timeout: Duration,
     pub max_body_bytes: usize,
     /// Failures in a row before a deployment cools down, and for how long.
     pub cooldown: (u32, Duration),
@@ -149,15 +164,23 @@ impl Settings {
         serde_json::from_value(merged).map_err(|e| vec![format!("module: {e}")])
     }
 
-    /// Checks every part and builds the catalog; `env` reads environment variables.
+    /// Checks every part and builds the catalog; `env` reads environment variables. Keys and
+    /// deployments unchanged from `previous` are kept, with their buckets, load and cooldowns.
     pub fn compile(
         &self,
         routes: &[RouteSpec],
+        previous: Option<&Compiled>,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Compiled, Vec<String>> {
         let mut problems = Vec::new();
-        if self.request_timeout_ms == 0 {
-            problems.push("module.request_timeout_ms must be above 0".to_owned());
+        for (field, value) in [
+            ("request_timeout_ms", self.request_timeout_ms),
+            ("stream_idle_timeout_ms", self.stream_idle_timeout_ms),
+            ("cooldown_ms", self.cooldown_ms.max(1)),
+        ] {
+            if !(1..=MAX_MS).contains(&value) {
+                problems.push(format!("module.{field} must be from 1 to {MAX_MS} (a day)"));
+            }
         }
         if self.max_body_bytes == 0 {
             problems.push("module.max_body_bytes must be above 0".to_owned());
@@ -187,6 +210,7 @@ impl Settings {
             };
             match Provider::new(name, provider.kind, &provider.base_url, api_key) {
                 Ok(built) => {
+                    let built = built.with_stream_usage(provider.stream_usage);
                     providers.insert(name.clone(), Arc::new(built));
                 }
                 Err(problem) => problems.push(format!("{field}.base_url: {problem}")),
@@ -218,11 +242,11 @@ impl Settings {
                     continue;
                 }
                 let provider_model = deployment.model.clone().unwrap_or_else(|| name.clone());
-                deployments.push(Arc::new(Deployment::new(
+                deployments.push(Deployment::new(
                     Arc::clone(provider),
                     provider_model,
                     deployment.weight,
-                )));
+                ));
             }
             models.insert(
                 name.clone(),
@@ -248,10 +272,19 @@ impl Settings {
         }
         let mut catalog = Catalog::default();
         for (name, draft) in models {
+            let deployments = draft
+                .deployments
+                .into_iter()
+                .map(|d| {
+                    previous
+                        .and_then(|p| p.catalog.existing(&d))
+                        .unwrap_or_else(|| Arc::new(d))
+                })
+                .collect();
             let built = Arc::new(Model {
                 name: name.clone(),
                 strategy: draft.strategy,
-                deployments: draft.deployments,
+                deployments,
             });
             for alias in std::iter::once(&name).chain(&draft.aliases) {
                 if let Some(other) = catalog.insert(alias, Arc::clone(&built)) {
@@ -274,13 +307,17 @@ impl Settings {
                             ));
                         }
                     }
-                    keys.push(VirtualKey::new(
-                        &key.name,
-                        &secret,
-                        key.models.clone(),
-                        key.rpm,
-                        key.tpm,
-                    ));
+                    for (limit, value) in [("rpm", key.rpm), ("tpm", key.tpm)] {
+                        if value == Some(0) {
+                            problems.push(format!(
+                                "{field}.{limit} must be above 0 (leave it out for no limit)"
+                            ));
+                        }
+                    }
+                    let built =
+                        VirtualKey::new(&key.name, &secret, key.models.clone(), key.rpm, key.tpm);
+                    let kept = previous.and_then(|p| p.keys.existing(&built));
+                    keys.push(kept.unwrap_or_else(|| Arc::new(built)));
                 }
                 Ok(None) => problems.push(format!("{field}: give key_env (or key)")),
                 Err(problem) => problems.push(problem),
@@ -301,6 +338,7 @@ impl Settings {
             catalog,
             keys,
             request_timeout: Duration::from_millis(self.request_timeout_ms),
+            stream_idle_timeout: Duration::from_millis(self.stream_idle_timeout_ms),
             max_body_bytes: self.max_body_bytes,
             cooldown: (
                 self.allowed_fails.max(1),
@@ -319,7 +357,7 @@ impl Settings {
 fn route_deployments(
     route: &RouteSpec,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<(String, Strategy, Vec<Arc<Deployment>>), String> {
+) -> Result<(String, Strategy, Vec<Deployment>), String> {
     let meta = |key: &str| {
         route
             .metadata
@@ -379,11 +417,11 @@ fn route_deployments(
             api_key.clone(),
         )
         .map_err(|e| format!("`{server}`: {e}"))?;
-        deployments.push(Arc::new(Deployment::new(
+        deployments.push(Deployment::new(
             Arc::new(provider),
             provider_model.to_owned(),
             weight,
-        )));
+        ));
     }
     if deployments.is_empty() {
         return Err(
@@ -415,7 +453,7 @@ mod tests {
             },
             "keys": [{"name": "team", "models": ["unknown"]}]
         }));
-        let problems = bad.compile(&[], &|_| None).err().unwrap().join("\n");
+        let problems = bad.compile(&[], None, &|_| None).err().unwrap().join("\n");
         for expected in [
             "NOT_SET_ANYWHERE is not set",
             "module.providers.odd.base_url",
@@ -439,7 +477,7 @@ mod tests {
             "keys": [{"name": "team", "key_env": "TEAM_KEY", "models": ["g"], "rpm": 5}]
         }));
         let env = |var: &str| Some(format!("value-of-{var}"));
-        let compiled = good.compile(&[], &env).unwrap();
+        let compiled = good.compile(&[], None, &env).unwrap();
         let model = compiled.catalog.get("g").unwrap();
         assert_eq!(model.name, "gpt");
         assert_eq!(model.deployments[0].model, "gpt-4o");

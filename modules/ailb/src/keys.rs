@@ -4,9 +4,10 @@
 //! through timing and the table holds no key in the clear.
 //!
 //! Limits are token buckets refilled continuously over a minute. Tokens are only known once the
-//! provider answers, so a request is admitted while the token bucket is not empty and its usage
-//! is taken afterwards: a large answer may overdraw the bucket, and the next requests wait
-//! until it has refilled (as providers' own TPM limits behave).
+//! provider answers, so a request is admitted while the token bucket is not empty and is charged
+//! its estimated prompt at once ([`Charge`]); the charge is settled to the real usage when the
+//! answer is known (refunded if there was none). A large answer may overdraw the bucket, and the
+//! next requests wait until it has refilled (as providers' own TPM limits behave).
 
 use std::{
     collections::HashMap,
@@ -39,7 +40,18 @@ impl Limit {
             Limit::Tokens => "tpm",
         }
     }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Limit::Requests => "requests-per-minute",
+            Limit::Tokens => "tokens-per-minute",
+        }
+    }
 }
+
+/// The longest a client is told to wait, and the deepest a bucket may be overdrawn (an hour of
+/// its rate), so no provider's usage figure can push the arithmetic out of range.
+const MAX_WAIT: Duration = Duration::from_secs(3600);
 
 struct Bucket {
     per_minute: f64,
@@ -62,10 +74,16 @@ impl Bucket {
         self.at = now;
     }
 
+    fn take(&mut self, amount: f64) {
+        let floor = -self.per_minute * MAX_WAIT.as_secs_f64() / 60.0;
+        self.level = (self.level - amount).max(floor);
+    }
+
     /// Time until the level reaches `needed`.
     fn wait_for(&self, needed: f64) -> Duration {
         let missing = (needed - self.level).max(0.0);
-        Duration::from_secs_f64(missing * 60.0 / self.per_minute.max(1.0))
+        let seconds = missing * 60.0 / self.per_minute.max(1.0);
+        Duration::try_from_secs_f64(seconds).map_or(MAX_WAIT, |wait| wait.min(MAX_WAIT))
     }
 }
 
@@ -96,8 +114,9 @@ impl VirtualKey {
         self.models.is_empty() || self.models.iter().any(|m| m == model || m == asked)
     }
 
-    /// Takes one request if both limits allow it; otherwise which refused and for how long.
-    pub fn admit(&self) -> Result<(), (Limit, Duration)> {
+    /// Takes one request, and `estimate` tokens toward its usage, if both limits allow it;
+    /// otherwise says which refused and for how long.
+    pub fn admit(self: &Arc<Self>, estimate: u64) -> Result<Charge, (Limit, Duration)> {
         let now = Instant::now();
         let mut tokens = self.tokens.as_ref().map(lock);
         if let Some(tokens) = tokens.as_mut() {
@@ -112,18 +131,59 @@ impl VirtualKey {
             if requests.level < 1.0 {
                 return Err((Limit::Requests, requests.wait_for(1.0)));
             }
-            requests.level -= 1.0;
+            requests.take(1.0);
         }
-        Ok(())
+        if let Some(tokens) = tokens.as_mut() {
+            tokens.take(estimate as f64);
+        }
+        Ok(Charge {
+            key: Arc::clone(self),
+            charged: estimate,
+            used: None,
+        })
     }
 
-    /// Charges the tokens a request used.
-    pub fn spend(&self, tokens: u64) {
+    /// Moves the token bucket by what a request used beyond (or below) what it was charged.
+    fn settle(&self, charged: u64, used: u64) {
         if let Some(bucket) = &self.tokens {
             let mut bucket = lock(bucket);
             bucket.refill(Instant::now());
-            bucket.level -= tokens as f64;
+            bucket.take(used as f64 - charged as f64);
         }
+    }
+
+    /// Whether `other` is this key with the same settings (a rebuilt catalog keeps its buckets).
+    pub fn same_as(&self, other: &VirtualKey) -> bool {
+        let rate = |b: &Option<Mutex<Bucket>>| b.as_ref().map(|b| lock(b).per_minute);
+        self.name == other.name
+            && self.digest == other.digest
+            && self.models == other.models
+            && rate(&self.requests) == rate(&other.requests)
+            && rate(&self.tokens) == rate(&other.tokens)
+    }
+}
+
+/// A request's tokens charged to its key: settled to the real usage when [`Charge::used`] is
+/// called, refunded when dropped without it (no answer, no tokens).
+pub struct Charge {
+    key: Arc<VirtualKey>,
+    charged: u64,
+    used: Option<u64>,
+}
+
+impl Charge {
+    pub fn used(&mut self, tokens: u64) {
+        self.used = Some(tokens);
+    }
+
+    pub fn key(&self) -> &VirtualKey {
+        &self.key
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.key.settle(self.charged, self.used.unwrap_or(0));
     }
 }
 
@@ -134,11 +194,11 @@ pub struct VirtualKeys {
 }
 
 impl VirtualKeys {
-    pub fn new(keys: Vec<VirtualKey>) -> Result<Self, String> {
+    pub fn new(keys: Vec<Arc<VirtualKey>>) -> Result<Self, String> {
         let mut by_digest = HashMap::new();
         for key in keys {
             let name = key.name.clone();
-            if let Some(other) = by_digest.insert(key.digest, Arc::new(key)) {
+            if let Some(other) = by_digest.insert(key.digest, key) {
                 return Err(format!(
                     "keys `{}` and `{name}` are the same key; give each client its own",
                     other.name
@@ -152,6 +212,14 @@ impl VirtualKeys {
         !self.by_digest.is_empty()
     }
 
+    /// This set's own copy of `key` when it has one with the same settings.
+    pub fn existing(&self, key: &VirtualKey) -> Option<Arc<VirtualKey>> {
+        self.by_digest
+            .get(&key.digest)
+            .filter(|known| known.same_as(key))
+            .cloned()
+    }
+
     pub fn find(&self, secret: &str) -> Option<&Arc<VirtualKey>> {
         let digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
         self.by_digest.get(&digest)
@@ -162,12 +230,16 @@ impl VirtualKeys {
 mod tests {
     use super::*;
 
+    fn key(rpm: Option<u64>, tpm: Option<u64>) -> Arc<VirtualKey> {
+        Arc::new(VirtualKey::new("team", "s", vec![], rpm, tpm))
+    }
+
     #[test]
     fn requests_per_minute() {
-        let key = VirtualKey::new("team", "s", vec![], Some(2), None);
-        assert!(key.admit().is_ok());
-        assert!(key.admit().is_ok());
-        let (limit, wait) = key.admit().unwrap_err();
+        let key = key(Some(2), None);
+        assert!(key.admit(0).is_ok());
+        assert!(key.admit(0).is_ok());
+        let (limit, wait) = key.admit(0).err().unwrap();
         assert_eq!(limit, Limit::Requests);
         assert!(
             wait > Duration::from_secs(20) && wait <= Duration::from_secs(30),
@@ -176,13 +248,26 @@ mod tests {
     }
 
     #[test]
-    fn tokens_per_minute_are_charged_after_the_answer() {
-        let key = VirtualKey::new("team", "s", vec![], None, Some(100));
-        assert!(key.admit().is_ok(), "a full bucket admits");
-        key.spend(250);
-        let (limit, wait) = key.admit().unwrap_err();
+    fn tokens_are_charged_then_settled() {
+        let key = key(None, Some(100));
+        let mut first = key.admit(30).unwrap();
+        let second = key.admit(30).unwrap();
+        drop(second); // no answer: refunded
+        first.used(250);
+        drop(first);
+        let (limit, wait) = key.admit(1).err().unwrap();
         assert_eq!(limit, Limit::Tokens);
         assert!(wait > Duration::from_secs(80), "overdrawn by 150: {wait:?}");
+    }
+
+    #[test]
+    fn absurd_usage_stays_in_range() {
+        let key = key(None, Some(10));
+        let mut charge = key.admit(0).unwrap();
+        charge.used(u64::MAX);
+        drop(charge);
+        let (_, wait) = key.admit(0).err().unwrap();
+        assert_eq!(wait, MAX_WAIT);
     }
 
     #[test]
@@ -191,8 +276,8 @@ mod tests {
         assert!(key.allows("gpt", "fast"));
         assert!(!key.allows("claude", "claude"));
         let twins = VirtualKeys::new(vec![
-            VirtualKey::new("a", "same", vec![], None, None),
-            VirtualKey::new("b", "same", vec![], None, None),
+            Arc::new(VirtualKey::new("a", "same", vec![], None, None)),
+            Arc::new(VirtualKey::new("b", "same", vec![], None, None)),
         ]);
         assert!(twins.err().unwrap().contains("same key"));
     }

@@ -19,12 +19,12 @@ pub mod metrics;
 pub mod providers;
 pub mod routing;
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use arc_swap::ArcSwap;
 use marchproxy::{names::ModuleKind, pb, route::RouteSpec};
 use marchproxy_runtime::{DataPlane, Module, ModuleError, RuntimeConfig, http::Client};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     config::{Cli, Compiled, Settings},
@@ -36,6 +36,9 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 
 /// The module: settings and routes, the catalog built from them, and what requests share.
 pub struct Ailb {
+    /// Held while a change is built and installed, so two changes (a config update and a
+    /// route update) cannot each install a catalog missing the other.
+    changing: Mutex<()>,
     settings: RwLock<Settings>,
     routes: RwLock<Vec<RouteSpec>>,
     compiled: ArcSwap<Compiled>,
@@ -52,9 +55,10 @@ impl Ailb {
         let settings = Settings::default();
         // Default settings name nothing that can fail: no providers, models or keys.
         let compiled = settings
-            .compile(&[], &env)
+            .compile(&[], None, &env)
             .unwrap_or_else(|problems| panic!("default settings: {problems:?}"));
         Arc::new(Ailb {
+            changing: Mutex::new(()),
             settings: RwLock::new(settings),
             routes: RwLock::new(Vec::new()),
             compiled: ArcSwap::from_pointee(compiled),
@@ -84,13 +88,18 @@ impl Ailb {
     }
 
     fn rebuild(&self, settings: &Settings, routes: &[RouteSpec]) -> Result<Compiled, Vec<String>> {
-        settings.compile(routes, &env)
+        settings.compile(routes, Some(&self.compiled()), &env)
     }
 
     fn install(&self, compiled: Compiled) {
         let names = compiled.catalog.names().len();
         self.compiled.store(Arc::new(compiled));
         info!(models = names, "catalog updated");
+    }
+
+    fn changing(&self) -> std::sync::MutexGuard<'_, ()> {
+        // The guard protects no data of its own; a panic while held leaves nothing torn.
+        self.changing.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -111,6 +120,7 @@ impl Module for Ailb {
     }
 
     fn apply_routes(&self, routes: &[RouteSpec]) -> Result<(), String> {
+        let _changing = self.changing();
         let compiled = self
             .rebuild(&self.settings(), routes)
             .map_err(|problems| problems.join("; "))?;
@@ -124,17 +134,24 @@ impl Module for Ailb {
         _config_type: &str,
         config: &serde_json::Value,
     ) -> Result<(), Vec<String>> {
+        let _changing = self.changing();
         let settings = self.settings().merged(config)?;
         self.rebuild(&settings, &self.routes()).map(|_| ())
     }
 
     fn apply_config(&self, _config_type: &str, config: &serde_json::Value) {
-        let Ok(settings) = self.settings().merged(config) else {
-            return;
-        };
-        if let Ok(compiled) = self.rebuild(&settings, &self.routes()) {
-            *self.settings.write().unwrap_or_else(|e| e.into_inner()) = settings;
-            self.install(compiled);
+        let _changing = self.changing();
+        let built = self
+            .settings()
+            .merged(config)
+            .and_then(|settings| Ok((self.rebuild(&settings, &self.routes())?, settings)));
+        match built {
+            Ok((compiled, settings)) => {
+                *self.settings.write().unwrap_or_else(|e| e.into_inner()) = settings;
+                self.install(compiled);
+            }
+            // Only when the environment changed between the check and now (a variable unset).
+            Err(problems) => warn!(?problems, "config not applied; the previous one stays"),
         }
     }
 

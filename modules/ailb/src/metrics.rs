@@ -22,29 +22,40 @@ pub struct Metrics {
 /// Why a provider did not give an answer the gateway could pass on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProviderError {
+    /// The connection could not be made.
     Connect,
+    /// The connection failed after it was made, before an answer.
+    Transport,
     Timeout,
     RateLimited,
     ServerError,
+    /// 401, 403, 404 and other answers that say this deployment cannot serve (its key, its
+    /// model name), not that the request is wrong.
+    Refused,
     BadAnswer,
     StreamBroken,
+    /// The provider sent an error event inside a stream.
+    StreamError,
 }
 
 impl ProviderError {
     pub fn label(self) -> &'static str {
         match self {
             ProviderError::Connect => "connect",
+            ProviderError::Transport => "transport",
             ProviderError::Timeout => "timeout",
             ProviderError::RateLimited => "rate_limited",
             ProviderError::ServerError => "server_error",
+            ProviderError::Refused => "refused",
             ProviderError::BadAnswer => "bad_answer",
             ProviderError::StreamBroken => "stream_broken",
+            ProviderError::StreamError => "stream_error",
         }
     }
 }
 
-const LATENCY_BUCKETS: [f64; 14] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 ];
 
 impl Metrics {
@@ -77,7 +88,7 @@ impl Metrics {
             ),
             first_token: histogram(
                 "ailb_time_to_first_token_seconds",
-                "Time until the first generated text went to the client",
+                "Streams: time until the first generated text went to the client",
             ),
             tokens: counter(
                 "ailb_tokens_processed_total",
@@ -86,8 +97,8 @@ impl Metrics {
             ),
             provider_errors: counter(
                 "ailb_provider_errors_total",
-                "Provider failures by provider and reason (connect, timeout, rate_limited, server_error, bad_answer, stream_broken)",
-                &["provider", "reason"],
+                "Provider failures by model, provider and reason (connect, transport, timeout, rate_limited, server_error, refused, bad_answer, stream_broken, stream_error)",
+                &["model", "provider", "reason"],
             ),
             failovers: counter(
                 "ailb_failovers_total",
@@ -117,11 +128,9 @@ impl Metrics {
         self.requests
             .with_label_values(&[model, provider, &status.to_string()])
             .inc();
-        if provider != "none" {
-            self.duration
-                .with_label_values(&[model, provider])
-                .observe(elapsed.as_secs_f64());
-        }
+        self.duration
+            .with_label_values(&[model, provider])
+            .observe(elapsed.as_secs_f64());
     }
 
     pub fn first_token(&self, model: &str, provider: &str, elapsed: Duration) {
@@ -139,9 +148,9 @@ impl Metrics {
             .inc_by(usage.completion);
     }
 
-    pub fn provider_error(&self, provider: &str, reason: ProviderError) {
+    pub fn provider_error(&self, model: &str, provider: &str, reason: ProviderError) {
         self.provider_errors
-            .with_label_values(&[provider, reason.label()])
+            .with_label_values(&[model, provider, reason.label()])
             .inc();
     }
 

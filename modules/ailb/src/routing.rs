@@ -84,6 +84,14 @@ impl Deployment {
         }
     }
 
+    /// Whether `other` is this deployment with the same settings (a rebuilt catalog keeps this
+    /// one, with its load, latency and cooldown).
+    pub fn same_as(&self, other: &Deployment) -> bool {
+        *self.provider == *other.provider
+            && self.model == other.model
+            && self.weight == other.weight
+    }
+
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Acquire)
     }
@@ -123,9 +131,9 @@ impl Deployment {
             None if health.consecutive_failures >= allowed => Some(cooldown),
             None => None,
         };
-        match pause {
-            Some(pause) if !pause.is_zero() => {
-                health.cooling_until = Some(Instant::now() + pause);
+        match pause.and_then(|pause| Instant::now().checked_add(pause)) {
+            Some(until) if pause.is_some_and(|p| !p.is_zero()) => {
+                health.cooling_until = Some(until);
                 health.consecutive_failures = 0;
                 true
             }
@@ -208,6 +216,15 @@ impl Catalog {
 
     pub fn get(&self, name: &str) -> Option<&Arc<Model>> {
         self.by_name.get(name)
+    }
+
+    /// This catalog's own copy of `deployment` when it has one with the same settings.
+    pub fn existing(&self, deployment: &Deployment) -> Option<Arc<Deployment>> {
+        self.by_name
+            .values()
+            .flat_map(|model| &model.deployments)
+            .find(|known| known.same_as(deployment))
+            .cloned()
     }
 
     /// Every name (models and aliases), sorted, with its model.

@@ -27,7 +27,14 @@ enum Mode {
     Answer,
     Fail,
     RateLimit,
+    /// 401 with OpenAI's text, which echoes the end of the key it was given.
+    WrongKey,
+    /// Takes the request and never answers.
+    Hang,
+    /// Streams two events, then fails the connection.
     BreakStream,
+    /// Streams two events, then goes silent.
+    StallStream,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -57,7 +64,7 @@ impl Mock {
                 let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                 record.lock().unwrap().push((headers, body.clone()));
                 let mode = *current.lock().unwrap();
-                answer(name, shape, mode, uri.path(), &body)
+                answer(name, shape, mode, uri.path(), &body).await
             }
         });
         tokio::spawn(async move { axum::serve(listener, app).await });
@@ -82,28 +89,32 @@ impl Mock {
     }
 }
 
-/// A streamed body; `break_off` sends two items, pauses (so they reach the gateway) and then
-/// fails the connection the way a crashing provider does.
-fn sse_body(events: Vec<String>, break_off: bool) -> Body {
+/// A streamed body: every event, or (BreakStream, StallStream) two events, a pause long
+/// enough for them to reach the gateway, then a failed connection or silence.
+fn sse_body(events: Vec<String>, mode: Mode) -> Body {
     let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     tokio::spawn(async move {
-        let count = if break_off { 2 } else { events.len() };
+        let cut = matches!(mode, Mode::BreakStream | Mode::StallStream);
+        let count = if cut { 2 } else { events.len() };
         for event in events.into_iter().take(count) {
             if sender.send(Ok(Bytes::from(event))).await.is_err() {
                 return;
             }
         }
-        if break_off {
+        if mode == Mode::BreakStream {
             tokio::time::sleep(Duration::from_millis(200)).await;
             let _ = sender
                 .send(Err(std::io::Error::other("the provider fell over")))
                 .await;
         }
+        if mode == Mode::StallStream {
+            sender.closed().await;
+        }
     });
     Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(receiver))
 }
 
-fn answer(name: &str, shape: Shape, mode: Mode, path: &str, body: &Value) -> Response {
+async fn answer(name: &str, shape: Shape, mode: Mode, path: &str, body: &Value) -> Response {
     match mode {
         Mode::Fail => {
             return (
@@ -111,6 +122,13 @@ fn answer(name: &str, shape: Shape, mode: Mode, path: &str, body: &Value) -> Res
                 r#"{"error":{"message":"boom"}}"#,
             )
                 .into_response();
+        }
+        Mode::WrongKey => {
+            let body = r#"{"error":{"message":"Incorrect API key provided: sk-...cret","type":"invalid_request_error","code":"invalid_api_key"}}"#;
+            return (StatusCode::UNAUTHORIZED, body).into_response();
+        }
+        Mode::Hang => {
+            return std::future::pending::<Response>().await;
         }
         Mode::RateLimit => {
             return (
@@ -160,7 +178,7 @@ fn answer(name: &str, shape: Shape, mode: Mode, path: &str, body: &Value) -> Res
                 ));
             }
             events.push("data: [DONE]\n\n".into());
-            sse_response(sse_body(events, mode == Mode::BreakStream))
+            sse_response(sse_body(events, mode))
         }
         Shape::Anthropic if !stream => axum::Json(json!({
             "id": "msg_1", "type": "message", "role": "assistant", "model": model,
@@ -180,7 +198,7 @@ fn answer(name: &str, shape: Shape, mode: Mode, path: &str, body: &Value) -> Res
                 event("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 4}})),
                 event("message_stop", json!({"type": "message_stop"})),
             ];
-            sse_response(sse_body(events, mode == Mode::BreakStream))
+            sse_response(sse_body(events, mode))
         }
         Shape::Ollama => {
             let line = |content: &str, done: bool| {
@@ -202,7 +220,7 @@ fn answer(name: &str, shape: Shape, mode: Mode, path: &str, body: &Value) -> Res
                 .collect();
             (
                 [("content-type", "application/x-ndjson")],
-                sse_body(lines, mode == Mode::BreakStream),
+                sse_body(lines, mode),
             )
                 .into_response()
         }
@@ -687,4 +705,71 @@ async fn keys_and_limits() {
     assert!(text.contains("invalid_request_error"), "{text}");
     let (status, text) = gateway.curl("/health", &[]).await;
     assert_eq!(status, 200, "{text}");
+}
+
+#[tokio::test]
+async fn timeouts_and_provider_refusals() {
+    let hanging = Mock::start("hanging", Shape::OpenAi, Mode::Hang).await;
+    let stalling = Mock::start("stalling", Shape::OpenAi, Mode::StallStream).await;
+    let wrong_key = Mock::start("wrong-key", Shape::OpenAi, Mode::WrongKey).await;
+    let backup = Mock::start("backup", Shape::OpenAi, Mode::Answer).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[module]\nrequest_timeout_ms = 1500\nstream_idle_timeout_ms = 500\n{}{}{}{}\
+         [module.models.slow]\ndeployments = [{{provider = \"hanging\"}}]\n\
+         [module.models.stalled]\ndeployments = [{{provider = \"stalling\"}}]\n\
+         [module.models.guarded]\ndeployments = [{{provider = \"wrong-key\", weight = 1000000}}, {{provider = \"backup\", weight = 1}}]\n",
+        provider("hanging", "openai", &hanging),
+        provider("stalling", "openai", &stalling),
+        provider("wrong-key", "openai", &wrong_key),
+        provider("backup", "openai", &backup),
+    );
+    let gateway = Gateway::start(dir.path(), &config).await;
+
+    // A provider that never answers: 504 at the request timeout, not a hang.
+    let slow = gateway.client("any", &["chat", "slow"]).await;
+    assert_eq!(slow["status"], 504, "{slow}");
+    assert!(
+        slow["message"]
+            .as_str()
+            .unwrap()
+            .contains("no answer in time"),
+        "{slow}"
+    );
+
+    // A stream that goes silent after it began: an error event after the idle timeout.
+    let stalled = gateway.client("any", &["stream", "stalled"]).await;
+    assert_eq!(stalled["content"], "stalling ", "{stalled}");
+    assert!(
+        stalled["message"].as_str().unwrap().contains("(timeout)"),
+        "{stalled}"
+    );
+
+    // A provider refusing the gateway's own key is a deployment failure, not the client's
+    // problem: the request moves on, and the provider's text (which echoes the key) stays out.
+    let guarded = gateway.client("any", &["chat", "guarded"]).await;
+    assert_eq!(guarded["content"], "backup says hi", "{guarded}");
+    assert_eq!(wrong_key.requests(), 1);
+    wrong_key.set(Mode::WrongKey);
+    backup.set(Mode::Fail);
+    let failed = gateway.client("any", &["chat", "guarded"]).await;
+    assert_eq!(failed["status"], 502, "{failed}");
+    let message = failed["message"].as_str().unwrap();
+    assert!(
+        !message.contains("sk-"),
+        "the provider's key stays hidden: {message}"
+    );
+    assert!(
+        message.contains("refused the gateway's credentials"),
+        "{message}"
+    );
+    assert!(
+        gateway
+            .metric(
+                "ailb_provider_errors_total",
+                "provider=\"wrong-key\",reason=\"refused\""
+            )
+            .await
+            >= 1.0
+    );
 }

@@ -189,13 +189,20 @@ pub type Client = hyper_util::client::legacy::Client<
     http_body_util::Full<hyper::body::Bytes>,
 >;
 
+/// How long a connection attempt may take: an unreachable host fails in this time instead of
+/// the system's TCP timeout (minutes), so callers can move on to another server.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Builds a [`Client`]; fails only when the system has no root certificates at all.
 pub fn client() -> Result<Client, std::io::Error> {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_native_roots()?
         .https_or_http()
         .enable_http1()
-        .build();
+        .wrap_connector(http);
     Ok(
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build(connector),

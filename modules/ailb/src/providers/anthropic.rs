@@ -7,7 +7,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::{
-    Answer, Ask, SseReader, Translator, Usage, chunk, completion, error_json, sse, usage_chunk,
+    Answer, Ask, SseReader, Translator, Usage, chunk, completion, error_event, sse, usage_chunk,
 };
 
 /// The `anthropic-version` header sent.
@@ -107,6 +107,18 @@ pub fn request(ask: &Ask, model: &str) -> Result<Value, String> {
     Ok(out)
 }
 
+/// Prompt tokens: the uncached input plus what was read from or written to the prompt cache.
+fn input_tokens(usage: &Value) -> u64 {
+    [
+        "input_tokens",
+        "cache_read_input_tokens",
+        "cache_creation_input_tokens",
+    ]
+    .iter()
+    .filter_map(|field| usage[*field].as_u64())
+    .fold(0, u64::saturating_add)
+}
+
 fn finish_reason(stop_reason: Option<&str>) -> &'static str {
     match stop_reason {
         Some("max_tokens") => "length",
@@ -124,7 +136,7 @@ pub fn answer(body: &[u8]) -> Result<Answer, String> {
         .ok_or("the answer has no content array")?;
     let text: String = blocks.iter().filter_map(|b| b["text"].as_str()).collect();
     let usage = Usage {
-        prompt: message["usage"]["input_tokens"].as_u64().unwrap_or(0),
+        prompt: input_tokens(&message["usage"]),
         completion: message["usage"]["output_tokens"].as_u64().unwrap_or(0),
     };
     let ask = Ask::new(super::Endpoint::Chat, Value::Null);
@@ -153,6 +165,7 @@ pub struct Stream {
     generated: usize,
     finish: &'static str,
     done: bool,
+    failed: bool,
 }
 
 impl Stream {
@@ -166,13 +179,14 @@ impl Stream {
             generated: 0,
             finish: "stop",
             done: false,
+            failed: false,
         }
     }
 }
 
 impl Translator for Stream {
     fn feed(&mut self, bytes: &[u8], out: &mut Vec<Bytes>) -> Result<(), String> {
-        for (name, data) in self.reader.feed(bytes) {
+        for (name, data) in self.reader.feed(bytes)? {
             if self.done {
                 break;
             }
@@ -188,7 +202,7 @@ impl Translator for Stream {
                     if let Some(model) = message["model"].as_str() {
                         self.model = model.to_owned();
                     }
-                    self.usage.prompt = message["usage"]["input_tokens"].as_u64().unwrap_or(0);
+                    self.usage.prompt = input_tokens(&message["usage"]);
                     out.push(chunk(
                         &self.ask,
                         &self.id,
@@ -240,13 +254,14 @@ impl Translator for Stream {
                 }
                 "error" => {
                     self.done = true;
+                    self.failed = true;
                     let message = event["error"]["message"].as_str().unwrap_or("stream error");
                     let kind = event["error"]["type"].as_str().unwrap_or("api_error");
-                    out.push(sse(&String::from_utf8_lossy(&error_json(
+                    out.push(error_event(
                         &format!("the Anthropic provider failed mid-stream: {message}"),
                         kind,
                         None,
-                    ))));
+                    ));
                 }
                 _ => {}
             }
@@ -256,6 +271,10 @@ impl Translator for Stream {
 
     fn complete(&self) -> bool {
         self.done
+    }
+
+    fn failed(&self) -> bool {
+        self.failed
     }
 
     fn content_started(&self) -> bool {

@@ -57,7 +57,7 @@ pub struct Usage {
 
 impl Usage {
     pub fn total(self) -> u64 {
-        self.prompt + self.completion
+        self.prompt.saturating_add(self.completion)
     }
 
     /// About four characters a token, the rule of thumb for English text.
@@ -90,7 +90,8 @@ pub struct Ask {
 
 impl Ask {
     pub fn new(endpoint: Endpoint, body: Value) -> Ask {
-        let stream = body["stream"].as_bool().unwrap_or(false);
+        // Embeddings have no streamed form; a `stream` flag there is ignored, as OpenAI does.
+        let stream = endpoint != Endpoint::Embeddings && body["stream"].as_bool().unwrap_or(false);
         let include_usage = body["stream_options"]["include_usage"]
             .as_bool()
             .unwrap_or(false);
@@ -131,22 +132,34 @@ pub struct Answer {
 }
 
 /// Turns a provider's streamed answer into OpenAI's server-sent events.
-pub trait Translator: Send {
+pub trait Translator: Send + Sync {
     /// Takes the next bytes from the provider; appends the events for the client to `out`.
     fn feed(&mut self, bytes: &[u8], out: &mut Vec<Bytes>) -> Result<(), String>;
-    /// True once the provider said the answer is complete.
+    /// True once the provider said the stream is over (successfully or with an error event).
     fn complete(&self) -> bool;
+    /// True when the answer is whole, so the provider closing the stream now is no failure
+    /// (some OpenAI-compatible servers end after the finish chunk without `[DONE]`).
+    fn finished(&self) -> bool {
+        self.complete() && !self.failed()
+    }
+    /// True when the provider reported an error inside the stream.
+    fn failed(&self) -> bool;
     /// True once some generated content went out (time to first token).
     fn content_started(&self) -> bool;
     /// The usage so far: the provider's, or an estimate from the text that went out.
     fn usage(&self, prompt_chars: usize) -> Usage;
 }
 
+/// Providers compare equal when every setting is the same, so a rebuilt catalog can keep the
+/// deployments (and their load, latency and cooldowns) whose provider did not change.
+#[derive(PartialEq, Eq)]
 pub struct Provider {
     pub name: String,
     pub kind: ProviderKind,
     base: String,
     api_key: Option<String>,
+    /// Ask OpenAI-compatible servers for the usage chunk of streams (`stream_options`).
+    stream_usage: bool,
 }
 
 impl Provider {
@@ -167,7 +180,22 @@ impl Provider {
             kind,
             base,
             api_key,
+            stream_usage: true,
         })
+    }
+
+    /// Whether streams ask an OpenAI-compatible server for usage (`stream_options`, which a
+    /// few servers refuse); without it tokens are estimated.
+    pub fn with_stream_usage(mut self, on: bool) -> Provider {
+        self.stream_usage = on;
+        self
+    }
+
+    fn bearer(&self) -> Vec<(HeaderName, String)> {
+        self.api_key
+            .iter()
+            .map(|key| (hyper::header::AUTHORIZATION, format!("Bearer {key}")))
+            .collect()
     }
 
     pub fn serves(&self, endpoint: Endpoint) -> bool {
@@ -187,12 +215,11 @@ impl Provider {
                     Endpoint::Completions => "/completions",
                     Endpoint::Embeddings => "/embeddings",
                 };
-                let bearer = self
-                    .api_key
-                    .iter()
-                    .map(|key| (hyper::header::AUTHORIZATION, format!("Bearer {key}")))
-                    .collect();
-                (path.to_owned(), openai::request(ask, model), bearer)
+                (
+                    path.to_owned(),
+                    openai::request(ask, model, self.stream_usage),
+                    self.bearer(),
+                )
             }
             ProviderKind::Anthropic => {
                 let path = if self.base.ends_with("/v1") {
@@ -211,12 +238,7 @@ impl Provider {
             }
             ProviderKind::Ollama => {
                 let (path, body) = ollama::request(ask, model)?;
-                let bearer = self
-                    .api_key
-                    .iter()
-                    .map(|key| (hyper::header::AUTHORIZATION, format!("Bearer {key}")))
-                    .collect();
-                (path.to_owned(), body, bearer)
+                (path.to_owned(), body, self.bearer())
             }
         };
         let mut builder =
@@ -275,6 +297,22 @@ impl Provider {
         )
     }
 
+    /// Whether a 2xx answer to a streamed request is a stream this provider kind sends (a JSON
+    /// body there means the server ignored `stream`; relaying it would never complete).
+    pub fn is_stream(&self, headers: &hyper::HeaderMap) -> bool {
+        let content_type = headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        match self.kind {
+            ProviderKind::Openai | ProviderKind::Anthropic => {
+                content_type.starts_with("text/event-stream")
+            }
+            ProviderKind::Ollama => !content_type.starts_with("text/html"),
+        }
+    }
+
     /// The translator for a streamed answer to `ask`.
     pub fn translator(&self, ask: &Ask, model: &str) -> Box<dyn Translator> {
         match self.kind {
@@ -293,25 +331,45 @@ pub fn error_json(message: &str, kind: &str, code: Option<&str>) -> Bytes {
     )
 }
 
+/// An error event ending a stream, in OpenAI's error shape.
+pub fn error_event(message: &str, kind: &str, code: Option<&str>) -> Bytes {
+    sse(&String::from_utf8_lossy(&error_json(message, kind, code)))
+}
+
 /// One server-sent event carrying `data`.
 pub fn sse(data: &str) -> Bytes {
     Bytes::from(format!("data: {data}\n\n"))
 }
 
+/// The longest event (or line) a stream may send; beyond it the stream counts as broken.
+const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
+
 /// Splits server-sent events out of a byte stream: `(event name, data)` per complete event.
 #[derive(Default)]
 pub struct SseReader {
     pending: Vec<u8>,
+    /// Bytes of `pending` already searched for an event's end.
+    scanned: usize,
 }
 
 impl SseReader {
-    pub fn feed(&mut self, bytes: &[u8]) -> Vec<(String, String)> {
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Vec<(String, String)>, String> {
         // Carriage returns only ever end lines in SSE (JSON escapes its own), so dropping them
         // turns CRLF streams into LF ones.
         self.pending.extend(bytes.iter().filter(|b| **b != b'\r'));
         let mut events = Vec::new();
-        while let Some(end) = self.pending.windows(2).position(|w| w == b"\n\n") {
+        loop {
+            let from = self.scanned.saturating_sub(1);
+            let Some(end) = self.pending[from..]
+                .windows(2)
+                .position(|w| w == b"\n\n")
+                .map(|at| from + at)
+            else {
+                self.scanned = self.pending.len();
+                break;
+            };
             let block: Vec<u8> = self.pending.drain(..end + 2).collect();
+            self.scanned = 0;
             let text = String::from_utf8_lossy(&block);
             let (mut name, mut data) = (String::new(), Vec::new());
             for line in text.lines() {
@@ -325,7 +383,10 @@ impl SseReader {
                 events.push((name, data.join("\n")));
             }
         }
-        events
+        if self.pending.len() > MAX_EVENT_BYTES {
+            return Err(format!("an event is over {MAX_EVENT_BYTES} bytes"));
+        }
+        Ok(events)
     }
 }
 
@@ -336,17 +397,26 @@ pub struct LineReader {
 }
 
 impl LineReader {
-    pub fn feed(&mut self, bytes: &[u8]) -> Vec<String> {
-        self.pending.extend_from_slice(bytes);
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Vec<String>, String> {
         let mut lines = Vec::new();
-        while let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.pending.drain(..=end).collect();
-            let line = String::from_utf8_lossy(&line).trim().to_owned();
-            if !line.is_empty() {
-                lines.push(line);
+        // Only the new bytes can hold a line's end: the pending ones were searched before.
+        let mut start = 0;
+        for (at, byte) in bytes.iter().enumerate() {
+            if *byte == b'\n' {
+                self.pending.extend_from_slice(&bytes[start..at]);
+                start = at + 1;
+                let line = String::from_utf8_lossy(&self.pending).trim().to_owned();
+                self.pending.clear();
+                if !line.is_empty() {
+                    lines.push(line);
+                }
             }
         }
-        lines
+        self.pending.extend_from_slice(&bytes[start..]);
+        if self.pending.len() > MAX_EVENT_BYTES {
+            return Err(format!("a line is over {MAX_EVENT_BYTES} bytes"));
+        }
+        Ok(lines)
     }
 }
 
@@ -393,13 +463,17 @@ pub fn chunk(
     )
 }
 
-/// The usage chunk that ends a stream when the client asked for `include_usage`.
-pub fn usage_chunk(ask: &Ask, id: &str, model: &str, usage: Usage) -> Bytes {
-    let object = match ask.endpoint {
+/// The `object` of a streamed chunk: text completions stream `text_completion` objects.
+fn chunk_object(ask: &Ask) -> &'static str {
+    match ask.endpoint {
         Endpoint::Completions => "text_completion",
         _ => "chat.completion.chunk",
-    };
-    sse(&json!({"id": id, "object": object, "created": now(), "model": model, "choices": [], "usage": usage.openai()})
+    }
+}
+
+/// The usage chunk that ends a stream when the client asked for `include_usage`.
+pub fn usage_chunk(ask: &Ask, id: &str, model: &str, usage: Usage) -> Bytes {
+    sse(&json!({"id": id, "object": chunk_object(ask), "created": now(), "model": model, "choices": [], "usage": usage.openai()})
         .to_string())
 }
 
@@ -435,8 +509,15 @@ mod tests {
     #[test]
     fn sse_events_split_across_reads() {
         let mut reader = SseReader::default();
-        assert!(reader.feed(b"event: ping\r\ndata: {\"a\"").is_empty());
-        let events = reader.feed(b": 1}\r\n\r\ndata: [DONE]\n\n");
+        assert!(
+            reader
+                .feed(b"event: ping\r\ndata: {\"a\"")
+                .unwrap()
+                .is_empty()
+        );
+        let events = reader.feed(b": 1}\r").unwrap();
+        assert!(events.is_empty());
+        let events = reader.feed(b"\n\r\ndata: [DONE]\n\n").unwrap();
         assert_eq!(
             events,
             vec![
@@ -449,9 +530,9 @@ mod tests {
     #[test]
     fn lines_split_across_reads() {
         let mut reader = LineReader::default();
-        assert!(reader.feed(b"{\"a\":").is_empty());
+        assert!(reader.feed(b"{\"a\":").unwrap().is_empty());
         assert_eq!(
-            reader.feed(b"1}\n\n{\"b\":2}\n"),
+            reader.feed(b"1}\n\n{\"b\":2}\n").unwrap(),
             vec!["{\"a\":1}", "{\"b\":2}"]
         );
     }

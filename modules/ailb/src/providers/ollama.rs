@@ -6,7 +6,7 @@ use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
 use super::{
-    Answer, Ask, Endpoint, LineReader, Translator, Usage, chunk, completion, error_json, now, sse,
+    Answer, Ask, Endpoint, LineReader, Translator, Usage, chunk, completion, error_event, now, sse,
     usage_chunk,
 };
 
@@ -178,6 +178,7 @@ pub struct Stream {
     generated: usize,
     started: bool,
     done: bool,
+    failed: bool,
 }
 
 impl Stream {
@@ -191,13 +192,14 @@ impl Stream {
             generated: 0,
             started: false,
             done: false,
+            failed: false,
         }
     }
 }
 
 impl Translator for Stream {
     fn feed(&mut self, bytes: &[u8], out: &mut Vec<Bytes>) -> Result<(), String> {
-        for line in self.reader.feed(bytes) {
+        for line in self.reader.feed(bytes)? {
             if self.done {
                 break;
             }
@@ -205,11 +207,12 @@ impl Translator for Stream {
                 .map_err(|e| format!("a stream line is not JSON: {e}"))?;
             if let Some(error) = value["error"].as_str() {
                 self.done = true;
-                out.push(sse(&String::from_utf8_lossy(&error_json(
+                self.failed = true;
+                out.push(error_event(
                     &format!("the Ollama provider failed mid-stream: {error}"),
                     "api_error",
                     None,
-                ))));
+                ));
                 continue;
             }
             let text = text_of(&value);
@@ -252,6 +255,10 @@ impl Translator for Stream {
 
     fn complete(&self) -> bool {
         self.done
+    }
+
+    fn failed(&self) -> bool {
+        self.failed
     }
 
     fn content_started(&self) -> bool {

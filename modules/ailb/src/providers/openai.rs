@@ -7,11 +7,23 @@ use serde_json::{Value, json};
 
 use super::{Answer, Ask, SseReader, Translator, Usage, sse};
 
-pub fn request(ask: &Ask, model: &str) -> Value {
+/// The client's body with the provider's model name; `stream_usage` asks for the usage chunk
+/// of a stream when the client did not.
+pub fn request(ask: &Ask, model: &str, stream_usage: bool) -> Value {
     let mut body = ask.body.clone();
-    body["model"] = model.into();
-    if ask.stream && !ask.include_usage {
-        body["stream_options"]["include_usage"] = true.into();
+    let Some(fields) = body.as_object_mut() else {
+        return body;
+    };
+    fields.insert("model".into(), model.into());
+    if ask.stream && stream_usage && !ask.include_usage {
+        match fields.get_mut("stream_options") {
+            Some(Value::Object(options)) => {
+                options.insert("include_usage".into(), true.into());
+            }
+            _ => {
+                fields.insert("stream_options".into(), json!({"include_usage": true}));
+            }
+        }
     }
     body
 }
@@ -69,6 +81,9 @@ pub struct Stream {
     usage: Option<Usage>,
     generated: usize,
     done: bool,
+    failed: bool,
+    /// A choice carried a `finish_reason`: the answer is whole.
+    finished: bool,
 }
 
 impl Stream {
@@ -79,13 +94,15 @@ impl Stream {
             usage: None,
             generated: 0,
             done: false,
+            failed: false,
+            finished: false,
         }
     }
 }
 
 impl Translator for Stream {
     fn feed(&mut self, bytes: &[u8], out: &mut Vec<Bytes>) -> Result<(), String> {
-        for (_, data) in self.reader.feed(bytes) {
+        for (_, data) in self.reader.feed(bytes)? {
             if data == "[DONE]" {
                 self.done = true;
                 out.push(sse(&data));
@@ -97,10 +114,14 @@ impl Translator for Stream {
             };
             if value["error"].is_object() {
                 self.done = true;
+                self.failed = true;
                 out.push(sse(&data));
                 continue;
             }
             self.generated += generated_chars(&value);
+            self.finished |= value["choices"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| !c["finish_reason"].is_null()));
             if let Some(usage) = usage(&value) {
                 self.usage = Some(usage);
                 let usage_only = value["choices"].as_array().is_none_or(|c| c.is_empty());
@@ -121,6 +142,14 @@ impl Translator for Stream {
 
     fn complete(&self) -> bool {
         self.done
+    }
+
+    fn finished(&self) -> bool {
+        !self.failed && (self.done || self.finished)
+    }
+
+    fn failed(&self) -> bool {
+        self.failed
     }
 
     fn content_started(&self) -> bool {
@@ -145,10 +174,19 @@ mod tests {
             json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]}),
         );
         assert_eq!(
-            request(&ask, "real")["stream_options"]["include_usage"],
+            request(&ask, "real", true)["stream_options"]["include_usage"],
             true
         );
-        assert_eq!(request(&ask, "real")["model"], "real");
+        assert_eq!(request(&ask, "real", true)["model"], "real");
+        assert!(request(&ask, "real", false).get("stream_options").is_none());
+        let odd = Ask::new(
+            Endpoint::Chat,
+            json!({"stream": true, "stream_options": "x"}),
+        );
+        assert_eq!(
+            request(&odd, "real", true)["stream_options"],
+            json!({"include_usage": true})
+        );
         let mut stream = Stream::new(&ask);
         let mut out = Vec::new();
         stream

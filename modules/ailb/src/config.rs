@@ -157,11 +157,7 @@ pub struct Compiled {
 impl Settings {
     /// `self` with the keys of `update` replaced (UpdateConfig sends only what changes).
     pub fn merged(&self, update: &serde_json::Value) -> Result<Settings, Vec<String>> {
-        let mut merged = serde_json::to_value(self).unwrap_or_default();
-        if let (Some(target), Some(update)) = (merged.as_object_mut(), update.as_object()) {
-            target.extend(update.clone());
-        }
-        serde_json::from_value(merged).map_err(|e| vec![format!("module: {e}")])
+        marchproxy_runtime::config::merge_section("module", self, update)
     }
 
     /// Checks every part and builds the catalog; `env` reads environment variables. Keys and

@@ -16,7 +16,21 @@ use marchproxy::{
     telemetry::LogFormat,
     time::parse_duration,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+/// `current` with the top-level keys of `update` replaced: how `UpdateConfig` changes a section
+/// (it sends only what changes). Errors name the section and the field.
+pub fn merge_section<T: Serialize + DeserializeOwned>(
+    section: &str,
+    current: &T,
+    update: &serde_json::Value,
+) -> Result<T, Vec<String>> {
+    let mut merged = serde_json::to_value(current).unwrap_or_default();
+    if let (Some(target), Some(update)) = (merged.as_object_mut(), update.as_object()) {
+        target.extend(update.clone());
+    }
+    serde_json::from_value(merged).map_err(|e| vec![format!("{section}: {e}")])
+}
 
 /// Flags shared by every module.
 #[derive(Clone, Debug, Default, clap::Args)]

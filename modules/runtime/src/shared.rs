@@ -372,12 +372,8 @@ impl Shared {
             )]);
         }
         if config_type == RUNTIME_SECTION {
-            let mut merged = serde_json::to_value(self.settings()).unwrap_or_default();
-            if let (Some(target), Some(update)) = (merged.as_object_mut(), value.as_object()) {
-                target.extend(update.clone());
-            }
             let next: RuntimeSettings =
-                serde_json::from_value(merged).map_err(|e| vec![format!("runtime: {e}")])?;
+                crate::config::merge_section("runtime", &self.settings(), value)?;
             next.check()?;
             if !validate_only {
                 *lock(&self.settings) = next;

@@ -150,12 +150,8 @@ impl SqsProxy {
 
     /// The current settings with `update`'s keys over them.
     fn merged(&self, update: &serde_json::Value) -> Result<Settings, Vec<String>> {
-        let mut merged = serde_json::to_value(self.settings()).unwrap_or_default();
-        if let (Some(target), Some(update)) = (merged.as_object_mut(), update.as_object()) {
-            target.extend(update.clone());
-        }
-        let settings: Settings =
-            serde_json::from_value(merged).map_err(|e| vec![format!("module: {e}")])?;
+        let settings =
+            marchproxy_runtime::config::merge_section("module", &self.settings(), update)?;
         if !(1..=MAX_BODY_CEILING).contains(&settings.max_body_bytes) {
             return Err(vec![format!(
                 "module.max_body_bytes must be from 1 to {MAX_BODY_CEILING} (got {})",

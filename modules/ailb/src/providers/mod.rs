@@ -420,6 +420,13 @@ impl LineReader {
     }
 }
 
+/// An id for a translated answer whose provider gives none: unique within this process.
+pub fn answer_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("chatcmpl-{}-{n}", now())
+}
+
 /// Seconds since the epoch, for the `created` field of translated answers.
 pub fn now() -> u64 {
     std::time::SystemTime::now()

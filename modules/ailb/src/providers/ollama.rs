@@ -6,8 +6,8 @@ use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
 use super::{
-    Answer, Ask, Endpoint, LineReader, Translator, Usage, chunk, completion, error_event, now, sse,
-    usage_chunk,
+    Answer, Ask, Endpoint, LineReader, Translator, Usage, answer_id, chunk, completion,
+    error_event, sse, usage_chunk,
 };
 
 fn options(body: &Value) -> Map<String, Value> {
@@ -133,7 +133,7 @@ pub fn answer(ask: &Ask, body: &[u8]) -> Result<Answer, String> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| format!("the answer is not JSON: {e}"))?;
     let model = value["model"].as_str().unwrap_or_default();
-    let id = format!("ollama-{}", now());
+    let id = answer_id();
     if ask.endpoint == Endpoint::Embeddings {
         let embeddings = value["embeddings"]
             .as_array()
@@ -186,7 +186,7 @@ impl Stream {
         Stream {
             reader: LineReader::default(),
             ask: ask.clone(),
-            id: format!("ollama-{}", now()),
+            id: answer_id(),
             model: model.to_owned(),
             usage: Usage::default(),
             generated: 0,

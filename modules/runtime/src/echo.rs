@@ -15,11 +15,9 @@ use serde::Deserialize;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::TcpStream,
-    task::JoinSet,
 };
-use tracing::debug;
 
-use crate::{DataPlane, Module, ModuleError, Subject, Verdict, stats::Stats};
+use crate::{DataPlane, Module, ModuleError, stats::Stats};
 
 /// The `module` config section.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -54,7 +52,6 @@ impl EchoModule {
     }
 
     async fn serve_connection(self: Arc<Self>, stream: TcpStream, stats: Arc<Stats>) {
-        let _open = stats.connection();
         let (reader, mut writer) = stream.into_split();
         let mut lines = BufReader::new(reader).lines();
         while let Ok(Some(line)) = lines.next_line().await {
@@ -85,46 +82,10 @@ impl Module for EchoModule {
     }
 
     async fn serve(self: Arc<Self>, plane: DataPlane) -> Result<(), ModuleError> {
-        let DataPlane {
-            listeners,
-            stats,
-            limiter,
-            mut stopping,
-        } = plane;
-        let mut accepting = JoinSet::new();
-        for data in listeners {
-            let (module, stats, limiter, mut stopping) = (
-                Arc::clone(&self),
-                Arc::clone(&stats),
-                Arc::clone(&limiter),
-                stopping.clone(),
-            );
-            accepting.spawn(async move {
-                loop {
-                    let accepted = tokio::select! {
-                        accepted = data.listener.accept() => accepted,
-                        () = stopping.wait() => return,
-                    };
-                    let Ok((stream, peer)) = accepted else {
-                        continue;
-                    };
-                    let subject = Subject {
-                        client_ip: Some(peer.ip()),
-                        ..Subject::default()
-                    };
-                    if let Verdict::Limited { limit_id, .. } = limiter.check(&subject) {
-                        // At L4 a refusal is a closed connection.
-                        debug!(%peer, limit = %limit_id, "connection refused by rate limit");
-                        stats.rate_limited();
-                        continue;
-                    }
-                    tokio::spawn(Arc::clone(&module).serve_connection(stream, Arc::clone(&stats)));
-                }
-            });
-        }
-        stopping.wait().await;
-        while accepting.join_next().await.is_some() {}
-        Ok(())
+        crate::tcp::serve(plane, move |stream, _client, stats| {
+            Arc::clone(&self).serve_connection(stream, stats)
+        })
+        .await
     }
 
     fn check_config(

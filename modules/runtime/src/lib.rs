@@ -22,6 +22,7 @@ pub mod registration;
 pub mod service;
 pub mod shared;
 pub mod stats;
+pub mod tcp;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -209,13 +210,12 @@ impl Runtime {
                 }),
         );
         let mut admin_stopped = servers_stopped.clone();
-        let admin_server = axum::serve(
-            admin.listener,
-            marchproxy::admin::router(Arc::clone(&shared)),
-        )
-        .with_graceful_shutdown(async move {
-            let _ = admin_stopped.wait_for(|stop| *stop).await.map(|_| ());
-        });
+        let admin_app = marchproxy::admin::router(Arc::clone(&shared))
+            .merge(shared.module.admin_routes().unwrap_or_default());
+        let admin_server =
+            axum::serve(admin.listener, admin_app).with_graceful_shutdown(async move {
+                let _ = admin_stopped.wait_for(|stop| *stop).await.map(|_| ());
+            });
         let admin_task = tokio::spawn(async move { admin_server.await });
 
         let (stop_accepting, stopping) = watch::channel(false);

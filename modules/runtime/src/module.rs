@@ -130,6 +130,12 @@ pub trait Module: Send + Sync + 'static {
         HashMap::new()
     }
 
+    /// Pages the module adds to the admin server beside `/metrics`, `/healthz` and `/readyz`
+    /// (e.g. the RTMP module's `/stats`), behind the same listener.
+    fn admin_routes(&self) -> Option<axum::Router> {
+        None
+    }
+
     /// Extra figures for GetStats and heartbeats (`custom_stats`).
     fn custom_stats(&self) -> HashMap<String, String> {
         HashMap::new()

@@ -1,0 +1,90 @@
+//! Who may publish: the configured stream keys, and the `on_publish` callback (nginx-rtmp's
+//! form: `call=publish&app=...&name=...&addr=...`; any 2xx allows). Both must agree when both
+//! are set.
+
+use std::{net::SocketAddr, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, header::CONTENT_TYPE};
+use marchproxy_runtime::http::Client;
+
+use crate::config::Settings;
+
+/// How long the callback may take to answer.
+const CALLBACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a publisher was refused: a metric reason and words for the log and the client.
+#[derive(Debug)]
+pub struct Refusal {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+fn form_escape(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+pub async fn authorize(
+    settings: &Settings,
+    client: &Client,
+    app: &str,
+    key: &str,
+    addr: SocketAddr,
+) -> Result<(), Refusal> {
+    if !settings.allowed_keys.is_empty() && !settings.allowed_keys.iter().any(|k| k == key) {
+        return Err(Refusal {
+            reason: "key",
+            message: format!("stream key for {app} is not allowed"),
+        });
+    }
+    let Some(url) = &settings.on_publish else {
+        return Ok(());
+    };
+    let body = format!(
+        "call=publish&app={}&name={}&addr={}",
+        form_escape(app),
+        form_escape(key),
+        form_escape(&addr.ip().to_string())
+    );
+    let request = Request::post(url)
+        .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| Refusal {
+            reason: "callback",
+            message: format!("on_publish `{url}`: {e}"),
+        })?;
+    match tokio::time::timeout(CALLBACK_TIMEOUT, client.request(request)).await {
+        Ok(Ok(response)) if response.status().is_success() => Ok(()),
+        Ok(Ok(response)) => Err(Refusal {
+            reason: "callback",
+            message: format!("on_publish answered {}", response.status()),
+        }),
+        Ok(Err(e)) => Err(Refusal {
+            reason: "callback",
+            message: format!("on_publish unreachable: {e}"),
+        }),
+        Err(_) => Err(Refusal {
+            reason: "callback",
+            message: format!("on_publish gave no answer within {CALLBACK_TIMEOUT:?}"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_values_are_escaped() {
+        assert_eq!(form_escape("a b&c=d/é"), "a%20b%26c%3Dd%2F%C3%A9");
+    }
+}

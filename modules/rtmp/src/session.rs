@@ -1,0 +1,378 @@
+//! One RTMP connection: the handshake, then an rml_rtmp `ServerSession` whose events decide what
+//! the connection is. A publisher's media goes to its stream ([`crate::streams`]); a player
+//! gets the stream's start-up part (metadata, sequence headers, current group of pictures) and
+//! then its live queue. Every packet the session produces goes out in order on this one socket,
+//! as RTMP's chunk header compression requires.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use marchproxy_runtime::Stats;
+use rml_rtmp::{
+    handshake::{Handshake, HandshakeProcessResult, PeerType},
+    sessions::{ServerSession, ServerSessionConfig, ServerSessionEvent, ServerSessionResult},
+    time::RtmpTimestamp,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpStream, tcp::OwnedWriteHalf},
+    sync::mpsc,
+    time::timeout,
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    Rtmp,
+    streams::{Media, Publishing, Stream, Streams},
+};
+
+/// How long the handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one write to a client may block (a player that stopped reading is closed).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// A player's place in its stream; leaving it (dropping) unsubscribes.
+struct Watching {
+    streams: Arc<Streams>,
+    stream: Arc<Stream>,
+    id: u64,
+    /// The RTMP message stream the player asked to play on.
+    stream_id: u32,
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.streams.unsubscribe(&self.stream, self.id);
+    }
+}
+
+/// What the connection is doing.
+enum Role {
+    Idle,
+    Publishing(Publishing),
+    Playing(Watching),
+}
+
+/// Completes `handshake` on `socket` (a client's has sent its first bytes already); returns
+/// the bytes that came after it.
+pub async fn handshake(socket: &mut TcpStream, mut handshake: Handshake) -> Result<Vec<u8>, Error> {
+    let mut buffer = [0u8; 4096];
+    timeout(HANDSHAKE_TIMEOUT, async {
+        loop {
+            let read = socket.read(&mut buffer).await?;
+            if read == 0 {
+                return Err("closed during the handshake".into());
+            }
+            match handshake.process_bytes(&buffer[..read])? {
+                HandshakeProcessResult::InProgress { response_bytes } => {
+                    socket.write_all(&response_bytes).await?;
+                }
+                HandshakeProcessResult::Completed {
+                    response_bytes,
+                    remaining_bytes,
+                } => {
+                    socket.write_all(&response_bytes).await?;
+                    return Ok(remaining_bytes);
+                }
+            }
+        }
+    })
+    .await
+    .map_err(|_| "no handshake in time")?
+}
+
+pub async fn serve(rtmp: Arc<Rtmp>, mut socket: TcpStream, client: SocketAddr, stats: Arc<Stats>) {
+    let _ = socket.set_nodelay(true);
+    let remaining = match handshake(&mut socket, Handshake::new(PeerType::Server)).await {
+        Ok(remaining) => remaining,
+        Err(error) => {
+            debug!(%client, %error, "RTMP handshake failed");
+            return;
+        }
+    };
+    let (session, results) = match ServerSession::new(ServerSessionConfig::new()) {
+        Ok(created) => created,
+        Err(error) => {
+            warn!(%client, %error, "RTMP session not created");
+            return;
+        }
+    };
+    let (mut reader, writer) = socket.into_split();
+    let mut connection = Connection {
+        rtmp,
+        session,
+        writer,
+        client,
+        stats,
+        role: Role::Idle,
+    };
+    let mut live: Option<mpsc::Receiver<Media>> = None;
+    let outcome = async {
+        connection.handle(results, &mut live).await?;
+        if !remaining.is_empty() {
+            connection.input(&remaining, &mut live).await?;
+        }
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            tokio::select! {
+                read = reader.read(&mut buffer) => {
+                    let read = read?;
+                    if read == 0 {
+                        return Ok::<(), Error>(());
+                    }
+                    connection.stats.bytes_received(read as u64);
+                    connection.input(&buffer[..read], &mut live).await?;
+                }
+                media = next(&mut live) => match media {
+                    Some(media) => connection.play(media).await?,
+                    None => {
+                        // The publisher left, or this player fell too far behind.
+                        connection.finish_playing().await;
+                        return Ok(());
+                    }
+                },
+            }
+        }
+    }
+    .await;
+    match (&outcome, &connection.role) {
+        (Err(error), _) => debug!(client = %connection.client, %error, "RTMP connection closed"),
+        (Ok(()), Role::Publishing(publishing)) => {
+            info!(client = %connection.client, stream = %format!("{}/{}", publishing.stream.app, publishing.stream.key), "publisher left");
+        }
+        _ => {}
+    }
+}
+
+async fn next(live: &mut Option<mpsc::Receiver<Media>>) -> Option<Media> {
+    match live {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+struct Connection {
+    rtmp: Arc<Rtmp>,
+    session: ServerSession,
+    writer: OwnedWriteHalf,
+    client: SocketAddr,
+    stats: Arc<Stats>,
+    role: Role,
+}
+
+impl Connection {
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        timeout(WRITE_TIMEOUT, self.writer.write_all(bytes))
+            .await
+            .map_err(|_| "the client stopped reading")??;
+        self.stats.bytes_sent(bytes.len() as u64);
+        Ok(())
+    }
+
+    async fn input(
+        &mut self,
+        bytes: &[u8],
+        live: &mut Option<mpsc::Receiver<Media>>,
+    ) -> Result<(), Error> {
+        let results = self.session.handle_input(bytes)?;
+        self.handle(results, live).await
+    }
+
+    async fn handle(
+        &mut self,
+        results: Vec<ServerSessionResult>,
+        live: &mut Option<mpsc::Receiver<Media>>,
+    ) -> Result<(), Error> {
+        for result in results {
+            match result {
+                ServerSessionResult::OutboundResponse(packet) => self.write(&packet.bytes).await?,
+                ServerSessionResult::RaisedEvent(event) => self.event(event, live).await?,
+                ServerSessionResult::UnhandleableMessageReceived(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    async fn accept(
+        &mut self,
+        request_id: u32,
+        live: &mut Option<mpsc::Receiver<Media>>,
+    ) -> Result<(), Error> {
+        let results = self.session.accept_request(request_id)?;
+        Box::pin(self.handle(results, live)).await
+    }
+
+    async fn event(
+        &mut self,
+        event: ServerSessionEvent,
+        live: &mut Option<mpsc::Receiver<Media>>,
+    ) -> Result<(), Error> {
+        match event {
+            ServerSessionEvent::ConnectionRequested { request_id, .. } => {
+                self.accept(request_id, live).await?;
+            }
+            ServerSessionEvent::PublishStreamRequested {
+                request_id,
+                app_name,
+                stream_key,
+                ..
+            } => {
+                self.publish(request_id, &app_name, &stream_key, live)
+                    .await?
+            }
+            ServerSessionEvent::PublishStreamFinished { .. } => self.role = Role::Idle,
+            ServerSessionEvent::StreamMetadataChanged { metadata, .. } => {
+                if let Role::Publishing(publishing) = &self.role {
+                    publishing.push(Media::Metadata(Arc::new(metadata)));
+                }
+            }
+            ServerSessionEvent::VideoDataReceived {
+                data, timestamp, ..
+            } => {
+                if let Role::Publishing(publishing) = &self.role {
+                    publishing.push(Media::Video {
+                        timestamp: timestamp.value,
+                        data,
+                    });
+                }
+            }
+            ServerSessionEvent::AudioDataReceived {
+                data, timestamp, ..
+            } => {
+                if let Role::Publishing(publishing) = &self.role {
+                    publishing.push(Media::Audio {
+                        timestamp: timestamp.value,
+                        data,
+                    });
+                }
+            }
+            ServerSessionEvent::PlayStreamRequested {
+                request_id,
+                app_name,
+                stream_key,
+                stream_id,
+                ..
+            } => {
+                if !matches!(self.role, Role::Idle) {
+                    let results = self.session.reject_request(
+                        request_id,
+                        "NetStream.Play.Failed",
+                        "this connection already publishes or plays a stream",
+                    )?;
+                    return Box::pin(self.handle(results, live)).await;
+                }
+                self.accept(request_id, live).await?;
+                let streams = Arc::clone(&self.rtmp.streams);
+                let (stream, subscription) = streams.subscribe(&app_name, &stream_key);
+                info!(client = %self.client, stream = %format!("{app_name}/{stream_key}"), "player joined");
+                self.role = Role::Playing(Watching {
+                    streams,
+                    stream,
+                    id: subscription.id,
+                    stream_id,
+                });
+                *live = Some(subscription.live);
+                for media in subscription.initial {
+                    self.play(media).await?;
+                }
+            }
+            ServerSessionEvent::PlayStreamFinished { .. } => {
+                self.role = Role::Idle;
+                *live = None;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn publish(
+        &mut self,
+        request_id: u32,
+        app: &str,
+        key: &str,
+        live: &mut Option<mpsc::Receiver<Media>>,
+    ) -> Result<(), Error> {
+        let name = format!("{app}/{key}");
+        let refusal = if !matches!(self.role, Role::Idle) {
+            Some((
+                "taken",
+                "this connection already publishes or plays a stream".to_owned(),
+            ))
+        } else {
+            let settings = self.rtmp.settings();
+            match crate::auth::authorize(&settings, &self.rtmp.client, app, key, self.client).await
+            {
+                Err(refusal) => Some((refusal.reason, refusal.message)),
+                Ok(()) => match self.rtmp.streams.publish(app, key) {
+                    Err(taken) => Some(("taken", taken.to_string())),
+                    Ok(publishing) => {
+                        self.role = Role::Publishing(publishing);
+                        None
+                    }
+                },
+            }
+        };
+        if let Some((reason, message)) = refusal {
+            self.rtmp.metrics.refused(reason);
+            warn!(client = %self.client, stream = %name, reason, %message, "publisher refused");
+            let code = if reason == "taken" {
+                "NetStream.Publish.BadName"
+            } else {
+                "NetStream.Publish.Unauthorized"
+            };
+            let results = self.session.reject_request(request_id, code, &message)?;
+            Box::pin(self.handle(results, live)).await?;
+            return Err(format!("publish refused: {message}").into());
+        }
+        self.accept(request_id, live).await?;
+        info!(client = %self.client, stream = %name, "publisher started");
+        if let Role::Publishing(publishing) = &self.role {
+            self.rtmp.restream(publishing);
+        }
+        Ok(())
+    }
+
+    /// Sends one message of the played stream.
+    async fn play(&mut self, media: Media) -> Result<(), Error> {
+        let Role::Playing(watching) = &self.role else {
+            return Ok(());
+        };
+        let stream_id = watching.stream_id;
+        let packet = match media {
+            Media::Video { timestamp, data } => self.session.send_video_data(
+                stream_id,
+                data,
+                RtmpTimestamp::new(timestamp),
+                false,
+            )?,
+            Media::Audio { timestamp, data } => self.session.send_audio_data(
+                stream_id,
+                data,
+                RtmpTimestamp::new(timestamp),
+                false,
+            )?,
+            Media::Metadata(metadata) => self.session.send_metadata(stream_id, &metadata)?,
+        };
+        self.write(&packet.bytes).await?;
+        if let Role::Playing(watching) = &self.role {
+            watching.stream.sent(packet.bytes.len());
+        }
+        self.rtmp
+            .metrics
+            .bytes_sent
+            .inc_by(packet.bytes.len() as u64);
+        Ok(())
+    }
+
+    /// Tells a player its stream ended (best effort: it may be gone already).
+    async fn finish_playing(&mut self) {
+        if let Role::Playing(watching) = &self.role {
+            let stream_id = watching.stream_id;
+            if let Ok(packet) = self.session.finish_playing(stream_id) {
+                let _ = self.write(&packet.bytes).await;
+            }
+        }
+        self.role = Role::Idle;
+    }
+}

@@ -1,6 +1,6 @@
 //! Who may publish: the configured stream keys, and the `on_publish` callback (nginx-rtmp's
-//! form: `call=publish&app=...&name=...&addr=...`; any 2xx allows). Both must agree when both
-//! are set.
+//! form: `call=publish&app=...&name=...&addr=...` and the publisher's own query arguments; any
+//! 2xx allows). Both must agree when both are set.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -38,6 +38,7 @@ pub async fn authorize(
     client: &Client,
     app: &str,
     key: &str,
+    args: &str,
     addr: SocketAddr,
 ) -> Result<(), Refusal> {
     if !settings.allowed_keys.is_empty() && !settings.allowed_keys.iter().any(|k| k == key) {
@@ -49,12 +50,18 @@ pub async fn authorize(
     let Some(url) = &settings.on_publish else {
         return Ok(());
     };
-    let body = format!(
+    let mut body = format!(
         "call=publish&app={}&name={}&addr={}",
         form_escape(app),
         form_escape(key),
         form_escape(&addr.ip().to_string())
     );
+    // The publisher's own arguments (`rtmp://host/app/key?token=...`) follow, as nginx-rtmp
+    // sends them; they are already in form encoding.
+    if !args.is_empty() {
+        body.push('&');
+        body.push_str(args);
+    }
     let request = Request::post(url)
         .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
         .body(Full::new(Bytes::from(body)))

@@ -79,6 +79,7 @@ impl Rtmp {
                         Arc::clone(&self.metrics),
                         app.clone(),
                         key.clone(),
+                        publishing.id,
                         destination,
                     ));
                 }

@@ -23,52 +23,52 @@ use tracing::{info, warn};
 use crate::{
     config::Destination,
     metrics::Metrics,
-    session::{Error, handshake},
+    session::{Error, WRITE_TIMEOUT, handshake},
     streams::{Media, Streams, Subscription},
 };
 
 /// How long connecting and being accepted as a publisher may take.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long one write to the destination may block.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+const INITIAL_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-/// Pushes `app/key` to `destination` until the stream's publisher leaves.
+/// Pushes `app/key` to `destination` for as long as `publisher` publishes it (a later publish
+/// on the same key starts its own push).
 pub async fn push(
     streams: Arc<Streams>,
     metrics: Arc<Metrics>,
     app: String,
     key: String,
+    publisher: u64,
     destination: Destination,
 ) {
     let target = format!(
         "rtmp://{}/{}/{}",
         destination.address, destination.app, destination.key
     );
-    let mut backoff = Duration::from_millis(500);
-    loop {
+    let name = format!("{app}/{key}");
+    let mut backoff = INITIAL_BACKOFF;
+    while streams.publisher(&app, &key) == Some(publisher) {
         let (stream, subscription) = streams.subscribe(&app, &key);
         let id = subscription.id;
         let result = relay(subscription, &destination, &metrics).await;
         streams.unsubscribe(&stream, id);
         match result {
-            Ok(()) => {
-                info!(stream = %format!("{app}/{key}"), %target, "re-streaming ended with the stream");
-                return;
-            }
+            // The subscription ended: the publisher left, or the destination fell so far
+            // behind that it was dropped (then, with the publisher still on, go again).
+            Ok(()) => backoff = INITIAL_BACKOFF,
             Err(error) => {
                 metrics
                     .restream_connects
                     .with_label_values(&["failed"])
                     .inc();
-                warn!(stream = %format!("{app}/{key}"), %target, %error, retry_in_ms = backoff.as_millis() as u64, "re-streaming failed; retrying");
+                warn!(stream = %name, %target, %error, retry_in_ms = backoff.as_millis() as u64, "re-streaming failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(10));
-        if !streams.is_published(&app, &key) {
-            return;
-        }
     }
+    info!(stream = %name, %target, "re-streaming ended with the publish");
 }
 
 /// One connection to the destination: set up, then the stream until it ends (Ok) or the
@@ -87,7 +87,13 @@ async fn relay(
         .write_all(&start.generate_outbound_p0_and_p1()?)
         .await?;
     let remaining = handshake(&mut socket, start).await?;
-    let (mut session, results) = ClientSession::new(ClientSessionConfig::new())?;
+    let mut config = ClientSessionConfig::new();
+    // Servers such as SRS and the large platforms want the URL being connected to.
+    config.tc_url = Some(format!(
+        "rtmp://{}/{}",
+        destination.address, destination.app
+    ));
+    let (mut session, results) = ClientSession::new(config)?;
     let mut publisher = Publisher {
         socket,
         buffer: vec![0u8; 64 * 1024],

@@ -27,8 +27,17 @@ use crate::{
 
 /// How long the handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long one write to a client may block (a player that stopped reading is closed).
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one write to a peer may block (a player that stopped reading is closed).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a publisher (or a connection that neither publishes nor plays yet) may send
+/// nothing: a publisher whose network died without a close must not hold its key for good.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bytes read at a time (publishers send media; players only acknowledgements).
+const READ_BUFFER: usize = 16 * 1024;
+/// Queued messages sent to a player in one write.
+const MAX_BATCH: usize = 64;
+/// The write buffer a player keeps between writes.
+const MAX_KEPT_BUFFER: usize = 16 * 1024;
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -106,6 +115,7 @@ pub async fn serve(rtmp: Arc<Rtmp>, mut socket: TcpStream, client: SocketAddr, s
         client,
         stats,
         role: Role::Idle,
+        out: Vec::new(),
     };
     let mut live: Option<mpsc::Receiver<Media>> = None;
     let outcome = async {
@@ -113,19 +123,36 @@ pub async fn serve(rtmp: Arc<Rtmp>, mut socket: TcpStream, client: SocketAddr, s
         if !remaining.is_empty() {
             connection.input(&remaining, &mut live).await?;
         }
-        let mut buffer = vec![0u8; 64 * 1024];
+        let mut buffer = vec![0u8; READ_BUFFER];
+        let mut heard = tokio::time::Instant::now();
         loop {
+            // Players mostly listen; everyone else must keep talking.
+            let idle_until = (!matches!(connection.role, Role::Playing(_))).then(|| heard + IDLE_TIMEOUT);
             tokio::select! {
+                () = sleep_until(idle_until) => {
+                    return Err::<(), Error>(format!("nothing received for {} s", IDLE_TIMEOUT.as_secs()).into());
+                }
                 read = reader.read(&mut buffer) => {
                     let read = read?;
                     if read == 0 {
                         return Ok::<(), Error>(());
                     }
+                    heard = tokio::time::Instant::now();
                     connection.stats.bytes_received(read as u64);
                     connection.input(&buffer[..read], &mut live).await?;
                 }
                 media = next(&mut live) => match media {
-                    Some(media) => connection.play(media).await?,
+                    Some(media) => {
+                        // Whatever else is queued goes in the same write.
+                        let mut batch = vec![media];
+                        while let Some(more) = live.as_mut().and_then(|l| l.try_recv().ok()) {
+                            batch.push(more);
+                            if batch.len() == MAX_BATCH {
+                                break;
+                            }
+                        }
+                        connection.play(batch).await?;
+                    }
                     None => {
                         // The publisher left, or this player fell too far behind.
                         connection.finish_playing().await;
@@ -145,11 +172,24 @@ pub async fn serve(rtmp: Arc<Rtmp>, mut socket: TcpStream, client: SocketAddr, s
     }
 }
 
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn next(live: &mut Option<mpsc::Receiver<Media>>) -> Option<Media> {
     match live {
         Some(receiver) => receiver.recv().await,
         None => std::future::pending().await,
     }
+}
+
+/// A stream key and its query arguments (`cam1?token=x`): the key names the stream, the
+/// arguments go to the `on_publish` callback as nginx-rtmp passes them.
+fn split_key(stream_key: &str) -> (&str, &str) {
+    stream_key.split_once('?').unwrap_or((stream_key, ""))
 }
 
 struct Connection {
@@ -159,6 +199,8 @@ struct Connection {
     client: SocketAddr,
     stats: Arc<Stats>,
     role: Role,
+    /// Reused for each write to a player.
+    out: Vec<u8>,
 }
 
 impl Connection {
@@ -218,8 +260,8 @@ impl Connection {
                 stream_key,
                 ..
             } => {
-                self.publish(request_id, &app_name, &stream_key, live)
-                    .await?
+                let (key, args) = split_key(&stream_key);
+                self.publish(request_id, &app_name, key, args, live).await?;
             }
             ServerSessionEvent::PublishStreamFinished { .. } => self.role = Role::Idle,
             ServerSessionEvent::StreamMetadataChanged { metadata, .. } => {
@@ -264,7 +306,8 @@ impl Connection {
                 }
                 self.accept(request_id, live).await?;
                 let streams = Arc::clone(&self.rtmp.streams);
-                let (stream, subscription) = streams.subscribe(&app_name, &stream_key);
+                let (stream_key, _) = split_key(&stream_key);
+                let (stream, subscription) = streams.subscribe(&app_name, stream_key);
                 info!(client = %self.client, stream = %format!("{app_name}/{stream_key}"), "player joined");
                 self.role = Role::Playing(Watching {
                     streams,
@@ -273,8 +316,9 @@ impl Connection {
                     stream_id,
                 });
                 *live = Some(subscription.live);
-                for media in subscription.initial {
-                    self.play(media).await?;
+                let mut initial = subscription.initial.into_iter().peekable();
+                while initial.peek().is_some() {
+                    self.play(initial.by_ref().take(MAX_BATCH)).await?;
                 }
             }
             ServerSessionEvent::PlayStreamFinished { .. } => {
@@ -291,6 +335,7 @@ impl Connection {
         request_id: u32,
         app: &str,
         key: &str,
+        args: &str,
         live: &mut Option<mpsc::Receiver<Media>>,
     ) -> Result<(), Error> {
         let name = format!("{app}/{key}");
@@ -301,7 +346,8 @@ impl Connection {
             ))
         } else {
             let settings = self.rtmp.settings();
-            match crate::auth::authorize(&settings, &self.rtmp.client, app, key, self.client).await
+            match crate::auth::authorize(&settings, &self.rtmp.client, app, key, args, self.client)
+                .await
             {
                 Err(refusal) => Some((refusal.reason, refusal.message)),
                 Ok(()) => match self.rtmp.streams.publish(app, key) {
@@ -333,35 +379,42 @@ impl Connection {
         Ok(())
     }
 
-    /// Sends one message of the played stream.
-    async fn play(&mut self, media: Media) -> Result<(), Error> {
+    /// Sends messages of the played stream, in one write.
+    async fn play(&mut self, batch: impl IntoIterator<Item = Media>) -> Result<(), Error> {
         let Role::Playing(watching) = &self.role else {
             return Ok(());
         };
-        let stream_id = watching.stream_id;
-        let packet = match media {
-            Media::Video { timestamp, data } => self.session.send_video_data(
-                stream_id,
-                data,
-                RtmpTimestamp::new(timestamp),
-                false,
-            )?,
-            Media::Audio { timestamp, data } => self.session.send_audio_data(
-                stream_id,
-                data,
-                RtmpTimestamp::new(timestamp),
-                false,
-            )?,
-            Media::Metadata(metadata) => self.session.send_metadata(stream_id, &metadata)?,
-        };
-        self.write(&packet.bytes).await?;
-        if let Role::Playing(watching) = &self.role {
-            watching.stream.sent(packet.bytes.len());
+        let (stream_id, stream) = (watching.stream_id, Arc::clone(&watching.stream));
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
+        for media in batch {
+            let packet = match media {
+                Media::Video { timestamp, data } => self.session.send_video_data(
+                    stream_id,
+                    data,
+                    RtmpTimestamp::new(timestamp),
+                    false,
+                )?,
+                Media::Audio { timestamp, data } => self.session.send_audio_data(
+                    stream_id,
+                    data,
+                    RtmpTimestamp::new(timestamp),
+                    false,
+                )?,
+                Media::Metadata(metadata) => self.session.send_metadata(stream_id, &metadata)?,
+            };
+            out.extend_from_slice(&packet.bytes);
         }
-        self.rtmp
-            .metrics
-            .bytes_sent
-            .inc_by(packet.bytes.len() as u64);
+        if !out.is_empty() {
+            self.write(&out).await?;
+            stream.sent(out.len());
+            self.rtmp.metrics.bytes_sent.inc_by(out.len() as u64);
+        }
+        // A group of pictures sent at once may have grown it; keep only a modest buffer.
+        if out.capacity() > MAX_KEPT_BUFFER {
+            out = Vec::new();
+        }
+        self.out = out;
         Ok(())
     }
 

@@ -26,9 +26,11 @@ use crate::metrics::Metrics;
 
 /// How long a player may keep skipping before it is dropped.
 pub const LAG_LIMIT: Duration = Duration::from_secs(10);
-/// The most a group of pictures may hold; beyond it (a publisher sending no keyframes) the
-/// oldest part goes and late joiners wait for the next keyframe.
-const MAX_GOP_BYTES: usize = 64 * 1024 * 1024;
+/// The most a group of pictures may hold; beyond it (a publisher sending no keyframes) it is
+/// emptied and late joiners wait for the next keyframe.
+const MAX_GOP_BYTES: usize = 32 * 1024 * 1024;
+/// Audio messages kept for late joiners of a stream without video (a few seconds).
+const MAX_AUDIO_ONLY: usize = 256;
 
 /// One message of a live stream.
 #[derive(Clone, Debug)]
@@ -46,18 +48,39 @@ impl Media {
         }
     }
 
-    /// An FLV video tag whose frame type (high nibble) is 1: a keyframe.
+    /// A video keyframe: frame type 1 in the FLV video tag's first byte (bits 4-6 in Enhanced
+    /// RTMP's extended header, whose top bit is set; the high nibble otherwise).
     pub fn is_keyframe(&self) -> bool {
-        matches!(self, Media::Video { data, .. } if data.first().is_some_and(|b| b >> 4 == 1))
+        match self {
+            Media::Video { data, .. } => data.first().is_some_and(|b| {
+                let frame_type = if b & 0x80 != 0 {
+                    (b >> 4) & 0x07
+                } else {
+                    b >> 4
+                };
+                frame_type == 1
+            }),
+            _ => false,
+        }
     }
 
-    /// Codec configuration: an AVC/HEVC sequence header (packet type 0 after a keyframe byte)
-    /// or an AAC sequence header (sound format 10, packet type 0). Players need it before any
-    /// frame can be decoded.
+    /// Codec configuration, which players need before any frame can be decoded: Enhanced
+    /// RTMP's SequenceStart (packet type 0 in the low nibble), an AVC/HEVC sequence header
+    /// (codec 7 or 12, packet type 0 in the second byte), or an AAC sequence header (sound
+    /// format 10, packet type 0; sound format 9 is Enhanced RTMP audio with its packet type in
+    /// the low nibble).
     fn is_sequence_header(&self) -> bool {
         match self {
-            Media::Video { data, .. } => data.len() >= 2 && data[0] >> 4 == 1 && data[1] == 0,
-            Media::Audio { data, .. } => data.len() >= 2 && data[0] >> 4 == 10 && data[1] == 0,
+            Media::Video { data, .. } => match data.first() {
+                Some(b) if b & 0x80 != 0 => b & 0x0f == 0,
+                Some(b) => matches!(b & 0x0f, 7 | 12) && data.get(1) == Some(&0),
+                None => false,
+            },
+            Media::Audio { data, .. } => match data.first() {
+                Some(b) if b >> 4 == 9 => b & 0x0f == 0,
+                Some(b) => b >> 4 == 10 && data.get(1) == Some(&0),
+                None => false,
+            },
             Media::Metadata(_) => false,
         }
     }
@@ -163,7 +186,8 @@ pub enum PublishError {
 pub struct Publishing {
     streams: Arc<Streams>,
     pub stream: Arc<Stream>,
-    id: u64,
+    /// Tells this publish from a later one on the same key.
+    pub id: u64,
 }
 
 impl Streams {
@@ -181,9 +205,16 @@ impl Streams {
         self.streams.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn stream(&self, app: &str, key: &str) -> Arc<Stream> {
+    /// The stream `app/key`, created if needed, with `attach` run on its state while the map
+    /// is still locked: a stream cannot be forgotten between being found and being joined.
+    fn attach<T>(
+        &self,
+        app: &str,
+        key: &str,
+        attach: impl FnOnce(&mut State) -> T,
+    ) -> (Arc<Stream>, T) {
         let mut map = self.map();
-        let entry = map
+        let stream = map
             .entry((app.to_owned(), key.to_owned()))
             .or_insert_with(|| {
                 self.metrics.streams.inc();
@@ -195,7 +226,10 @@ impl Streams {
                     bytes_out: AtomicU64::new(0),
                 })
             });
-        Arc::clone(entry)
+        let stream = Arc::clone(stream);
+        let attached = attach(&mut stream.state());
+        drop(map);
+        (stream, attached)
     }
 
     /// Forgets a stream with neither publisher nor players.
@@ -213,15 +247,19 @@ impl Streams {
     }
 
     pub fn publish(self: &Arc<Self>, app: &str, key: &str) -> Result<Publishing, PublishError> {
-        let stream = self.stream(app, key);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut state = stream.state();
-        if state.publisher.is_some() {
+        let (stream, taken) = self.attach(app, key, |state| {
+            if state.publisher.is_some() {
+                return true;
+            }
+            state.publisher = Some(id);
+            state.published_at = Some(Instant::now());
+            false
+        });
+        if taken {
+            self.forget_if_idle(&stream);
             return Err(PublishError::Taken(format!("{app}/{key}")));
         }
-        state.publisher = Some(id);
-        state.published_at = Some(Instant::now());
-        drop(state);
         self.metrics.publishers.inc();
         Ok(Publishing {
             streams: Arc::clone(self),
@@ -232,24 +270,24 @@ impl Streams {
 
     /// A player joins `app/key` (waiting for a publisher when there is none yet).
     pub fn subscribe(&self, app: &str, key: &str) -> (Arc<Stream>, Subscription) {
-        let stream = self.stream(app, key);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (queue, live) = mpsc::channel(self.queue.load(Ordering::Relaxed));
-        let mut state = stream.state();
-        let initial = state
-            .metadata
-            .iter()
-            .map(|m| Media::Metadata(Arc::clone(m)))
-            .chain(state.video_header.clone())
-            .chain(state.audio_header.clone())
-            .chain(state.gop.iter().cloned())
-            .collect();
-        state.players.push(Player {
-            id,
-            queue,
-            lagging_since: None,
+        let (stream, initial) = self.attach(app, key, |state| {
+            let initial = state
+                .metadata
+                .iter()
+                .map(|m| Media::Metadata(Arc::clone(m)))
+                .chain(state.video_header.clone())
+                .chain(state.audio_header.clone())
+                .chain(state.gop.iter().cloned())
+                .collect();
+            state.players.push(Player {
+                id,
+                queue,
+                lagging_since: None,
+            });
+            initial
         });
-        drop(state);
         self.metrics.players.inc();
         (stream, Subscription { id, initial, live })
     }
@@ -273,10 +311,10 @@ impl Streams {
         self.queue.store(queue.max(16), Ordering::Relaxed);
     }
 
-    /// Whether `app/key` has a publisher now.
-    pub fn is_published(&self, app: &str, key: &str) -> bool {
+    /// The id of `app/key`'s publisher now, if it has one.
+    pub fn publisher(&self, app: &str, key: &str) -> Option<u64> {
         let stream = self.map().get(&(app.to_owned(), key.to_owned())).cloned();
-        stream.is_some_and(|s| s.state().publisher.is_some())
+        stream.and_then(|s| s.state().publisher)
     }
 
     pub fn stats(&self) -> Vec<StreamStats> {
@@ -311,20 +349,33 @@ impl Publishing {
                     state.gop.clear();
                     state.gop_bytes = 0;
                 }
+                let audio_only = state.video_header.is_none() && !media.is_keyframe();
+                if state.gop_bytes + size > MAX_GOP_BYTES
+                    || (audio_only && state.gop.len() >= MAX_AUDIO_ONLY)
+                {
+                    // No keyframe for too long (or no video at all): start over, so the cache
+                    // never begins in the middle of a group of pictures.
+                    state.gop.clear();
+                    state.gop_bytes = 0;
+                }
                 state.gop_bytes += size;
                 state.gop.push(media.clone());
-                while state.gop_bytes > MAX_GOP_BYTES && !state.gop.is_empty() {
-                    let oldest = state.gop.remove(0);
-                    state.gop_bytes -= oldest.len();
-                }
             }
         }
-        let keyframe = media.is_keyframe() || media.is_sequence_header();
+        // A lagging player resumes on a keyframe (or, without video, on any audio frame).
+        let resumable = media.is_keyframe()
+            || (state.video_header.is_none() && matches!(media, Media::Audio { .. }));
         let now = Instant::now();
         let before = state.players.len();
         state.players.retain_mut(|player| {
-            if player.lagging_since.is_some() && !keyframe {
-                return true;
+            if let Some(since) = player.lagging_since {
+                if now.duration_since(since) >= LAG_LIMIT {
+                    metrics.players_dropped.inc();
+                    return false;
+                }
+                if !resumable {
+                    return true;
+                }
             }
             match player.queue.try_send(media.clone()) {
                 Ok(()) => {
@@ -332,15 +383,11 @@ impl Publishing {
                     true
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    let since = *player.lagging_since.get_or_insert_with(|| {
+                    if player.lagging_since.is_none() {
                         metrics.player_skips.inc();
-                        now
-                    });
-                    let keep = now.duration_since(since) < LAG_LIMIT;
-                    if !keep {
-                        metrics.players_dropped.inc();
+                        player.lagging_since = Some(now);
                     }
-                    keep
+                    true
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             }
@@ -416,6 +463,45 @@ mod tests {
             "sequence header, then the last GOP"
         );
         assert!(player.initial[1].is_keyframe());
+    }
+
+    #[test]
+    fn enhanced_rtmp_and_legacy_headers() {
+        let video = |bytes: &[u8]| Media::Video {
+            timestamp: 0,
+            data: Bytes::copy_from_slice(bytes),
+        };
+        // Enhanced RTMP HEVC: keyframe + SequenceStart, keyframe + CodedFrames, inter frame.
+        assert!(video(b"\x90hvc1").is_keyframe() && video(b"\x90hvc1").is_sequence_header());
+        assert!(video(b"\x91hvc1").is_keyframe() && !video(b"\x91hvc1").is_sequence_header());
+        assert!(!video(b"\xa1hvc1").is_keyframe());
+        // Legacy AVC: sequence header, keyframe NALUs, inter frame NALUs.
+        assert!(video(&[0x17, 0]).is_sequence_header());
+        assert!(video(&[0x17, 1]).is_keyframe() && !video(&[0x17, 1]).is_sequence_header());
+        assert!(!video(&[0x27, 1]).is_keyframe());
+        let aac = Media::Audio {
+            timestamp: 0,
+            data: Bytes::from_static(&[0xaf, 0]),
+        };
+        assert!(aac.is_sequence_header());
+    }
+
+    #[test]
+    fn audio_only_streams_keep_a_few_seconds() {
+        let streams = streams(16);
+        let publishing = streams.publish("radio", "k").unwrap();
+        for n in 0..1000 {
+            publishing.push(Media::Audio {
+                timestamp: n,
+                data: Bytes::from_static(&[0xaf, 1, 9]),
+            });
+        }
+        let (_, player) = streams.subscribe("radio", "k");
+        assert!(
+            player.initial.len() <= MAX_AUDIO_ONLY,
+            "{}",
+            player.initial.len()
+        );
     }
 
     #[test]

@@ -273,7 +273,7 @@ async fn restreaming_and_the_publish_callback() {
         axum::routing::post(move |body: String| {
             let recorded = Arc::clone(&recorded);
             async move {
-                let allowed = body.contains("name=cam1");
+                let allowed = body.contains("name=cam1&") || body.ends_with("&token=s3cret");
                 recorded.lock().unwrap().push(body);
                 if allowed {
                     axum::http::StatusCode::OK
@@ -304,7 +304,7 @@ async fn restreaming_and_the_publish_callback() {
     )
     .await;
 
-    let _publisher = publish(&first.url("live/cam1"), 60);
+    let mut publisher = publish(&first.url("live/cam1"), 60);
     first.wait_publishing("cam1").await;
     second.wait_publishing("cam1").await;
     assert_eq!(
@@ -331,4 +331,26 @@ async fn restreaming_and_the_publish_callback() {
             .await,
         1.0
     );
+
+    // The publisher's query arguments go to the callback; the stream is named by the key alone.
+    let _with_token = publish(&second.url("live/cam2?token=s3cret"), 60);
+    second.wait_publishing("cam2").await;
+    assert_eq!(play(&second.url("live/cam2"), 10).await, 10);
+    assert!(
+        asked
+            .lock()
+            .unwrap()
+            .contains(&"call=publish&app=live&name=cam2&addr=127.0.0.1&token=s3cret".to_owned())
+    );
+
+    // The publisher leaves: its stream ends here and at the re-streaming destination.
+    publisher.kill().await.unwrap();
+    for (module, publishers) in [(&first, 0.0), (&second, 1.0)] {
+        eventually("cam1 is gone", DEADLINE, || async {
+            module.metric("rtmp_publishers_active", "").await == publishers
+        })
+        .await;
+    }
+    assert_eq!(first.metric("rtmp_streams_active", "").await, 0.0);
+    assert_eq!(first.metric("rtmp_players_active", "").await, 0.0);
 }

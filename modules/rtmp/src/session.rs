@@ -33,7 +33,7 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// nothing: a publisher whose network died without a close must not hold its key for good.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes read at a time (publishers send media; players only acknowledgements).
-const READ_BUFFER: usize = 16 * 1024;
+const READ_BUFFER: usize = 4 * 1024;
 /// Queued messages sent to a player in one write.
 const MAX_BATCH: usize = 64;
 /// The write buffer a player keeps between writes.

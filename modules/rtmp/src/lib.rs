@@ -13,6 +13,7 @@
 //! admin, drain) is the module runtime's. [`run`] is the binary's entry.
 
 pub mod auth;
+pub mod chunks;
 pub mod config;
 pub mod metrics;
 pub mod restream;

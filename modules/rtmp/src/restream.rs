@@ -193,12 +193,12 @@ impl Publisher {
 
     async fn media(&mut self, session: &mut ClientSession, media: Media) -> Result<(), Error> {
         let result = match media {
-            Media::Video { timestamp, data } => {
-                session.publish_video_data(data, RtmpTimestamp::new(timestamp), false)?
-            }
-            Media::Audio { timestamp, data } => {
-                session.publish_audio_data(data, RtmpTimestamp::new(timestamp), false)?
-            }
+            Media::Video {
+                timestamp, data, ..
+            } => session.publish_video_data(data, RtmpTimestamp::new(timestamp), false)?,
+            Media::Audio {
+                timestamp, data, ..
+            } => session.publish_audio_data(data, RtmpTimestamp::new(timestamp), false)?,
             Media::Metadata(metadata) => session.publish_metadata(&metadata)?,
         };
         self.send(vec![result]).await

@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     Rtmp,
+    chunks::{CHUNK_SIZE, SHARED_STREAM_ID},
     streams::{Media, Publishing, Stream, Streams},
 };
 
@@ -37,7 +38,7 @@ const READ_BUFFER: usize = 4 * 1024;
 /// Queued messages sent to a player in one write.
 const MAX_BATCH: usize = 64;
 /// The write buffer a player keeps between writes.
-const MAX_KEPT_BUFFER: usize = 16 * 1024;
+const MAX_KEPT_BUFFER: usize = 4 * 1024;
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -100,7 +101,9 @@ pub async fn serve(rtmp: Arc<Rtmp>, mut socket: TcpStream, client: SocketAddr, s
             return;
         }
     };
-    let (session, results) = match ServerSession::new(ServerSessionConfig::new()) {
+    let mut config = ServerSessionConfig::new();
+    config.chunk_size = CHUNK_SIZE as u32;
+    let (session, results) = match ServerSession::new(config) {
         Ok(created) => created,
         Err(error) => {
             warn!(%client, %error, "RTMP session not created");
@@ -273,20 +276,14 @@ impl Connection {
                 data, timestamp, ..
             } => {
                 if let Role::Publishing(publishing) = &self.role {
-                    publishing.push(Media::Video {
-                        timestamp: timestamp.value,
-                        data,
-                    });
+                    publishing.push(Media::video(timestamp.value, data));
                 }
             }
             ServerSessionEvent::AudioDataReceived {
                 data, timestamp, ..
             } => {
                 if let Role::Publishing(publishing) = &self.role {
-                    publishing.push(Media::Audio {
-                        timestamp: timestamp.value,
-                        data,
-                    });
+                    publishing.push(Media::audio(timestamp.value, data));
                 }
             }
             ServerSessionEvent::PlayStreamRequested {
@@ -388,14 +385,24 @@ impl Connection {
         let mut out = std::mem::take(&mut self.out);
         out.clear();
         for media in batch {
+            if stream_id == SHARED_STREAM_ID {
+                if let Some(chunked) = media.chunked() {
+                    out.extend_from_slice(chunked);
+                    continue;
+                }
+            }
             let packet = match media {
-                Media::Video { timestamp, data } => self.session.send_video_data(
+                Media::Video {
+                    timestamp, data, ..
+                } => self.session.send_video_data(
                     stream_id,
                     data,
                     RtmpTimestamp::new(timestamp),
                     false,
                 )?,
-                Media::Audio { timestamp, data } => self.session.send_audio_data(
+                Media::Audio {
+                    timestamp, data, ..
+                } => self.session.send_audio_data(
                     stream_id,
                     data,
                     RtmpTimestamp::new(timestamp),

@@ -11,7 +11,7 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -35,12 +35,54 @@ const MAX_AUDIO_ONLY: usize = 256;
 /// One message of a live stream.
 #[derive(Clone, Debug)]
 pub enum Media {
-    Video { timestamp: u32, data: Bytes },
-    Audio { timestamp: u32, data: Bytes },
+    Video {
+        timestamp: u32,
+        data: Bytes,
+        /// The message chunked for every player ([`crate::chunks`]), made by the first.
+        chunked: Arc<OnceLock<Bytes>>,
+    },
+    Audio {
+        timestamp: u32,
+        data: Bytes,
+        chunked: Arc<OnceLock<Bytes>>,
+    },
     Metadata(Arc<StreamMetadata>),
 }
 
 impl Media {
+    pub fn video(timestamp: u32, data: Bytes) -> Media {
+        Media::Video {
+            timestamp,
+            data,
+            chunked: Arc::default(),
+        }
+    }
+
+    pub fn audio(timestamp: u32, data: Bytes) -> Media {
+        Media::Audio {
+            timestamp,
+            data,
+            chunked: Arc::default(),
+        }
+    }
+
+    /// The message as chunks on the shared message stream, made once for all players.
+    pub fn chunked(&self) -> Option<&Bytes> {
+        match self {
+            Media::Video {
+                timestamp,
+                data,
+                chunked,
+            } => Some(chunked.get_or_init(|| crate::chunks::video(*timestamp, data))),
+            Media::Audio {
+                timestamp,
+                data,
+                chunked,
+            } => Some(chunked.get_or_init(|| crate::chunks::audio(*timestamp, data))),
+            Media::Metadata(_) => None,
+        }
+    }
+
     fn len(&self) -> usize {
         match self {
             Media::Video { data, .. } | Media::Audio { data, .. } => data.len(),
@@ -422,10 +464,7 @@ mod tests {
 
     fn video(keyframe: bool, timestamp: u32) -> Media {
         let first = if keyframe { 0x17 } else { 0x27 };
-        Media::Video {
-            timestamp,
-            data: Bytes::from(vec![first, 1, 0, 0, 0, 42]),
-        }
+        Media::video(timestamp, Bytes::from(vec![first, 1, 0, 0, 0, 42]))
     }
 
     fn streams(queue: usize) -> Arc<Streams> {
@@ -440,10 +479,7 @@ mod tests {
             streams.publish("live", "k").is_err(),
             "one publisher per key"
         );
-        publishing.push(Media::Video {
-            timestamp: 0,
-            data: Bytes::from_static(&[0x17, 0, 0, 0, 0]),
-        });
+        publishing.push(Media::video(0, Bytes::from_static(&[0x17, 0, 0, 0, 0])));
         publishing.push(video(true, 0));
         publishing.push(video(false, 40));
         publishing.push(video(true, 80));
@@ -467,10 +503,7 @@ mod tests {
 
     #[test]
     fn enhanced_rtmp_and_legacy_headers() {
-        let video = |bytes: &[u8]| Media::Video {
-            timestamp: 0,
-            data: Bytes::copy_from_slice(bytes),
-        };
+        let video = |bytes: &[u8]| Media::video(0, Bytes::copy_from_slice(bytes));
         // Enhanced RTMP HEVC: keyframe + SequenceStart, keyframe + CodedFrames, inter frame.
         assert!(video(b"\x90hvc1").is_keyframe() && video(b"\x90hvc1").is_sequence_header());
         assert!(video(b"\x91hvc1").is_keyframe() && !video(b"\x91hvc1").is_sequence_header());
@@ -479,10 +512,7 @@ mod tests {
         assert!(video(&[0x17, 0]).is_sequence_header());
         assert!(video(&[0x17, 1]).is_keyframe() && !video(&[0x17, 1]).is_sequence_header());
         assert!(!video(&[0x27, 1]).is_keyframe());
-        let aac = Media::Audio {
-            timestamp: 0,
-            data: Bytes::from_static(&[0xaf, 0]),
-        };
+        let aac = Media::audio(0, Bytes::from_static(&[0xaf, 0]));
         assert!(aac.is_sequence_header());
     }
 
@@ -491,10 +521,7 @@ mod tests {
         let streams = streams(16);
         let publishing = streams.publish("radio", "k").unwrap();
         for n in 0..1000 {
-            publishing.push(Media::Audio {
-                timestamp: n,
-                data: Bytes::from_static(&[0xaf, 1, 9]),
-            });
+            publishing.push(Media::audio(n, Bytes::from_static(&[0xaf, 1, 9])));
         }
         let (_, player) = streams.subscribe("radio", "k");
         assert!(

@@ -7,7 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, header::CONTENT_TYPE};
-use marchproxy_runtime::http::Client;
+use marchproxy_runtime::http::{Client, percent_encode};
 
 use crate::config::Settings;
 
@@ -19,18 +19,6 @@ const CALLBACK_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Refusal {
     pub reason: &'static str,
     pub message: String,
-}
-
-fn form_escape(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 pub async fn authorize(
@@ -52,9 +40,9 @@ pub async fn authorize(
     };
     let mut body = format!(
         "call=publish&app={}&name={}&addr={}",
-        form_escape(app),
-        form_escape(key),
-        form_escape(&addr.ip().to_string())
+        percent_encode(app),
+        percent_encode(key),
+        percent_encode(&addr.ip().to_string())
     );
     // The publisher's own arguments (`rtmp://host/app/key?token=...`) follow, as nginx-rtmp
     // sends them; they are already in form encoding.
@@ -92,6 +80,6 @@ mod tests {
 
     #[test]
     fn form_values_are_escaped() {
-        assert_eq!(form_escape("a b&c=d/é"), "a%20b%26c%3Dd%2F%C3%A9");
+        assert_eq!(percent_encode("a b&c=d/é"), "a%20b%26c%3Dd%2F%C3%A9");
     }
 }

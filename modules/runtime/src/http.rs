@@ -60,20 +60,7 @@ async fn accept_loop(
     limiter: Arc<RateLimiter>,
     mut stopping: crate::Stopping,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            accepted = data.listener.accept() => accepted,
-            () = stopping.wait() => return,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                debug!(%error, listener = %data.addr, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    while let Some((stream, peer)) = crate::tcp::accept(&data, &mut stopping).await {
         let connection = Connection {
             app: app.clone(),
             stats: Arc::clone(&stats),
@@ -97,16 +84,9 @@ impl Connection {
     async fn serve(mut self, mut stream: TcpStream, peer: SocketAddr) {
         let _open = self.stats.connection();
         let _ = stream.set_nodelay(true);
-        let client = if self.proxy_protocol {
-            match marchproxy::proxy_protocol::read(&mut stream, HEADER_TIMEOUT).await {
-                Ok(client) => client.unwrap_or(peer),
-                Err(error) => {
-                    debug!(%peer, %error, "connection closed");
-                    return;
-                }
-            }
-        } else {
-            peer
+        let Some(client) = crate::tcp::client_address(&mut stream, peer, self.proxy_protocol).await
+        else {
+            return;
         };
         let (app, stats, limiter) = (self.app, self.stats, self.limiter);
         let service = hyper::service::service_fn(move |mut request: Request<_>| {
@@ -192,6 +172,19 @@ pub type Client = hyper_util::client::legacy::Client<
 /// How long a connection attempt may take: an unreachable host fails in this time instead of
 /// the system's TCP timeout (minutes), so callers can move on to another server.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Percent-encoding of a URL query or form value (RFC 3986 unreserved characters stay).
+pub fn percent_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
 
 /// Builds a [`Client`]; fails only when the system has no root certificates at all.
 pub fn client() -> Result<Client, std::io::Error> {

@@ -9,7 +9,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{net::TcpStream, task::JoinSet};
 use tracing::debug;
 
-use crate::{DataPlane, ModuleError, Stats, Subject, Verdict};
+use crate::{DataListener, DataPlane, ModuleError, Stats, Stopping, Subject, Verdict};
 
 /// How long a client on a `+proxy` listener may take to send its PROXY header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,20 +36,7 @@ where
             on_connection.clone(),
         );
         accepting.spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    accepted = data.listener.accept() => accepted,
-                    () = stopping.wait() => return,
-                };
-                let (mut stream, peer) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        debug!(%error, listener = %data.addr, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
+            while let Some((mut stream, peer)) = accept(&data, &mut stopping).await {
                 let (stats, limiter, on_connection) = (
                     Arc::clone(&stats),
                     Arc::clone(&limiter),
@@ -58,16 +45,9 @@ where
                 let proxy_protocol = data.proxy_protocol;
                 tokio::spawn(async move {
                     let _open = stats.connection();
-                    let client = if proxy_protocol {
-                        match marchproxy::proxy_protocol::read(&mut stream, HEADER_TIMEOUT).await {
-                            Ok(client) => client.unwrap_or(peer),
-                            Err(error) => {
-                                debug!(%peer, %error, "connection closed");
-                                return;
-                            }
-                        }
-                    } else {
-                        peer
+                    let Some(client) = client_address(&mut stream, peer, proxy_protocol).await
+                    else {
+                        return;
                     };
                     let subject = Subject {
                         client_ip: Some(client.ip()),
@@ -86,4 +66,44 @@ where
     stopping.wait().await;
     while accepting.join_next().await.is_some() {}
     Ok(())
+}
+
+/// The next connection on `data`, or None once the runtime stops accepting.
+pub(crate) async fn accept(
+    data: &DataListener,
+    stopping: &mut Stopping,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        let accepted = tokio::select! {
+            accepted = data.listener.accept() => accepted,
+            () = stopping.wait() => return None,
+        };
+        match accepted {
+            Ok(accepted) => return Some(accepted),
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                debug!(%error, listener = %data.addr, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// The client's address: from the PROXY v2 header on `+proxy` listeners (None, after logging,
+/// when it does not come), else the peer's.
+pub(crate) async fn client_address(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    proxy_protocol: bool,
+) -> Option<SocketAddr> {
+    if !proxy_protocol {
+        return Some(peer);
+    }
+    match marchproxy::proxy_protocol::read(stream, HEADER_TIMEOUT).await {
+        Ok(client) => Some(client.unwrap_or(peer)),
+        Err(error) => {
+            debug!(%peer, %error, "connection closed");
+            None
+        }
+    }
 }

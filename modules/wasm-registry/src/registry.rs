@@ -136,19 +136,6 @@ fn absolute(base: &str, location: &str) -> String {
     }
 }
 
-/// Percent-encoding for a query value.
-fn query_escape(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// The parameters of a `WWW-Authenticate` challenge (`Bearer realm="...",service="..."`).
 fn challenge(value: &str) -> (String, HashMap<String, String>) {
     let (scheme, rest) = value.trim().split_once(' ').unwrap_or((value.trim(), ""));
@@ -405,9 +392,15 @@ impl Registry {
             .get("realm")
             .ok_or_else(|| denied("a bearer challenge without a realm"))?;
         let separator = if realm.contains('?') { '&' } else { '?' };
-        let mut token_url = format!("{realm}{separator}scope={}", query_escape(scope));
+        let mut token_url = format!(
+            "{realm}{separator}scope={}",
+            marchproxy_runtime::http::percent_encode(scope)
+        );
         if let Some(service) = params.get("service") {
-            token_url.push_str(&format!("&service={}", query_escape(service)));
+            token_url.push_str(&format!(
+                "&service={}",
+                marchproxy_runtime::http::percent_encode(service)
+            ));
         }
         // Credentials go to a token service over HTTPS, or to the registry's own host.
         let basic = credentials
@@ -554,7 +547,7 @@ mod tests {
             "https://s3.example/x"
         );
         assert_eq!(
-            query_escape("repository:a/b:pull"),
+            marchproxy_runtime::http::percent_encode("repository:a/b:pull"),
             "repository%3Aa%2Fb%3Apull"
         );
     }

@@ -123,8 +123,9 @@ async fn relay(
     loop {
         tokio::select! {
             media = subscription.live.recv() => match media {
+                // The publish this push belongs to is over.
+                Some(Media::Unpublished) | None => return Ok(()),
                 Some(media) => publisher.media(&mut session, media).await?,
-                None => return Ok(()),
             },
             read = publisher.socket.read(&mut publisher.buffer) => {
                 let read = read?;
@@ -200,6 +201,7 @@ impl Publisher {
                 timestamp, data, ..
             } => session.publish_audio_data(data, RtmpTimestamp::new(timestamp), false)?,
             Media::Metadata(metadata) => session.publish_metadata(&metadata)?,
+            Media::Unpublished => return Ok(()),
         };
         self.send(vec![result]).await
     }

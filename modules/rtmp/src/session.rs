@@ -33,6 +33,8 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a publisher (or a connection that neither publishes nor plays yet) may send
 /// nothing: a publisher whose network died without a close must not hold its key for good.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long players stay after their publisher left, for it (or another) to come back.
+const REPUBLISH_WAIT: Duration = Duration::from_secs(30);
 /// Bytes read at a time (publishers send media; players only acknowledgements).
 const READ_BUFFER: usize = 4 * 1024;
 /// Queued messages sent to a player in one write.
@@ -119,6 +121,7 @@ pub async fn serve(rtmp: Arc<Rtmp>, mut socket: TcpStream, client: SocketAddr, s
         stats,
         role: Role::Idle,
         out: Vec::new(),
+        waiting_since: None,
     };
     let mut live: Option<mpsc::Receiver<Media>> = None;
     let outcome = async {
@@ -129,10 +132,18 @@ pub async fn serve(rtmp: Arc<Rtmp>, mut socket: TcpStream, client: SocketAddr, s
         let mut buffer = vec![0u8; READ_BUFFER];
         let mut heard = tokio::time::Instant::now();
         loop {
-            // Players mostly listen; everyone else must keep talking.
-            let idle_until = (!matches!(connection.role, Role::Playing(_))).then(|| heard + IDLE_TIMEOUT);
+            // Players mostly listen (until their publisher has been gone too long); everyone
+            // else must keep talking.
+            let idle_until = match connection.role {
+                Role::Playing(_) => connection.waiting_since.map(|since| since + REPUBLISH_WAIT),
+                _ => Some(heard + IDLE_TIMEOUT),
+            };
             tokio::select! {
                 () = sleep_until(idle_until) => {
+                    if matches!(connection.role, Role::Playing(_)) {
+                        connection.finish_playing().await;
+                        return Ok(());
+                    }
                     return Err::<(), Error>(format!("nothing received for {} s", IDLE_TIMEOUT.as_secs()).into());
                 }
                 read = reader.read(&mut buffer) => {
@@ -204,6 +215,8 @@ struct Connection {
     role: Role,
     /// Reused for each write to a player.
     out: Vec<u8>,
+    /// A player's publisher left at this time and none has come back yet.
+    waiting_since: Option<tokio::time::Instant>,
 }
 
 impl Connection {
@@ -385,6 +398,11 @@ impl Connection {
         let mut out = std::mem::take(&mut self.out);
         out.clear();
         for media in batch {
+            if matches!(media, Media::Unpublished) {
+                self.waiting_since = Some(tokio::time::Instant::now());
+                continue;
+            }
+            self.waiting_since = None;
             if stream_id == SHARED_STREAM_ID {
                 if let Some(chunked) = media.chunked() {
                     out.extend_from_slice(chunked);
@@ -409,6 +427,7 @@ impl Connection {
                     false,
                 )?,
                 Media::Metadata(metadata) => self.session.send_metadata(stream_id, &metadata)?,
+                Media::Unpublished => continue,
             };
             out.extend_from_slice(&packet.bytes);
         }

@@ -6,7 +6,8 @@
 //! Fan-out never waits on a player: each has a bounded queue, and a player whose queue is full
 //! skips ahead (everything until the next keyframe is dropped for it, so it resumes on a
 //! picture it can decode). A player that keeps falling behind for [`LAG_LIMIT`] is dropped.
-//! The publisher and the other players are never slowed down.
+//! The publisher and the other players are never slowed down. When the publisher leaves, its
+//! players are told ([`Media::Unpublished`]) and stay for the next one.
 
 use std::{
     collections::HashMap,
@@ -47,6 +48,8 @@ pub enum Media {
         chunked: Arc<OnceLock<Bytes>>,
     },
     Metadata(Arc<StreamMetadata>),
+    /// The publisher left; players stay for the next one (a reconnecting encoder).
+    Unpublished,
 }
 
 impl Media {
@@ -79,14 +82,14 @@ impl Media {
                 data,
                 chunked,
             } => Some(chunked.get_or_init(|| crate::chunks::audio(*timestamp, data))),
-            Media::Metadata(_) => None,
+            Media::Metadata(_) | Media::Unpublished => None,
         }
     }
 
     fn len(&self) -> usize {
         match self {
             Media::Video { data, .. } | Media::Audio { data, .. } => data.len(),
-            Media::Metadata(_) => 0,
+            Media::Metadata(_) | Media::Unpublished => 0,
         }
     }
 
@@ -123,7 +126,7 @@ impl Media {
                 Some(b) => b >> 4 == 10 && data.get(1) == Some(&0),
                 None => false,
             },
-            Media::Metadata(_) => false,
+            Media::Metadata(_) | Media::Unpublished => false,
         }
     }
 }
@@ -442,17 +445,29 @@ impl Publishing {
 
 impl Drop for Publishing {
     fn drop(&mut self) {
-        let players = {
+        {
             let mut state = self.stream.state();
             if state.publisher != Some(self.id) {
                 return;
             }
-            let players = state.players.len();
+            let players = std::mem::take(&mut state.players);
             *state = State::default();
-            players
-        };
-        // The players' queues closed with the state: each of them ends its stream.
-        self.streams.metrics.players.sub(players as i64);
+            // Players stay for the next publisher (as with nginx-rtmp and SRS), told that this
+            // one left; a player whose queue is full catches up at the next keyframe anyway.
+            state.players = players
+                .into_iter()
+                .filter_map(
+                    |mut player| match player.queue.try_send(Media::Unpublished) {
+                        Err(mpsc::error::TrySendError::Closed(_)) => None,
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            player.lagging_since.get_or_insert_with(Instant::now);
+                            Some(player)
+                        }
+                        Ok(()) => Some(player),
+                    },
+                )
+                .collect();
+        }
         self.streams.metrics.publishers.dec();
         self.streams.forget_if_idle(&self.stream);
     }
@@ -558,11 +573,19 @@ mod tests {
         .collect();
         assert_eq!(after, vec![400, 500], "resumed on the keyframe");
         drop(publishing);
-        while fast.live.try_recv().is_ok() {}
-        assert_eq!(
-            fast.live.try_recv().unwrap_err(),
-            mpsc::error::TryRecvError::Disconnected,
-            "the stream ended for its players"
+        let mut last = None;
+        while let Ok(media) = fast.live.try_recv() {
+            last = Some(media);
+        }
+        assert!(
+            matches!(last, Some(Media::Unpublished)),
+            "players are told the publisher left"
+        );
+        let again = streams.publish("live", "k").unwrap();
+        again.push(Media::video(0, Bytes::from_static(&[0x17, 0, 0, 0, 0])));
+        assert!(
+            matches!(fast.live.try_recv(), Ok(Media::Video { timestamp: 0, .. })),
+            "and get the next publisher's stream"
         );
     }
 }

@@ -216,7 +216,7 @@ async fn players_get_the_stream_directly_late_and_through_the_nlb() {
     })
     .await;
 
-    let _publisher = publish(&module.url("live/cam1"), 60);
+    let mut publisher = publish(&module.url("live/cam1"), 60);
     module.wait_publishing("cam1").await;
 
     // Several players at once, each decoding 50 frames.
@@ -258,6 +258,23 @@ async fn players_get_the_stream_directly_late_and_through_the_nlb() {
     assert!(stream["bytes_out"].as_u64().unwrap() > 0, "{stats}");
     assert!(module.metric("rtmp_bytes_sent_total", "").await > 0.0);
     assert_eq!(module.metric("rtmp_publishers_active", "").await, 1.0);
+
+    // The encoder reconnects: a player keeps playing across it.
+    let watching = tokio::spawn({
+        let url = url.clone();
+        async move { play(&url, 150).await }
+    });
+    eventually("the player is attached", DEADLINE, || async {
+        module.metric("rtmp_players_active", "").await >= 1.0
+    })
+    .await;
+    publisher.kill().await.unwrap();
+    eventually("the publisher is gone", DEADLINE, || async {
+        module.metric("rtmp_publishers_active", "").await == 0.0
+    })
+    .await;
+    let _again = publish(&module.url("live/cam1"), 60);
+    assert_eq!(watching.await.unwrap(), 150, "frames from both publishers");
 }
 
 #[tokio::test]

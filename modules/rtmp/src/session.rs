@@ -168,7 +168,7 @@ pub async fn serve(rtmp: Arc<Rtmp>, mut socket: TcpStream, client: SocketAddr, s
                         connection.play(batch).await?;
                     }
                     None => {
-                        // The publisher left, or this player fell too far behind.
+                        // This player fell too far behind and was let go.
                         connection.finish_playing().await;
                         return Ok(());
                     }

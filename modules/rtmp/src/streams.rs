@@ -451,22 +451,16 @@ impl Drop for Publishing {
                 return;
             }
             let players = std::mem::take(&mut state.players);
+            let before = players.len();
             *state = State::default();
             // Players stay for the next publisher (as with nginx-rtmp and SRS), told that this
-            // one left; a player whose queue is full catches up at the next keyframe anyway.
+            // one left; one too far behind to be told (or already gone) is let go.
             state.players = players
                 .into_iter()
-                .filter_map(
-                    |mut player| match player.queue.try_send(Media::Unpublished) {
-                        Err(mpsc::error::TrySendError::Closed(_)) => None,
-                        Err(mpsc::error::TrySendError::Full(_)) => {
-                            player.lagging_since.get_or_insert_with(Instant::now);
-                            Some(player)
-                        }
-                        Ok(()) => Some(player),
-                    },
-                )
+                .filter(|player| player.queue.try_send(Media::Unpublished).is_ok())
                 .collect();
+            let gone = before - state.players.len();
+            self.streams.metrics.players.sub(gone as i64);
         }
         self.streams.metrics.publishers.dec();
         self.streams.forget_if_idle(&self.stream);

@@ -50,6 +50,18 @@ impl Process {
         }
     }
 
+    /// Starts a server quietly (no output) and waits until it accepts connections on
+    /// 127.0.0.1:`port`.
+    pub async fn listening(name: &str, port: u16, command: &mut Command) -> Self {
+        let process = Process::spawn(name, command.stdout(Stdio::null()).stderr(Stdio::null()));
+        wait_for_port(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(30),
+        )
+        .await;
+        process
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -106,15 +118,14 @@ impl Moto {
             "python3 -m pip install 'moto[server]'",
         );
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let process = Process::spawn(
+        let process = Process::listening(
             "moto_server",
+            addr.port(),
             Command::new("python3")
                 .args(["-m", "moto.server", "-H", "127.0.0.1", "-p"])
-                .arg(addr.port().to_string())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-        );
-        wait_for_port(addr, Duration::from_secs(30)).await;
+                .arg(addr.port().to_string()),
+        )
+        .await;
         Moto { addr, process }
     }
 
@@ -208,20 +219,12 @@ impl Mosquitto {
         } else {
             "mosquitto"
         };
-        let process = Process::spawn(
+        Process::listening(
             "mosquitto",
-            Command::new(binary)
-                .arg("-c")
-                .arg(config)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-        );
-        wait_for_port(
-            SocketAddr::from(([127, 0, 0, 1], port)),
-            Duration::from_secs(30),
+            port,
+            Command::new(binary).arg("-c").arg(config),
         )
-        .await;
-        process
+        .await
     }
 
     /// Kills the broker and starts a fresh one on the same port (sessions are gone).
@@ -258,23 +261,17 @@ impl Redis {
     }
 
     async fn spawn(port: u16, dir: &std::path::Path) -> Process {
-        let process = Process::spawn(
+        Process::listening(
             "redis-server",
+            port,
             Command::new("redis-server")
                 .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
                 .arg("--port")
                 .arg(port.to_string())
                 .arg("--dir")
-                .arg(dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-        );
-        wait_for_port(
-            SocketAddr::from(([127, 0, 0, 1], port)),
-            Duration::from_secs(30),
+                .arg(dir),
         )
-        .await;
-        process
+        .await
     }
 
     pub fn url(&self) -> String {
@@ -356,20 +353,14 @@ impl OciRegistry {
     }
 
     async fn spawn(port: u16, dir: &std::path::Path) -> Process {
-        let process = Process::spawn(
+        Process::listening(
             "docker-registry",
+            port,
             Command::new("docker-registry")
                 .arg("serve")
-                .arg(dir.join("config.yml"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-        );
-        wait_for_port(
-            SocketAddr::from(([127, 0, 0, 1], port)),
-            Duration::from_secs(30),
+                .arg(dir.join("config.yml")),
         )
-        .await;
-        process
+        .await
     }
 
     /// `127.0.0.1:PORT`.

@@ -18,6 +18,8 @@ pub mod config;
 pub mod echo;
 pub mod http;
 pub mod module;
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
 pub mod registration;
 pub mod service;
 pub mod shared;

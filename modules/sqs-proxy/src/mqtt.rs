@@ -7,11 +7,11 @@
 //! Acknowledgements are only sent on the connection the message came in on: after a reconnect
 //! the broker redelivers, and a packet id may have been reused.
 
-use std::{sync::Arc, time::Duration};
+use std::{ops::ControlFlow, sync::Arc, time::Duration};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS, Transport};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS, SubscribeFilter, Transport};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -143,46 +143,27 @@ pub async fn run(
         }
     }
     let broker = crate::presence::redacted(&settings.url);
-    tokio::pin!(stop);
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        let event = tokio::select! {
-            event = events.poll() => event,
-            () = &mut stop => break,
-        };
+    let filters: Vec<SubscribeFilter> = topics
+        .into_iter()
+        .map(|topic| SubscribeFilter::new(topic, QoS::AtLeastOnce))
+        .collect();
+    marchproxy_runtime::mqtt::drive(&client, &mut events, &broker, &filters, stop, |event| {
         match event {
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                backoff = Duration::from_millis(200);
+            Event::Incoming(Packet::ConnAck(ack)) => {
                 connection.fetch_add(1, Ordering::AcqRel);
-                info!(%broker, session_present = ack.session_present, topics = ?topics, "MQTT connected; subscribing");
-                // The request queue is drained by this very loop: subscribe from another task.
-                let (client, filters) = (client.clone(), topics.clone());
-                tokio::spawn(async move {
-                    let filters = filters
-                        .into_iter()
-                        .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce));
-                    if let Err(error) = client.subscribe_many(filters).await {
-                        warn!(%error, "MQTT subscribe not sent");
-                    }
-                });
+                info!(%broker, session_present = ack.session_present, "MQTT session (kept by the broker when present)");
             }
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
+            Event::Incoming(Packet::Publish(publish)) => {
                 let arrived = (connection.load(Ordering::Acquire), publish);
                 if publishes.send(arrived).is_err() {
-                    break;
+                    return ControlFlow::Break(());
                 }
             }
-            Ok(_) => {}
-            Err(error) => {
-                warn!(%broker, %error, retry_in_ms = backoff.as_millis() as u64, "MQTT connection lost; reconnecting");
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = &mut stop => break,
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
+            _ => {}
         }
-    }
+        ControlFlow::Continue(())
+    })
+    .await;
     // What is buffered or being retried now stays unacknowledged: the broker delivers it again.
     stopping.send_replace(true);
     drop(publishes);

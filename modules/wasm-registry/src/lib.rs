@@ -16,6 +16,7 @@ pub mod registry;
 
 use std::{
     collections::HashMap,
+    ops::ControlFlow,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -467,46 +468,25 @@ impl WasmRegistry {
             self.args.channel_id.as_deref().unwrap_or_default(),
             self.args.topic_style,
         );
-        tokio::pin!(stop);
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            let event = tokio::select! {
-                event = events.poll() => event,
-                () = &mut stop => break,
-            };
-            match event {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    backoff = Duration::from_millis(200);
-                    info!(broker = %self.args.mqtt_address, topics = ?topics, "MQTT connected; subscribing");
-                    let (client, topics, qos) =
-                        (client.clone(), topics.clone(), qos(self.args.mqtt_qos));
-                    // The request queue is drained by this very loop: subscribe from another task.
-                    tokio::spawn(async move {
-                        let filters = topics
-                            .into_iter()
-                            .map(|topic| SubscribeFilter::new(topic, qos));
-                        if let Err(error) = client.subscribe_many(filters).await {
-                            warn!(%error, "MQTT subscribe not sent");
-                        }
-                    });
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    info!(broker = %self.args.mqtt_address, "MQTT subscribed");
-                }
-                Ok(Event::Incoming(Packet::Publish(publish))) => {
+        let qos = qos(self.args.mqtt_qos);
+        let filters: Vec<SubscribeFilter> = topics
+            .into_iter()
+            .map(|topic| SubscribeFilter::new(topic, qos))
+            .collect();
+        marchproxy_runtime::mqtt::drive(
+            &client,
+            &mut events,
+            &self.args.mqtt_address,
+            &filters,
+            stop,
+            |event| {
+                if let Event::Incoming(Packet::Publish(publish)) = event {
                     self.request(&client, publish.topic.clone(), &publish.payload);
                 }
-                Ok(_) => {}
-                Err(error) => {
-                    warn!(broker = %self.args.mqtt_address, %error, retry_in_ms = backoff.as_millis() as u64, "MQTT connection lost; reconnecting");
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = &mut stop => break,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
+                ControlFlow::Continue(())
+            },
+        )
+        .await;
         let _ = client.try_disconnect();
     }
 }

@@ -279,6 +279,16 @@ impl RateLimiter {
         self.check_targets(&subject, |target| matches!(target, Target::ApiKey(_)))
     }
 
+    /// Only the `route:<route id>` limits, for a data plane that has checked the client's
+    /// limits before it knew the route (the ALB matches the route after the request arrives).
+    pub fn check_route(&self, route_id: &str) -> Verdict {
+        let subject = Subject {
+            route_id: Some(route_id),
+            ..Subject::default()
+        };
+        self.check_targets(&subject, |target| matches!(target, Target::Route(_)))
+    }
+
     fn check_targets(&self, subject: &Subject<'_>, applies: impl Fn(&Target) -> bool) -> Verdict {
         let now = Instant::now();
         for limit in self
@@ -381,6 +391,28 @@ mod tests {
         assert_eq!(limiter.check_api_key("team"), Verdict::Allowed);
         assert!(
             matches!(limiter.check_api_key("team"), Verdict::Limited { limit_id, .. } if limit_id == "limit-key:team")
+        );
+        assert_eq!(
+            limiter.check(&from("10.0.0.1")),
+            Verdict::Allowed,
+            "the client's own bucket is untouched"
+        );
+    }
+
+    #[test]
+    fn route_checks_count_only_route_limits() {
+        let limiter = RateLimiter::new();
+        limiter.set(limit("*", 1, 1));
+        limiter.set(limit("route:web", 2, 2));
+        assert_eq!(limiter.check_route("web"), Verdict::Allowed);
+        assert_eq!(limiter.check_route("web"), Verdict::Allowed);
+        assert!(
+            matches!(limiter.check_route("web"), Verdict::Limited { limit_id, .. } if limit_id == "limit-route:web")
+        );
+        assert_eq!(
+            limiter.check_route("api"),
+            Verdict::Allowed,
+            "another route"
         );
         assert_eq!(
             limiter.check(&from("10.0.0.1")),

@@ -292,7 +292,8 @@ impl Flow {
     }
 }
 
-fn strip_port(name: &str) -> String {
+/// A Host header or SNI as routes match it: lowercase, without a `:port`.
+pub fn strip_port(name: &str) -> String {
     let name = match name.rsplit_once(':') {
         Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !host.contains(':') => {
             host

@@ -1,13 +1,15 @@
-//! An HTTP/1.1 data plane for modules that answer HTTP (the SQS proxy, later the ALB and AILB):
+//! An HTTP data plane for modules that answer HTTP (the ALB, AILB, SQS proxy, wasm-registry):
 //! the module writes an axum [`Router`]; this serves it on every data listener with what each
-//! of them would otherwise write again: connection and request counts in [`Stats`], the shared
-//! rate limiter (429 with `Retry-After`), the client address from a PROXY v2 header on `+proxy`
-//! listeners (as [`ConnectInfo`]), and a graceful stop when the runtime drains. Also the one
-//! outbound HTTP/HTTPS client modules use ([`client`]).
+//! of them would otherwise write again: HTTP/1.1 and HTTP/2 (prior knowledge, or over TLS by
+//! ALPN on `https=` listeners), upgrades (WebSocket), connection and request counts in
+//! [`Stats`], the shared rate limiter (429 with `Retry-After`), the client address from a PROXY
+//! v2 header on `+proxy` listeners (as [`ConnectInfo`]), and a graceful stop when the runtime
+//! drains. Also the one outbound HTTP/HTTPS client modules use ([`client`]).
 
 use std::{
     convert::Infallible,
     net::SocketAddr,
+    path::Path,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -19,38 +21,99 @@ use axum::{
     http::{HeaderValue, Request, Response, StatusCode, header::RETRY_AFTER},
     response::IntoResponse,
 };
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{net::TcpStream, task::JoinSet};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use marchproxy::pb;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+    task::JoinSet,
+};
+pub use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
 use tower::ServiceExt;
 use tracing::debug;
 
 use crate::{DataListener, DataPlane, ModuleError, RateLimiter, Stats, Subject, Verdict};
 
-/// How long a client may take to send the PROXY header and then each request's headers.
+/// How long a client may take to send the PROXY header, finish the TLS handshake, and then
+/// send each request's headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Set on every request: whether it came over TLS (an `https=` listener), for modules that
+/// tell upstreams the client's scheme (`X-Forwarded-Proto`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Secure(pub bool);
 
 /// Serves `app` on every listener of `plane` until the runtime stops accepting; connections
 /// open then finish their current request and close.
 pub async fn serve(plane: DataPlane, app: Router) -> Result<(), ModuleError> {
+    serve_tls(plane, app, None).await
+}
+
+/// [`serve`], with TLS on the `https=` listeners (which need `tls`).
+pub async fn serve_tls(
+    plane: DataPlane,
+    app: Router,
+    tls: Option<TlsAcceptor>,
+) -> Result<(), ModuleError> {
     let DataPlane {
         listeners,
         stats,
         limiter,
         mut stopping,
     } = plane;
+    let https = listeners
+        .iter()
+        .find(|l| l.protocol == Some(pb::Protocol::Https));
+    if let (None, Some(https)) = (&tls, https) {
+        return Err(format!(
+            "the https listener on {} needs a certificate: give --tls-cert and --tls-key",
+            https.addr
+        )
+        .into());
+    }
     let mut accepting = JoinSet::new();
     for data in listeners {
+        let tls = tls
+            .clone()
+            .filter(|_| data.protocol == Some(pb::Protocol::Https));
         let (app, stats, limiter, stopping) = (
             app.clone(),
             Arc::clone(&stats),
             Arc::clone(&limiter),
             stopping.clone(),
         );
-        accepting.spawn(accept_loop(data, app, stats, limiter, stopping));
+        accepting.spawn(accept_loop(data, app, stats, limiter, stopping, tls));
     }
     stopping.wait().await;
     while accepting.join_next().await.is_some() {}
     Ok(())
+}
+
+/// TLS for `https=` listeners from PEM files (the certificate chain, then the private key),
+/// offering HTTP/2 and HTTP/1.1 by ALPN.
+pub fn tls_acceptor(certificate: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let chain = CertificateDer::pem_file_iter(certificate)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("certificate {}: {e}", certificate.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "certificate {} holds no PEM certificate",
+            certificate.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("private key {}: {e}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS set-up: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("certificate {}: {e}", certificate.display()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 async fn accept_loop(
@@ -59,6 +122,7 @@ async fn accept_loop(
     stats: Arc<Stats>,
     limiter: Arc<RateLimiter>,
     mut stopping: crate::Stopping,
+    tls: Option<TlsAcceptor>,
 ) {
     while let Some((stream, peer)) = crate::tcp::accept(&data, &mut stopping).await {
         let connection = Connection {
@@ -68,7 +132,7 @@ async fn accept_loop(
             stopping: stopping.clone(),
             proxy_protocol: data.proxy_protocol,
         };
-        tokio::spawn(connection.serve(stream, peer));
+        tokio::spawn(connection.serve(stream, peer, tls.clone()));
     }
 }
 
@@ -81,16 +145,31 @@ struct Connection {
 }
 
 impl Connection {
-    async fn serve(mut self, mut stream: TcpStream, peer: SocketAddr) {
+    async fn serve(self, mut stream: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>) {
         let _open = self.stats.connection();
         let _ = stream.set_nodelay(true);
         let Some(client) = crate::tcp::client_address(&mut stream, peer, self.proxy_protocol).await
         else {
             return;
         };
+        match tls {
+            None => self.serve_http(stream, client, Secure(false)).await,
+            Some(tls) => match tokio::time::timeout(HEADER_TIMEOUT, tls.accept(stream)).await {
+                Ok(Ok(stream)) => self.serve_http(stream, client, Secure(true)).await,
+                Ok(Err(error)) => debug!(%client, %error, "TLS handshake failed"),
+                Err(_) => debug!(%client, "TLS handshake timed out"),
+            },
+        }
+    }
+
+    async fn serve_http<I>(mut self, io: I, client: SocketAddr, secure: Secure)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (app, stats, limiter) = (self.app, self.stats, self.limiter);
         let service = hyper::service::service_fn(move |mut request: Request<_>| {
             request.extensions_mut().insert(ConnectInfo(client));
+            request.extensions_mut().insert(secure);
             let (app, stats, limiter) = (app.clone(), Arc::clone(&stats), Arc::clone(&limiter));
             async move {
                 Ok::<_, Infallible>(
@@ -98,11 +177,13 @@ impl Connection {
                 )
             }
         });
-        let connection = hyper::server::conn::http1::Builder::new()
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), service)
-            .with_upgrades();
+            .header_read_timeout(HEADER_TIMEOUT);
+        builder.http2().timer(TokioTimer::new());
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(connection);
         let result = tokio::select! {
             result = connection.as_mut() => result,
@@ -148,7 +229,9 @@ async fn handle(
     response
 }
 
-fn too_many_requests(limit_id: &str, retry_after: Duration) -> Response<Body> {
+/// The answer to a request over a rate limit: 429, `Retry-After` in whole seconds, and a JSON
+/// body naming the limit.
+pub fn too_many_requests(limit_id: &str, retry_after: Duration) -> Response<Body> {
     let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
     let mut response = (
         StatusCode::TOO_MANY_REQUESTS,
@@ -164,10 +247,8 @@ fn too_many_requests(limit_id: &str, retry_after: Duration) -> Response<Body> {
 }
 
 /// An outbound HTTP/1.1 client for http:// and https:// (the system's root certificates).
-pub type Client = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    http_body_util::Full<hyper::body::Bytes>,
->;
+pub type Client =
+    hyper_util::client::legacy::Client<Connector, http_body_util::Full<hyper::body::Bytes>>;
 
 /// How long a connection attempt may take: an unreachable host fails in this time instead of
 /// the system's TCP timeout (minutes), so callers can move on to another server.
@@ -186,18 +267,28 @@ pub fn percent_encode(value: &str) -> String {
         .collect()
 }
 
-/// Builds a [`Client`]; fails only when the system has no root certificates at all.
-pub fn client() -> Result<Client, std::io::Error> {
+/// What outbound HTTP clients dial with: plain TCP for http://, TLS with the system's root
+/// certificates for https://, each connection attempt within `connect_timeout`.
+pub type Connector =
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
+/// Builds a [`Connector`]; fails only when the system has no root certificates at all.
+pub fn connector(connect_timeout: Duration) -> Result<Connector, std::io::Error> {
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.enforce_http(false);
-    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
         .with_native_roots()?
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http);
+        .wrap_connector(http))
+}
+
+/// Builds a [`Client`]; fails only when the system has no root certificates at all.
+pub fn client() -> Result<Client, std::io::Error> {
     Ok(
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build(connector),
+            .build(connector(CONNECT_TIMEOUT)?),
     )
 }

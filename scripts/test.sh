@@ -30,11 +30,11 @@ if ! python3 -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
 fi
 
 # Real servers the module tests start: an MQTT broker, Redis, an OCI registry (htpasswd for its
-# password-protected variant); curl is one of the AILB's test clients; ffmpeg publishes and plays
-# the RTMP module's test streams.
-if ! { command -v curl && command -v ffmpeg && command -v ffprobe && command -v redis-server && command -v redis-cli && command -v docker-registry && command -v htpasswd \
+# password-protected variant); curl is one of the AILB's and the ALB's test clients (HTTP/2);
+# openssl makes the ALB test's certificate; ffmpeg publishes and plays the RTMP module's test streams.
+if ! { command -v curl && command -v openssl && command -v ffmpeg && command -v ffprobe && command -v redis-server && command -v redis-cli && command -v docker-registry && command -v htpasswd \
        && { command -v mosquitto || test -x /usr/sbin/mosquitto; }; } >/dev/null 2>&1; then
-  packages="curl ffmpeg mosquitto redis-server docker-registry apache2-utils"
+  packages="curl openssl ffmpeg mosquitto redis-server docker-registry apache2-utils"
   say "installing $packages"
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $packages \
     || { as_root apt-get update -q && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $packages; } \

@@ -133,10 +133,11 @@ fn upstreams(table: &Table) -> serde_json::Value {
                     .pool
                     .servers
                     .iter()
-                    .map(|s| {
+                    .zip(&route.pool.weights)
+                    .map(|(s, weight)| {
                         json!({
                             "address": s.address,
-                            "weight": s.weight,
+                            "weight": weight,
                             "healthy": s.is_healthy(),
                             "ejected": s.is_ejected(),
                             "active_requests": s.active(),

@@ -26,6 +26,18 @@ const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 30.0,
 ];
 
+/// Every `outcome` of `alb_upstream_requests_total`.
+const OUTCOMES: [&str; 8] = [
+    "1xx",
+    "2xx",
+    "3xx",
+    "4xx",
+    "5xx",
+    "connect_error",
+    "timeout",
+    "error",
+];
+
 /// `2xx`, `4xx`... for a status code.
 pub fn status_class(status: u16) -> &'static str {
     match status {
@@ -135,6 +147,10 @@ impl Metrics {
         let _ = self.healthy.remove_label_values(&labels);
         let _ = self.ejections.remove_label_values(&labels);
         let _ = self.active.remove_label_values(&labels);
+        let _ = self.upstream_duration.remove_label_values(&labels);
+        for outcome in OUTCOMES {
+            let _ = self.upstream.remove_label_values(&[route, server, outcome]);
+        }
     }
 
     pub fn answered(&self, route: &str, status: u16, elapsed: Duration) {

@@ -48,11 +48,11 @@ pub struct ServerMetrics {
     pub active: IntGauge,
 }
 
-/// One upstream server and what the ALB knows about it.
+/// One upstream server and what the ALB knows about it (its weight is the pool's: a route
+/// change that only reweighs keeps the server's state).
 pub struct Server {
     /// `host:port`, as written in the route.
     pub address: String,
-    pub weight: u32,
     /// Requests sent and not yet answered.
     active: AtomicUsize,
     /// The active health check's verdict (true while no check runs).
@@ -88,11 +88,10 @@ fn now_ms() -> u64 {
 }
 
 impl Server {
-    pub fn new(address: String, weight: u32, metrics: ServerMetrics) -> Self {
+    pub fn new(address: String, metrics: ServerMetrics) -> Self {
         metrics.healthy.set(1);
         Server {
             address,
-            weight,
             active: AtomicUsize::new(0),
             healthy: AtomicBool::new(true),
             ejected_until: AtomicU64::new(0),
@@ -170,6 +169,15 @@ impl Server {
         Some(lasts)
     }
 
+    /// Back in service for a pool without active checks (a route that dropped them).
+    pub fn forget_checks(&self) {
+        self.healthy.store(true, Ordering::Relaxed);
+        self.metrics.healthy.set(1);
+        let mut streak = self.streak();
+        streak.checks_passed = 0;
+        streak.checks_failed = 0;
+    }
+
     /// An active check's result; returns the new verdict when it changed.
     pub fn checked(&self, passed: bool, check: &HealthCheck) -> Option<bool> {
         let mut streak = self.streak();
@@ -214,6 +222,8 @@ const MAX_SCHEDULE: u64 = 4096;
 pub struct Pool {
     pub route_id: String,
     pub servers: Vec<Arc<Server>>,
+    /// The servers' weights, in the same order.
+    pub weights: Vec<u32>,
     pub balance: Balance,
     pub health: Option<HealthCheck>,
     outlier: Outlier,
@@ -225,15 +235,20 @@ pub struct Pool {
 impl Pool {
     pub fn new(
         route_id: String,
-        servers: Vec<Arc<Server>>,
+        servers: Vec<(Arc<Server>, u32)>,
         balance: Balance,
         health: Option<HealthCheck>,
         outlier: Outlier,
     ) -> Self {
-        let schedule = smooth_schedule(&servers.iter().map(|s| s.weight).collect::<Vec<_>>());
+        let (servers, weights): (Vec<_>, Vec<_>) = servers.into_iter().unzip();
+        if health.is_none() {
+            servers.iter().for_each(|s| s.forget_checks());
+        }
+        let schedule = smooth_schedule(&weights);
         Pool {
             route_id,
             servers,
+            weights,
             balance,
             health,
             outlier,
@@ -251,21 +266,40 @@ impl Pool {
         [true, false]
             .into_iter()
             .find_map(|fresh| match self.balance {
-                Balance::RoundRobin => self.next_in_turn(|i| usable(i, fresh)),
+                // Retries stay off the shared turn, so a failing server does not shift the
+                // rotation of first tries.
+                Balance::RoundRobin if tried.is_empty() => self.next_in_turn(|i| usable(i, fresh)),
+                Balance::RoundRobin => self.drawn_by_weight(|i| usable(i, fresh)),
                 Balance::LeastRequest => self.least_request(|i| usable(i, fresh)),
             })
     }
 
+    /// The server whose turn it is; when it is unavailable, one drawn by weight among those
+    /// that are (walking on would hand its turns to its neighbour alone).
     fn next_in_turn(&self, usable: impl Fn(usize) -> bool) -> Option<usize> {
-        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
-        (0..self.schedule.len())
-            .map(|step| self.schedule[(start + step) % self.schedule.len()])
-            .find(|&index| usable(index))
+        let turn = self.cursor.fetch_add(1, Ordering::Relaxed) % self.schedule.len();
+        let index = self.schedule[turn];
+        if usable(index) {
+            return Some(index);
+        }
+        self.drawn_by_weight(usable)
+    }
+
+    fn drawn_by_weight(&self, usable: impl Fn(usize) -> bool) -> Option<usize> {
+        let candidates: Vec<usize> = (0..self.servers.len()).filter(|&i| usable(i)).collect();
+        let total: u64 = candidates.iter().map(|&i| u64::from(self.weights[i])).sum();
+        let mut point = rand::rng().random_range(0..total.max(1));
+        candidates.into_iter().find(|&i| {
+            let weight = u64::from(self.weights[i]);
+            let hit = point < weight;
+            point = point.saturating_sub(weight);
+            hit
+        })
     }
 
     fn least_request(&self, usable: impl Fn(usize) -> bool) -> Option<usize> {
         let candidates: Vec<usize> = (0..self.servers.len()).filter(|&i| usable(i)).collect();
-        let weight = |i: usize| u64::from(self.servers[i].weight);
+        let weight = |i: usize| u64::from(self.weights[i]);
         let mut rng = rand::rng();
         let mut draw = |except: Option<usize>| {
             let total: u64 = candidates
@@ -300,10 +334,10 @@ impl Pool {
     }
 
     /// Records a failed try on server `index`, ejecting it when its streak is long enough and
-    /// the pool can spare it (at most half the pool ejected at once).
+    /// the pool can spare it (at most half the pool out at once, for ejection or health).
     pub fn failed(&self, index: usize, reason: &str) {
-        let ejected = self.servers.iter().filter(|s| s.is_ejected()).count();
-        let may_eject = self.servers.len() > 1 && (ejected + 1) * 2 <= self.servers.len();
+        let out = self.servers.iter().filter(|s| !s.available()).count();
+        let may_eject = self.servers.len() > 1 && (out + 1) * 2 <= self.servers.len();
         let server = &self.servers[index];
         if let Some(lasts) = server.failed(&self.outlier, may_eject) {
             warn!(route = %self.route_id, server = %server.address, %reason, ejected_s = lasts.as_secs_f64(), "upstream server ejected after consecutive failures");
@@ -356,11 +390,10 @@ fn smooth_schedule(weights: &[u32]) -> Vec<usize> {
 mod tests {
     use super::*;
 
-    fn server(address: &str, weight: u32) -> Arc<Server> {
+    fn server(address: &str) -> Arc<Server> {
         let gauge = || IntGauge::new("g", "g").unwrap();
         Arc::new(Server::new(
             address.into(),
-            weight,
             ServerMetrics {
                 healthy: gauge(),
                 ejections: IntCounter::new("c", "c").unwrap(),
@@ -373,7 +406,7 @@ mod tests {
         let servers = weights
             .iter()
             .enumerate()
-            .map(|(i, &w)| server(&format!("s{i}:80"), w))
+            .map(|(i, &w)| (server(&format!("s{i}:80")), w))
             .collect();
         Pool::new("r".into(), servers, balance, None, Outlier::default())
     }
@@ -390,6 +423,21 @@ mod tests {
         let scaled = smooth_schedule(&[1_000_000, 1_000_000]);
         assert!(scaled.len() <= 4096, "{}", scaled.len());
         assert_eq!(scaled.iter().filter(|&&i| i == 0).count() * 2, scaled.len());
+    }
+
+    #[test]
+    fn an_unavailable_servers_turns_are_shared_by_weight() {
+        let pool = pool(&[1, 1, 1], Balance::RoundRobin);
+        for _ in 0..5 {
+            pool.failed(0, "5xx");
+        }
+        assert!(pool.servers[0].is_ejected());
+        let mut counts = [0; 3];
+        for _ in 0..3000 {
+            counts[pool.pick(&[]).unwrap()] += 1;
+        }
+        assert_eq!(counts[0], 0);
+        assert!((1300..1700).contains(&counts[1]), "{counts:?}");
     }
 
     #[test]
@@ -443,7 +491,7 @@ mod tests {
             unhealthy_threshold: 2,
             ..HealthCheck::default()
         };
-        let s = server("a:1", 1);
+        let s = server("a:1");
         assert_eq!(s.checked(false, &check), None);
         assert_eq!(s.checked(false, &check), Some(false));
         assert!(!s.available());

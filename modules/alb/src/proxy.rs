@@ -98,6 +98,13 @@ impl Proxy {
             self.alb.metrics.answered(&route.id, 429, started.elapsed());
             return marchproxy_runtime::http::too_many_requests(&limit_id, retry_after);
         }
+        if request.method() == Method::CONNECT {
+            self.alb.metrics.answered(&route.id, 405, started.elapsed());
+            return plain(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT is not proxied; this is a reverse proxy",
+            );
+        }
         // Taken before the request is split up: the client side of an upgrade.
         let client_upgrade =
             is_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
@@ -171,14 +178,9 @@ impl Proxy {
                         return answer(response, in_flight, client_upgrade);
                     }
                     route.pool.failed(index, &format!("answered {status}"));
-                    if attempt == policy.retries
-                        || !(idempotent && payload.replayable())
-                        || Instant::now() >= deadline
-                    {
-                        return answer(response, in_flight, client_upgrade);
-                    }
-                    failure = Failure::Status(server.address.clone(), status);
-                    may_retry = true;
+                    may_retry = idempotent && payload.replayable();
+                    // Kept: when no further try happens, the client gets this answer as it is.
+                    failure = Failure::Answered(response, in_flight);
                 }
                 Ok(Err(error)) => {
                     let connect = error.is_connect();
@@ -203,7 +205,10 @@ impl Proxy {
                 break;
             }
         }
-        failure.response(&route.id, route.pool.servers.len())
+        match failure {
+            Failure::Answered(response, in_flight) => answer(response, in_flight, None),
+            failure => failure.response(&route.id, route.pool.servers.len()),
+        }
     }
 }
 
@@ -218,7 +223,8 @@ struct Forwarded {
 /// Why the last try failed, when all did.
 enum Failure {
     NoServer,
-    Status(String, StatusCode),
+    /// A 5xx answer, passed on unless another try does better.
+    Answered(Response<Incoming>, InFlight),
     Transport(String, String),
     Timeout(String, Duration),
 }
@@ -232,10 +238,12 @@ impl Failure {
                     "no server of route `{route}` is available ({servers} failing health checks or ejected)"
                 ),
             ),
-            // Only reached when a retry could not be made after all; the answer itself is gone.
-            Failure::Status(server, status) => plain(
+            Failure::Answered(response, _) => plain(
                 StatusCode::BAD_GATEWAY,
-                &format!("upstream {server} of route `{route}` answered {status}"),
+                &format!(
+                    "an upstream of route `{route}` answered {}",
+                    response.status()
+                ),
             ),
             Failure::Transport(server, reason) => plain(
                 StatusCode::BAD_GATEWAY,
@@ -350,7 +358,7 @@ fn drop_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         .iter()
         .flat_map(connection_tokens)
         .filter_map(|t| HeaderName::try_from(t).ok())
-        .filter(|name| !(upgrade && name == header::UPGRADE))
+        .filter(|name| *name != header::HOST && !(upgrade && name == header::UPGRADE))
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
@@ -402,32 +410,47 @@ fn upstream_request(
     let mut headers = parts.headers.clone();
     let upgrade = is_upgrade(&headers);
     drop_hop_by_hop(&mut headers, upgrade);
-    if !headers.contains_key(header::HOST) {
-        // HTTP/2 clients name the host in the URI only; HTTP/1.1 servers want the header.
-        if let Some(authority) = parts.uri.authority() {
-            let value = HeaderValue::from_str(authority.as_str())
-                .map_err(|_| "the request authority is not a valid Host".to_owned())?;
-            headers.insert(header::HOST, value);
+    // The authority of an absolute-form or HTTP/2 request is what was routed; a Host header
+    // saying otherwise is ignored (RFC 9112 3.2.2), so the server sees the routed host.
+    if let Some(authority) = parts.uri.authority() {
+        let value = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| "the request authority is not a valid Host".to_owned())?;
+        headers.insert(header::HOST, value);
+    }
+    if parts.version == Version::HTTP_2 {
+        // HTTP/2 may split cookies over several fields; HTTP/1.1 servers expect one line.
+        let cookies: Vec<&str> = parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if cookies.len() > 1 {
+            if let Ok(joined) = HeaderValue::from_str(&cookies.join("; ")) {
+                headers.insert(header::COOKIE, joined);
+            }
         }
     }
     let x_forwarded_for = HeaderName::from_static("x-forwarded-for");
-    let chain = match headers.get(&x_forwarded_for).and_then(|v| v.to_str().ok()) {
-        Some(earlier) => format!("{earlier}, {}", forwarded.client),
-        None => forwarded.client.to_string(),
-    };
-    // An IP address and the previous header's visible text always make a valid value.
-    if let Ok(value) = HeaderValue::from_str(&chain) {
+    let mut chain: Vec<String> = headers
+        .get_all(&x_forwarded_for)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .collect();
+    chain.push(forwarded.client.to_string());
+    // Visible text joined by commas, ending in an IP address: always a valid value.
+    if let Ok(value) = HeaderValue::from_str(&chain.join(", ")) {
         headers.insert(x_forwarded_for, value);
     }
     headers.insert(
         HeaderName::from_static("x-forwarded-proto"),
         HeaderValue::from_static(if forwarded.secure { "https" } else { "http" }),
     );
+    // Set by the proxy only: a client's own would steer links and caches upstream.
     let x_forwarded_host = HeaderName::from_static("x-forwarded-host");
-    if let (false, Some(host)) = (
-        headers.contains_key(&x_forwarded_host),
-        forwarded.host.as_deref(),
-    ) {
+    headers.remove(&x_forwarded_host);
+    if let Some(host) = forwarded.host.as_deref() {
         if let Ok(value) = HeaderValue::from_str(host) {
             headers.insert(x_forwarded_host, value);
         }

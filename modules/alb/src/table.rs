@@ -37,7 +37,11 @@ impl PathMatch {
     fn matches(&self, path: &str) -> bool {
         match self {
             PathMatch::Any => true,
-            PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
+            // Whole segments: `/api` takes `/api` and `/api/x`, not `/apiv2`.
+            PathMatch::Prefix(prefix) => match path.strip_prefix(prefix.as_str()) {
+                Some(rest) => rest.is_empty() || prefix.ends_with('/') || rest.starts_with('/'),
+                None => false,
+            },
             PathMatch::Glob(glob) => glob_match(glob, path),
         }
     }
@@ -255,14 +259,13 @@ fn compile_route(
         };
         check_address(address).map_err(|e| format!("`{entry}`: {e}"))?;
         let server = match known.get(&(spec.id.as_str(), address)) {
-            Some(server) if server.weight == weight => Arc::clone(server),
-            _ => Arc::new(Server::new(
+            Some(server) => Arc::clone(server),
+            None => Arc::new(Server::new(
                 address.to_owned(),
-                weight,
                 metrics.server(&spec.id, address),
             )),
         };
-        servers.push(server);
+        servers.push((server, weight));
     }
     if servers.is_empty() {
         return Err(
@@ -398,6 +401,8 @@ mod tests {
             Some("static")
         );
         assert_eq!(find("other.org", "/api/x").as_deref(), Some("any"));
+        assert_eq!(find("a.example.com", "/api").as_deref(), Some("api"));
+        assert_eq!(find("a.example.com", "/apiv2").as_deref(), Some("any"));
     }
 
     #[test]
@@ -429,7 +434,7 @@ mod tests {
             &first.routes[0].pool.servers[0],
             &second.routes[0].pool.servers[0]
         ));
-        assert_eq!(second.routes[0].pool.servers[0].weight, 2);
+        assert_eq!(second.routes[0].pool.weights, [2, 1]);
     }
 
     #[test]

@@ -456,18 +456,34 @@ async fn routes_weights_websocket_and_http2_through_the_nlb() {
         *seen.entry(answer.server()).or_default() += 1;
     }
     assert_eq!((seen["a"], seen["b"]), (150, 50), "{seen:?}");
-    let answer = get(front, "api.example.com:8443", "/v1/items?page=2")
-        .await
-        .json();
+    let answer = request(
+        front,
+        "GET",
+        "api.example.com:8443",
+        "/v1/items?page=2",
+        &[
+            ("X-Forwarded-For", "10.9.9.9"),
+            ("X-Forwarded-Host", "evil.example"),
+        ],
+    )
+    .await
+    .json();
     assert_eq!(answer["path"], "/v1/items");
     assert_eq!(answer["query"], "page=2");
     assert_eq!(answer["host"], "api.example.com:8443", "the Host is kept");
     assert_eq!(
-        answer["x_forwarded_for"], "127.0.0.1",
-        "the client, from the NLB's PROXY header"
+        answer["x_forwarded_for"], "10.9.9.9, 127.0.0.1",
+        "the client (from the NLB's PROXY header) appended"
     );
     assert_eq!(answer["x_forwarded_proto"], "http");
-    assert_eq!(answer["x_forwarded_host"], "api.example.com");
+    assert_eq!(
+        answer["x_forwarded_host"], "api.example.com",
+        "the client's is replaced"
+    );
+    assert_eq!(
+        answer["connection"], "",
+        "the client's Connection: close stays behind"
+    );
 
     // Path prefix stripped; a header picks the canary over the plain route; no match is 404.
     let answer = get(front, "www.example.org", "/static/css/site.css").await;

@@ -39,6 +39,9 @@ use crate::{DataListener, DataPlane, ModuleError, RateLimiter, Stats, Subject, V
 /// send each request's headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often an idle HTTP/2 connection is pinged.
+const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(30);
+
 /// Set on every request: whether it came over TLS (an `https=` listener), for modules that
 /// tell upstreams the client's scheme (`X-Forwarded-Proto`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,7 +156,19 @@ impl Connection {
             return;
         };
         match tls {
-            None => self.serve_http(stream, client, Secure(false)).await,
+            None => {
+                // The version sniff reads without a timer of its own: a client that connects
+                // and says nothing is let go here instead of holding its socket for ever.
+                let mut first = [0u8; 1];
+                if !matches!(
+                    tokio::time::timeout(HEADER_TIMEOUT, stream.peek(&mut first)).await,
+                    Ok(Ok(1..))
+                ) {
+                    debug!(%client, "closed: no request within the header timeout");
+                    return;
+                }
+                self.serve_http(stream, client, Secure(false)).await
+            }
             Some(tls) => match tokio::time::timeout(HEADER_TIMEOUT, tls.accept(stream)).await {
                 Ok(Ok(stream)) => self.serve_http(stream, client, Secure(true)).await,
                 Ok(Err(error)) => debug!(%client, %error, "TLS handshake failed"),
@@ -182,7 +197,12 @@ impl Connection {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT);
-        builder.http2().timer(TokioTimer::new());
+        // Pings find HTTP/2 clients that vanished without closing.
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(HTTP2_PING_INTERVAL))
+            .keep_alive_timeout(HEADER_TIMEOUT);
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(connection);
         let result = tokio::select! {

@@ -98,6 +98,31 @@ impl TestNlb {
             .expect("connects to the NLB")
     }
 
+    /// Waits until an instance of `kind` is registered and healthy; fails the test at `deadline`.
+    pub async fn wait_healthy(&self, kind: pb::ModuleType, deadline: Duration) {
+        let client = self.client().await;
+        eventually(
+            &format!("a {kind:?} module registered and healthy"),
+            deadline,
+            || {
+                let mut client = client.clone();
+                async move {
+                    client
+                        .list_modules(pb::ListModulesRequest::default())
+                        .await
+                        .map(|r| r.into_inner().modules)
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|m| {
+                            m.module_type == kind as i32
+                                && m.health_status == pb::HealthStatus::Healthy as i32
+                        })
+                }
+            },
+        )
+        .await;
+    }
+
     /// A client carrying the NLB's key, if it has one.
     pub async fn client(&self) -> NlbClient {
         self.client_with_key(self.api_key.as_deref()).await

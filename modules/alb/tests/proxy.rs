@@ -430,23 +430,7 @@ async fn routes_weights_websocket_and_http2_through_the_nlb() {
         None,
     )
     .await;
-    let client = nlb.client().await;
-    eventually("the ALB registered and healthy", DEADLINE, || {
-        let mut client = client.clone();
-        async move {
-            client
-                .list_modules(pb::ListModulesRequest::default())
-                .await
-                .map(|r| r.into_inner().modules)
-                .unwrap_or_default()
-                .iter()
-                .any(|m| {
-                    m.module_type == pb::ModuleType::Alb as i32
-                        && m.health_status == pb::HealthStatus::Healthy as i32
-                })
-        }
-    })
-    .await;
+    nlb.wait_healthy(pb::ModuleType::Alb, DEADLINE).await;
     let front = nlb.listen[0];
 
     // Weights 3:1, and what the upstream is told about the client.

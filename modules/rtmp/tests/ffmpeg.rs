@@ -198,23 +198,7 @@ async fn players_get_the_stream_directly_late_and_through_the_nlb() {
         &["--nlb", &nlb.url(), "--heartbeat-interval", "1s"],
     )
     .await;
-    let client = nlb.client().await;
-    eventually("the module registered and healthy", DEADLINE, || {
-        let mut client = client.clone();
-        async move {
-            client
-                .list_modules(pb::ListModulesRequest::default())
-                .await
-                .map(|r| r.into_inner().modules)
-                .unwrap_or_default()
-                .iter()
-                .any(|m| {
-                    m.module_type == pb::ModuleType::Rtmp as i32
-                        && m.health_status == pb::HealthStatus::Healthy as i32
-                })
-        }
-    })
-    .await;
+    nlb.wait_healthy(pb::ModuleType::Rtmp, DEADLINE).await;
 
     let mut publisher = publish(&module.url("live/cam1"), 60);
     module.wait_publishing("cam1").await;

@@ -1,6 +1,8 @@
-//! Modules cached on disk by digest (`<dir>/sha256/<hex>`), and which digest each reference
-//! resolved to (`<dir>/refs/<sha256 of the reference>`), so a module asked for again is served
-//! without the registry. Bounded by size: the least recently used modules go first.
+//! Modules cached on disk: the blobs by digest in the shared file cache
+//! ([`marchproxy_file_cache`], under `<dir>/blobs`: bounded, least recently used out first,
+//! checked against their digest when read), and which digest each reference resolved to
+//! (`<dir>/refs/<sha256 of the reference>`), so a module asked for again is served without the
+//! registry.
 
 use std::{
     fs,
@@ -9,17 +11,18 @@ use std::{
 };
 
 use hyper::body::Bytes;
-use tracing::{debug, warn};
+use marchproxy_file_cache::{CacheMetrics, Config, EntryMeta, FileCache, Key};
+use tracing::warn;
 
 use crate::registry::digest_of;
 
 pub struct Cache {
-    dir: PathBuf,
-    max_bytes: u64,
+    refs: PathBuf,
+    blobs: FileCache,
 }
 
 /// Writes to a file of its own, then renames: readers see the whole file or none, and two
-/// writers of one digest never share a temporary file.
+/// writers of one reference never share a temporary file.
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let unique = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -28,25 +31,30 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     fs::rename(&partial, path)
 }
 
-impl Cache {
-    pub fn open(dir: &Path, max_bytes: u64) -> std::io::Result<Self> {
-        fs::create_dir_all(dir.join("sha256"))?;
-        fs::create_dir_all(dir.join("refs"))?;
-        Ok(Cache {
-            dir: dir.to_owned(),
-            max_bytes,
-        })
-    }
+/// The file-cache key of an OCI digest (`sha256:<hex>`).
+fn blob_key(digest: &str) -> Option<Key> {
+    Key::digest(digest.strip_prefix("sha256:")?)
+}
 
-    fn blob_path(&self, digest: &str) -> Option<PathBuf> {
-        let hex = digest.strip_prefix("sha256:")?;
-        (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
-            .then(|| self.dir.join("sha256").join(hex))
+impl Cache {
+    /// The cache under `dir`, its blobs within `max_bytes`.
+    pub fn open(dir: &Path, max_bytes: u64, metrics: CacheMetrics) -> std::io::Result<Self> {
+        let refs = dir.join("refs");
+        fs::create_dir_all(&refs)?;
+        let mut config = Config::new(dir.join("blobs"));
+        config.max_bytes = Some(max_bytes);
+        // The budget is the limit itself: evict to stay within all of it.
+        config.soft_limit_percent = 100;
+        config.hard_limit_percent = 100;
+        Ok(Cache {
+            refs,
+            blobs: FileCache::open(&config, metrics)?,
+        })
     }
 
     fn ref_path(&self, reference: &str) -> PathBuf {
         let key = digest_of(reference.as_bytes());
-        self.dir.join("refs").join(&key["sha256:".len()..])
+        self.refs.join(&key["sha256:".len()..])
     }
 
     /// The cached module `reference` resolved to, if it was resolved within `fresh` (digest
@@ -66,34 +74,29 @@ impl Cache {
         self.blob(digest.trim())
     }
 
-    /// The module with `digest`, checked against it.
+    /// The module with `digest`, checked against it (a damaged one is dropped).
     pub fn blob(&self, digest: &str) -> Option<(String, Bytes)> {
-        let path = self.blob_path(digest)?;
-        let bytes = fs::read(&path).ok()?;
-        if digest_of(&bytes) != digest {
-            warn!(%digest, "cached module damaged; dropped");
-            let _ = fs::remove_file(&path);
-            return None;
-        }
-        // Recently used: the eviction goes by modification time.
-        if let Ok(file) = fs::File::options().append(true).open(&path) {
-            let _ = file.set_modified(SystemTime::now());
-        }
-        Some((digest.to_owned(), Bytes::from(bytes)))
+        let bytes = self.blobs.read(&blob_key(digest)?)?;
+        Some((digest.to_owned(), bytes))
     }
 
-    /// Remembers `reference` -> `digest` and stores the bytes, then trims the cache.
+    /// Remembers `reference` -> `digest` and stores the bytes (evicting the least recently
+    /// used modules beyond the budget).
     pub fn store(&self, reference: &str, digest: &str, bytes: &[u8]) {
-        let Some(path) = self.blob_path(digest) else {
+        let Some(key) = blob_key(digest) else {
             return;
         };
-        if let Err(error) = write_atomically(&path, bytes)
+        let meta = EntryMeta {
+            url: Some(reference.to_owned()),
+            ..EntryMeta::default()
+        };
+        if let Err(error) = self
+            .blobs
+            .insert(&key, meta, bytes)
             .and_then(|()| write_atomically(&self.ref_path(reference), digest.as_bytes()))
         {
             warn!(%digest, %error, "module not cached");
-            return;
         }
-        self.trim();
     }
 
     /// Marks `reference` as just checked against the registry.
@@ -101,34 +104,6 @@ impl Cache {
         let path = self.ref_path(reference);
         if let Ok(file) = fs::File::options().append(true).open(&path) {
             let _ = file.set_modified(SystemTime::now());
-        }
-    }
-
-    fn trim(&self) {
-        let Ok(entries) = fs::read_dir(self.dir.join("sha256")) else {
-            return;
-        };
-        let mut blobs: Vec<(SystemTime, u64, PathBuf)> = entries
-            .filter_map(|e| {
-                let e = e.ok()?;
-                // Files being written are not counted or evicted.
-                if e.file_name().to_string_lossy().ends_with(".partial") {
-                    return None;
-                }
-                let meta = e.metadata().ok()?;
-                Some((meta.modified().ok()?, meta.len(), e.path()))
-            })
-            .collect();
-        let mut total: u64 = blobs.iter().map(|b| b.1).sum();
-        blobs.sort();
-        for (_, size, path) in blobs {
-            if total <= self.max_bytes {
-                break;
-            }
-            debug!(path = %path.display(), "evicting the least recently used module");
-            if fs::remove_file(&path).is_ok() {
-                total -= size;
-            }
         }
     }
 }
@@ -140,7 +115,8 @@ mod tests {
     #[test]
     fn stores_looks_up_and_evicts_the_least_recent() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = Cache::open(dir.path(), 25).unwrap();
+        let metrics = CacheMetrics::new("test", |opts| opts);
+        let cache = Cache::open(dir.path(), 25, metrics).unwrap();
         let (a, b) = (vec![1u8; 10], vec![2u8; 10]);
         cache.store("reg/a:v1", &digest_of(&a), &a);
         cache.store("reg/b:v1", &digest_of(&b), &b);

@@ -49,6 +49,8 @@ pub struct Metrics {
     pub coalesced: IntCounter,
     pub malformed: IntCounter,
     pub fetch_seconds: Histogram,
+    /// The module cache's `wasm_registry_cache_*` series.
+    pub cache: marchproxy_file_cache::CacheMetrics,
 }
 
 impl Metrics {
@@ -98,6 +100,7 @@ impl Metrics {
                 buckets: vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
             })
             .unwrap_or_else(|e| panic!("metric wasm_registry_fetch_duration_seconds: {e}")),
+            cache: marchproxy_file_cache::CacheMetrics::new("wasm_registry", &labelled),
         }
     }
 
@@ -109,7 +112,8 @@ impl Metrics {
         registry.register(Box::new(self.failures.clone()))?;
         registry.register(Box::new(self.coalesced.clone()))?;
         registry.register(Box::new(self.malformed.clone()))?;
-        registry.register(Box::new(self.fetch_seconds.clone()))
+        registry.register(Box::new(self.fetch_seconds.clone()))?;
+        self.cache.register(registry)
     }
 }
 
@@ -259,11 +263,15 @@ impl WasmRegistry {
             credentials,
             args.max_module_bytes,
         )?;
-        let cache = Arc::new(Cache::open(&args.cache_dir, args.cache_max_bytes)?);
         let metrics = Arc::new(Metrics::new(|opts| {
             opts.const_label("module_type", ModuleKind::WasmRegistry.name())
                 .const_label("instance", instance_id)
         }));
+        let cache = Arc::new(Cache::open(
+            &args.cache_dir,
+            args.cache_max_bytes,
+            metrics.cache.clone(),
+        )?);
         Ok(Arc::new(WasmRegistry {
             fetches: Semaphore::new(args.max_fetches.max(1)),
             args,

@@ -4,6 +4,7 @@
 
 use std::{
     net::{SocketAddr, TcpListener},
+    path::Path,
     process::{Child, Command, Stdio},
     time::Duration,
 };
@@ -74,6 +75,31 @@ impl Process {
             .status()
             .is_ok_and(|s| s.success());
         assert!(sent, "kill -{signal} {} ({}) failed", self.pid(), self.name);
+    }
+
+    /// Waits until the process accepts connections on `addr`; if it exits first, fails at
+    /// once with its exit status and the end of `log` (where its stderr goes), which says why.
+    pub async fn wait_listening(&mut self, addr: SocketAddr, deadline: Duration, log: &Path) {
+        let child = &mut self.child;
+        let name = &self.name;
+        eventually(
+            &format!("{name} accepts connections on {addr}"),
+            deadline,
+            || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    let output = std::fs::read_to_string(log).unwrap_or_default();
+                    let tail: Vec<&str> = output.lines().rev().take(20).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    panic!(
+                        "{name} exited ({status}) before listening on {addr}; the end of {}:\n{}",
+                        log.display(),
+                        tail.join("\n")
+                    );
+                }
+                async move { tokio::net::TcpStream::connect(addr).await.is_ok() }
+            },
+        )
+        .await;
     }
 
     /// Waits for the process to exit by itself.

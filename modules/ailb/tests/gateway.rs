@@ -17,7 +17,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
-use marchproxy_testkit::external::{Process, free_port, require, wait_for_port};
+use marchproxy_testkit::external::{Process, free_port, require};
 use serde_json::{Value, json};
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -243,8 +243,8 @@ impl Gateway {
         let [data, grpc, admin] = [(); 3].map(|()| SocketAddr::from(([127, 0, 0, 1], free_port())));
         let config = dir.join("ailb.toml");
         std::fs::write(&config, module).unwrap();
-        let log = std::fs::File::create(dir.join("ailb.log")).unwrap();
-        let process = Process::spawn(
+        let log = dir.join("ailb.log");
+        let mut process = Process::spawn(
             "marchproxy-ailb",
             Command::new(env!("CARGO_BIN_EXE_marchproxy-ailb"))
                 .arg("--config")
@@ -261,9 +261,9 @@ impl Gateway {
                 .env("TEAM_B_KEY", "key-b")
                 .env("RUST_LOG", "info")
                 .stdout(Stdio::null())
-                .stderr(log),
+                .stderr(std::fs::File::create(&log).unwrap()),
         );
-        wait_for_port(data, DEADLINE).await;
+        process.wait_listening(data, DEADLINE, &log).await;
         Gateway {
             data,
             admin,

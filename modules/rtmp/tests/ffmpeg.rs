@@ -14,7 +14,7 @@ use std::{
 use marchproxy::pb;
 use marchproxy_testkit::{
     eventually,
-    external::{Process, free_port, require, wait_for_port},
+    external::{Process, free_port, require},
     http_get,
 };
 
@@ -40,8 +40,8 @@ impl Module {
         let [rtmp, grpc, admin] = [(); 3].map(|()| SocketAddr::from(([127, 0, 0, 1], free_port())));
         let file = dir.join(format!("{name}.toml"));
         std::fs::write(&file, config).unwrap();
-        let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-        let process = Process::spawn(
+        let log = dir.join(format!("{name}.log"));
+        let mut process = Process::spawn(
             name,
             Command::new(env!("CARGO_BIN_EXE_marchproxy-rtmp"))
                 .arg("--config")
@@ -58,10 +58,10 @@ impl Module {
                 .env_remove("MARCHPROXY_NLB")
                 .env("RUST_LOG", "info")
                 .stdout(Stdio::null())
-                .stderr(log),
+                .stderr(std::fs::File::create(&log).unwrap()),
         );
-        wait_for_port(rtmp, DEADLINE).await;
-        wait_for_port(admin, DEADLINE).await;
+        process.wait_listening(rtmp, DEADLINE, &log).await;
+        process.wait_listening(admin, DEADLINE, &log).await;
         Module {
             rtmp,
             admin,

@@ -13,7 +13,7 @@ use std::{
 use base64::Engine;
 use marchproxy_testkit::{
     eventually,
-    external::{Mosquitto, OciRegistry, Process, free_port, wait_for_port},
+    external::{Mosquitto, OciRegistry, Process, free_port},
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use sha2::Digest;
@@ -34,7 +34,7 @@ impl Service {
     async fn start(dir: &std::path::Path, broker: &Mosquitto, extra: &[(&str, &str)]) -> Service {
         let [http, grpc, admin] = [(); 3].map(|()| SocketAddr::from(([127, 0, 0, 1], free_port())));
         let log = dir.join("service.log");
-        let process = Process::spawn(
+        let mut process = Process::spawn(
             "marchproxy-wasm-registry",
             Command::new(env!("CARGO_BIN_EXE_marchproxy-wasm-registry"))
                 .arg("--listen")
@@ -56,7 +56,7 @@ impl Service {
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log).unwrap()),
         );
-        wait_for_port(http, DEADLINE).await;
+        process.wait_listening(http, DEADLINE, &log).await;
         let service = Service {
             http,
             log,

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use marchproxy_testkit::external::{Process, free_port, wait_for_port};
+use marchproxy_testkit::external::{Process, free_port};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     sync::watch,
@@ -77,7 +77,7 @@ impl Proxy {
     pub async fn start(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Proxy {
         let [data, grpc, admin] = [(); 3].map(|()| SocketAddr::from(([127, 0, 0, 1], free_port())));
         let log = dir.join(format!("proxy-{}.log", data.port()));
-        let process = Process::spawn(
+        let mut process = Process::spawn(
             "marchproxy-sqs-proxy",
             command(envs)
                 .arg("--listen")
@@ -90,7 +90,9 @@ impl Proxy {
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log).expect("log file")),
         );
-        wait_for_port(data, Duration::from_secs(30)).await;
+        process
+            .wait_listening(data, Duration::from_secs(30), &log)
+            .await;
         Proxy {
             data,
             grpc,

@@ -23,6 +23,50 @@ pub struct Cli {
     /// PEM private key of --tls-cert
     #[arg(long, env = "MARCHPROXY_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub forward: ForwardArgs,
+}
+
+/// The caching forward proxy for device updates: absolute-URI requests (`GET http://host/path`
+/// sent to the ALB as a proxy) are fetched upstream and cached on disk.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ForwardArgs {
+    /// Answer absolute-URI requests as a forward proxy, relaying without a cache (implied by
+    /// --cache-dir, which adds the cache)
+    #[arg(long, env = "MARCHPROXY_FORWARD_PROXY")]
+    pub forward_proxy: bool,
+    /// Cache forward-proxied files in this directory
+    #[arg(long, env = "MARCHPROXY_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Start with an empty cache (everything in --cache-dir is removed)
+    #[arg(long, env = "MARCHPROXY_INIT_CACHE")]
+    pub init_cache: bool,
+    /// A byte budget for the cache; without it the limits apply to its filesystem's use
+    #[arg(long, env = "MARCHPROXY_CACHE_MAX_BYTES")]
+    pub cache_max_bytes: Option<u64>,
+    /// Above this percentage of the budget (or filesystem), least recently used files are
+    /// evicted to make room
+    #[arg(long, env = "MARCHPROXY_CACHE_SOFT_LIMIT", default_value_t = 75, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub cache_soft_limit: u8,
+    /// At this percentage, nothing new is cached: requests are relayed
+    #[arg(long, env = "MARCHPROXY_CACHE_HARD_LIMIT", default_value_t = 80, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub cache_hard_limit: u8,
+    /// Send upstream requests through this HTTP proxy (e.g. another caching proxy:
+    /// `Ota-File-Cache-Control` is passed on to it); https:// through a CONNECT tunnel
+    #[arg(long, env = "MARCHPROXY_UPPER_PROXY")]
+    pub upper_proxy: Option<String>,
+    /// Fetch http:// URLs from their servers over https://
+    #[arg(long, env = "MARCHPROXY_UPSTREAM_HTTPS")]
+    pub upstream_https: bool,
+    /// Forward-proxy requests served at once; more are answered 429
+    #[arg(long, env = "MARCHPROXY_FORWARD_MAX_REQUESTS", default_value_t = 1024)]
+    pub forward_max_requests: usize,
+}
+
+impl ForwardArgs {
+    pub fn enabled(&self) -> bool {
+        self.forward_proxy || self.cache_dir.is_some()
+    }
 }
 
 /// `[module]`: defaults for every route.

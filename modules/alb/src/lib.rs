@@ -1,5 +1,5 @@
 //! MarchProxy's ALB: an L7 reverse proxy for HTTP/1.1, HTTP/2 (h2c, and over TLS by ALPN) and
-//! WebSocket.
+//! WebSocket, and a caching forward proxy for device updates.
 //!
 //! - [`config`]: flags and the `[module]` defaults (timeouts, retries, health checks, outlier
 //!   ejection, upstream pools);
@@ -8,12 +8,14 @@
 //! - [`pool`]: weighted servers, round robin or least request, passive outlier ejection;
 //! - [`health`]: active health checks per pool;
 //! - [`proxy`]: the request path: match, limit, forward with retries, upgrades;
+//! - [`forward`]: the caching forward proxy for device updates (absolute-URI requests);
 //! - [`metrics`]: `alb_*` on the module's `/metrics`.
 //!
 //! Everything else (ModuleService, registration as `MODULE_TYPE_ALB`, heartbeats, rate limits
 //! from `SetRateLimit`, admin, drain) is the module runtime's. [`run`] is the binary's entry.
 
 pub mod config;
+pub mod forward;
 pub mod health;
 pub mod metrics;
 pub mod pool;
@@ -23,6 +25,7 @@ pub mod table;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, RwLock},
+    time::Duration,
 };
 
 use arc_swap::ArcSwap;
@@ -35,6 +38,7 @@ use tracing::info;
 
 use crate::{
     config::{Cli, Settings},
+    forward::ForwardProxy,
     metrics::Metrics,
     proxy::{Proxy, UpstreamClient},
     table::Table,
@@ -55,12 +59,15 @@ pub struct Alb {
     client: ArcSwap<UpstreamClient>,
     pub metrics: Arc<Metrics>,
     tls: Option<TlsAcceptor>,
+    /// Set when absolute-URI requests are served as a (caching) forward proxy.
+    pub forward: Option<ForwardProxy>,
 }
 
 impl Alb {
     pub fn new(
         metrics: Arc<Metrics>,
         tls: Option<TlsAcceptor>,
+        forward: Option<ForwardProxy>,
     ) -> Result<Arc<Alb>, std::io::Error> {
         let settings = Settings::default();
         Ok(Arc::new(Alb {
@@ -71,6 +78,7 @@ impl Alb {
             table: Arc::new(ArcSwap::from_pointee(Table::default())),
             metrics,
             tls,
+            forward,
         }))
     }
 
@@ -289,7 +297,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         opts.const_label("module_type", ModuleKind::Alb.name())
             .const_label("instance", &config.instance_id)
     }));
-    let alb = Alb::new(metrics, tls)?;
+    let forward = if cli.forward.enabled() {
+        let connect_timeout = Duration::from_millis(Settings::default().connect_timeout_ms);
+        Some(ForwardProxy::new(&cli.forward, connect_timeout, &metrics)?)
+    } else {
+        None
+    };
+    let alb = Alb::new(metrics, tls, forward)?;
     marchproxy_runtime::run(alb, config, marchproxy::signal::shutdown()).await?;
     Ok(())
 }

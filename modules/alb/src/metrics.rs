@@ -20,6 +20,9 @@ pub struct Metrics {
     healthy: IntGaugeVec,
     ejections: IntCounterVec,
     active: IntGaugeVec,
+    forwarded: IntCounterVec,
+    /// The forward proxy's disk cache (`alb_cache_*`).
+    pub cache: marchproxy_file_cache::CacheMetrics,
 }
 
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -110,10 +113,16 @@ impl Metrics {
                 "alb_upstream_active_requests",
                 "Requests sent to the server and not yet answered",
             ),
+            forwarded: counter(
+                "alb_forward_requests_total",
+                "Forward-proxy requests by outcome: hit (a cached file), joined (a download under way), filled (fetched and cached), relayed (not cached: no_cache, too large, cache full), upstream_status (upstream answered other than 200), refused (400 or 429), failed (502, 504, 500)",
+                &["outcome"],
+            ),
+            cache: marchproxy_file_cache::CacheMetrics::new("alb", &labelled),
         }
     }
 
-    fn collectors(&self) -> [Box<dyn Collector>; 8] {
+    fn collectors(&self) -> [Box<dyn Collector>; 9] {
         [
             Box::new(self.requests.clone()),
             Box::new(self.duration.clone()),
@@ -123,13 +132,15 @@ impl Metrics {
             Box::new(self.healthy.clone()),
             Box::new(self.ejections.clone()),
             Box::new(self.active.clone()),
+            Box::new(self.forwarded.clone()),
         ]
     }
 
     pub fn register(&self, registry: &Registry) -> prometheus::Result<()> {
         self.collectors()
             .into_iter()
-            .try_for_each(|c| registry.register(c))
+            .try_for_each(|c| registry.register(c))?;
+        self.cache.register(registry)
     }
 
     pub fn server(&self, route: &str, server: &str) -> ServerMetrics {
@@ -169,6 +180,10 @@ impl Metrics {
         self.upstream_duration
             .with_label_values(&[route, server])
             .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn forwarded(&self, outcome: &str) {
+        self.forwarded.with_label_values(&[outcome]).inc();
     }
 
     pub fn retried(&self, route: &str) {

@@ -66,6 +66,12 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn handle(self, mut request: Request<Body>) -> Response<Body> {
+        if let Some(forward) = &self.alb.forward {
+            if crate::forward::is_absolute_form(&request) {
+                let timeout = Duration::from_millis(self.alb.settings().timeout_ms);
+                return forward.handle(request, &self.alb.metrics, timeout).await;
+            }
+        }
         let started = Instant::now();
         let client = request
             .extensions()
@@ -529,7 +535,7 @@ impl hyper::body::Body for Counted {
 }
 
 /// A short text answer of the proxy's own.
-fn plain(status: StatusCode, why: &str) -> Response<Body> {
+pub(crate) fn plain(status: StatusCode, why: &str) -> Response<Body> {
     let mut response = Response::new(Body::from(format!(
         "{} {}: {why}\n",
         status.as_u16(),
@@ -544,7 +550,7 @@ fn plain(status: StatusCode, why: &str) -> Response<Body> {
 }
 
 /// An error with its causes, which say what actually went wrong ("connection refused").
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -7,7 +7,6 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    path::Path,
     process::{Command, Stdio},
     sync::{
         Arc,
@@ -20,8 +19,8 @@ use futures_util::{SinkExt, StreamExt};
 use marchproxy::pb;
 use marchproxy_testkit::{
     eventually,
-    external::{Process, free_port, require, wait_for_port},
-    http_get, metric_value,
+    external::{require, wait_for_port},
+    http_get,
 };
 use serde_json::{Value, json};
 use tokio::{
@@ -31,7 +30,8 @@ use tokio::{
 };
 use tokio_tungstenite::tungstenite::Message;
 
-const DEADLINE: Duration = Duration::from_secs(30);
+mod common;
+use common::{Alb, DEADLINE};
 
 const ANSWER: u8 = 0;
 const FAIL: u8 = 1;
@@ -269,79 +269,6 @@ async fn get(addr: SocketAddr, host: &str, path: &str) -> Answer {
     request(addr, "GET", host, path, &[]).await
 }
 
-/// The ALB binary on free ports: `http+proxy=` when it sits behind the NLB, plain `http=`
-/// otherwise, and `https=` when certificates are given.
-struct Alb {
-    http: SocketAddr,
-    https: Option<SocketAddr>,
-    grpc: SocketAddr,
-    admin: SocketAddr,
-    _process: Process,
-}
-
-impl Alb {
-    async fn start(dir: &Path, config: &str, args: &[&str], tls: Option<(&Path, &Path)>) -> Alb {
-        let [http, https, grpc, admin] =
-            [(); 4].map(|()| SocketAddr::from(([127, 0, 0, 1], free_port())));
-        let file = dir.join("alb.toml");
-        std::fs::write(&file, config).unwrap();
-        let log = std::fs::File::create(dir.join("alb.log")).unwrap();
-        let behind_nlb = args.contains(&"--nlb");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_marchproxy-alb"));
-        command
-            .arg("--config")
-            .arg(&file)
-            .arg("--listen")
-            .arg(format!(
-                "{}={http}",
-                if behind_nlb { "http+proxy" } else { "http" }
-            ))
-            .arg("--grpc-listen")
-            .arg(grpc.to_string())
-            .arg("--admin-listen")
-            .arg(admin.to_string())
-            .arg("--instance-id")
-            .arg("alb-test")
-            .args(args)
-            .env_remove("MARCHPROXY_NLB")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log);
-        if let Some((cert, key)) = tls {
-            command
-                .arg("--listen")
-                .arg(format!("https={https}"))
-                .arg("--tls-cert")
-                .arg(cert)
-                .arg("--tls-key")
-                .arg(key);
-        }
-        let process = Process::spawn("marchproxy-alb", &mut command);
-        wait_for_port(http, DEADLINE).await;
-        wait_for_port(admin, DEADLINE).await;
-        Alb {
-            http,
-            https: tls.map(|_| https),
-            grpc,
-            admin,
-            _process: process,
-        }
-    }
-
-    async fn metric(&self, name: &str, labels: &str) -> Option<f64> {
-        let (_, page) = http_get(self.admin, "/metrics").await;
-        metric_value(&page, name, labels)
-    }
-
-    async fn module_client(
-        &self,
-    ) -> pb::module_service_client::ModuleServiceClient<tonic::transport::Channel> {
-        pb::module_service_client::ModuleServiceClient::connect(format!("http://{}", self.grpc))
-            .await
-            .unwrap()
-    }
-}
-
 fn route(id: &str, host: &str, path: &str, servers: &str, extra: &str) -> String {
     format!(
         "[[routes]]\nroute_id = \"{id}\"\nprotocol = \"http\"\nsource_pattern = \"{host}\"\n\
@@ -423,10 +350,18 @@ async fn routes_weights_websocket_and_http2_through_the_nlb() {
         ),
     ]
     .concat();
+    let cache = dir.path().join("cache");
     let alb = Alb::start(
         dir.path(),
         &config,
-        &["--nlb", &nlb.url(), "--heartbeat-interval", "1s"],
+        &[
+            "--nlb",
+            &nlb.url(),
+            "--heartbeat-interval",
+            "1s",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ],
         None,
     )
     .await;
@@ -576,6 +511,26 @@ async fn routes_weights_websocket_and_http2_through_the_nlb() {
         )
         .await
             >= Some(150.0)
+    );
+
+    // The caching forward proxy through the NLB (routed by the upstream's Host, `*`): a device's
+    // absolute-URI GET is fetched once, then served from the cache.
+    let fetched_before = a.requests();
+    let url = format!("http://{}/firmware/v2.bin", a.addr);
+    for _ in 0..2 {
+        let answer = get(front, &a.addr.to_string(), &url).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        assert_eq!(answer.json()["path"], "/firmware/v2.bin");
+    }
+    assert_eq!(
+        a.requests(),
+        fetched_before + 1,
+        "the second fetch is a hit"
+    );
+    assert_eq!(
+        alb.metric("alb_forward_requests_total", "outcome=\"hit\"")
+            .await,
+        Some(1.0)
     );
 }
 

@@ -21,6 +21,7 @@ use axum::{
     http::{HeaderValue, Request, Response, StatusCode, header::RETRY_AFTER},
     response::IntoResponse,
 };
+pub use hyper_rustls::HttpsConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use marchproxy::pb;
 use tokio::{
@@ -41,6 +42,11 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often an idle HTTP/2 connection is pinged.
 const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Set on every request: the address the client connected to (the listener's own), so a
+/// forward proxy can refuse requests addressed to itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalAddr(pub SocketAddr);
 
 /// Set on every request: whether it came over TLS (an `https=` listener), for modules that
 /// tell upstreams the client's scheme (`X-Forwarded-Proto`).
@@ -151,6 +157,9 @@ impl Connection {
     async fn serve(self, mut stream: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>) {
         let _open = self.stats.connection();
         let _ = stream.set_nodelay(true);
+        let Ok(local) = stream.local_addr() else {
+            return;
+        };
         let Some(client) = crate::tcp::client_address(&mut stream, peer, self.proxy_protocol).await
         else {
             return;
@@ -167,17 +176,21 @@ impl Connection {
                     debug!(%client, "closed: no request within the header timeout");
                     return;
                 }
-                self.serve_http(stream, client, Secure(false)).await
+                self.serve_http(stream, client, LocalAddr(local), Secure(false))
+                    .await
             }
             Some(tls) => match tokio::time::timeout(HEADER_TIMEOUT, tls.accept(stream)).await {
-                Ok(Ok(stream)) => self.serve_http(stream, client, Secure(true)).await,
+                Ok(Ok(stream)) => {
+                    self.serve_http(stream, client, LocalAddr(local), Secure(true))
+                        .await
+                }
                 Ok(Err(error)) => debug!(%client, %error, "TLS handshake failed"),
                 Err(_) => debug!(%client, "TLS handshake timed out"),
             },
         }
     }
 
-    async fn serve_http<I>(mut self, io: I, client: SocketAddr, secure: Secure)
+    async fn serve_http<I>(mut self, io: I, client: SocketAddr, local: LocalAddr, secure: Secure)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -185,6 +198,7 @@ impl Connection {
         let service = hyper::service::service_fn(move |mut request: Request<_>| {
             request.extensions_mut().insert(ConnectInfo(client));
             request.extensions_mut().insert(secure);
+            request.extensions_mut().insert(local);
             let (app, stats, limiter) = (app.clone(), Arc::clone(&stats), Arc::clone(&limiter));
             async move {
                 Ok::<_, Infallible>(
@@ -289,20 +303,33 @@ pub fn percent_encode(value: &str) -> String {
 
 /// What outbound HTTP clients dial with: plain TCP for http://, TLS with the system's root
 /// certificates for https://, each connection attempt within `connect_timeout`.
-pub type Connector =
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+pub type Connector = HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
 
 /// Builds a [`Connector`]; fails only when the system has no root certificates at all.
 pub fn connector(connect_timeout: Duration) -> Result<Connector, std::io::Error> {
+    https_over(tcp_connector(connect_timeout))
+}
+
+/// The plain TCP half of [`connector`], for connectors that dial somewhere else first (a
+/// proxy) before TLS.
+pub fn tcp_connector(
+    connect_timeout: Duration,
+) -> hyper_util::client::legacy::connect::HttpConnector {
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
+    http
+}
+
+/// TLS with the system's root certificates for https:// over `connector`; http:// passes
+/// through it as is.
+pub fn https_over<C>(connector: C) -> Result<HttpsConnector<C>, std::io::Error> {
     Ok(hyper_rustls::HttpsConnectorBuilder::new()
         .with_native_roots()?
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http))
+        .wrap_connector(connector))
 }
 
 /// Builds a [`Client`]; fails only when the system has no root certificates at all.

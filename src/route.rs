@@ -304,6 +304,43 @@ pub fn strip_port(name: &str) -> String {
 }
 
 impl RouteSpec {
+    /// The servers a module route names (DESIGN.md, "Module routes name their backends"):
+    /// `destination_pattern` as `host:port[=weight]` separated by commas, weights from 1 to
+    /// 10000 (default 1). The error names the entry and says what to write.
+    pub fn servers(&self) -> Result<Vec<(names::Endpoint, u32)>, String> {
+        let mut servers = Vec::new();
+        for entry in self
+            .destination
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            let (address, weight) = match entry.split_once('=') {
+                Some((address, weight)) => (
+                    address.trim(),
+                    weight
+                        .trim()
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|w| (1..=10_000).contains(w))
+                        .ok_or_else(|| {
+                            format!("`{entry}`: the weight must be a whole number from 1 to 10000")
+                        })?,
+                ),
+                None => (entry, 1),
+            };
+            let endpoint = address.parse().map_err(|e| format!("{e}"))?;
+            servers.push((endpoint, weight));
+        }
+        if servers.is_empty() {
+            return Err(
+                "destination_pattern must list the servers as host:port[=weight], separated by commas"
+                    .into(),
+            );
+        }
+        Ok(servers)
+    }
+
     /// Does this route take the flow?
     pub fn matches(&self, flow: &Flow) -> bool {
         let protocol_ok = self.protocol == pb::Protocol::Unspecified

@@ -2,6 +2,7 @@
 //! directory, generated clients, a module double, and waiting on conditions with a deadline.
 
 pub mod backend;
+pub mod databases;
 pub mod external;
 pub mod fake_module;
 

@@ -386,25 +386,7 @@ fn route_deployments(
         ""
     });
     let mut deployments = Vec::new();
-    for server in route
-        .destination
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-    {
-        let (address, weight) = match server.split_once('=') {
-            Some((address, weight)) => (
-                address,
-                weight
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|w| *w > 0)
-                    .ok_or_else(|| {
-                        format!("`{server}`: the weight must be a whole number above 0")
-                    })?,
-            ),
-            None => (server, 1),
-        };
+    for (address, weight) in route.servers()? {
         let name = format!("route:{}/{address}", route.id);
         let provider = Provider::new(
             &name,
@@ -412,17 +394,12 @@ fn route_deployments(
             &format!("{scheme}://{address}{base_path}"),
             api_key.clone(),
         )
-        .map_err(|e| format!("`{server}`: {e}"))?;
+        .map_err(|e| format!("`{address}`: {e}"))?;
         deployments.push(Deployment::new(
             Arc::new(provider),
             provider_model.to_owned(),
             weight,
         ));
-    }
-    if deployments.is_empty() {
-        return Err(
-            "destination_pattern must list the provider servers as host:port[=weight]".into(),
-        );
     }
     Ok((model.to_owned(), strategy, deployments))
 }

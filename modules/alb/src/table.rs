@@ -237,41 +237,16 @@ fn compile_route(
         headers.push((name, value.clone()));
     }
     let mut servers = Vec::new();
-    for entry in spec
-        .destination
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-    {
-        let (address, weight) = match entry.split_once('=') {
-            Some((address, weight)) => (
-                address.trim(),
-                weight
-                    .trim()
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|w| (1..=10_000).contains(w))
-                    .ok_or_else(|| {
-                        format!("`{entry}`: the weight must be a whole number from 1 to 10000")
-                    })?,
-            ),
-            None => (entry, 1),
-        };
-        check_address(address).map_err(|e| format!("`{entry}`: {e}"))?;
-        let server = match known.get(&(spec.id.as_str(), address)) {
+    for (endpoint, weight) in spec.servers()? {
+        let address = endpoint.to_string();
+        let server = match known.get(&(spec.id.as_str(), address.as_str())) {
             Some(server) => Arc::clone(server),
             None => Arc::new(Server::new(
-                address.to_owned(),
-                metrics.server(&spec.id, address),
+                address.clone(),
+                metrics.server(&spec.id, &address),
             )),
         };
         servers.push((server, weight));
-    }
-    if servers.is_empty() {
-        return Err(
-            "destination_pattern must list the upstream servers as host:port[=weight], separated by commas"
-                .into(),
-        );
     }
     Ok(Route {
         id: spec.id.clone(),
@@ -294,17 +269,6 @@ fn compile_route(
             settings.outlier.clone(),
         )),
     })
-}
-
-/// A server address: `host:port` with a port, and a host an URL can carry.
-fn check_address(address: &str) -> Result<(), String> {
-    let uri: axum::http::uri::Authority = address
-        .parse()
-        .map_err(|_| "not a host:port address".to_owned())?;
-    if uri.port_u16().is_none() || uri.as_str().contains('@') {
-        return Err("write the server as host:port, e.g. 10.0.0.5:8080".into());
-    }
-    Ok(())
 }
 
 /// The route's active health check: the module's, with any of `health_check_path`,

@@ -102,8 +102,13 @@ impl Module for Rtmp {
 
     async fn serve(self: Arc<Self>, plane: DataPlane) -> Result<(), ModuleError> {
         self.metrics.register(&plane.stats.module_registry)?;
-        marchproxy_runtime::tcp::serve(plane, move |socket, client, stats| {
-            session::serve(Arc::clone(&self), socket, client, stats)
+        marchproxy_runtime::tcp::serve(plane, move |accepted| {
+            session::serve(
+                Arc::clone(&self),
+                accepted.stream,
+                accepted.client,
+                accepted.stats,
+            )
         })
         .await
     }

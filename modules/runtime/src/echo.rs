@@ -82,8 +82,8 @@ impl Module for EchoModule {
     }
 
     async fn serve(self: Arc<Self>, plane: DataPlane) -> Result<(), ModuleError> {
-        crate::tcp::serve(plane, move |stream, _client, stats| {
-            Arc::clone(&self).serve_connection(stream, stats)
+        crate::tcp::serve(plane, move |accepted| {
+            Arc::clone(&self).serve_connection(accepted.stream, accepted.stats)
         })
         .await
     }

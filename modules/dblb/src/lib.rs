@@ -1,0 +1,280 @@
+//! MarchProxy's DBLB module: PostgreSQL and MySQL/MariaDB load balancing. Clients connect to
+//! `postgres=` and `mysql=` listeners; each session goes to a server chosen by its database
+//! (PostgreSQL names it at startup), by whether it asked for a read-only session (replicas
+//! first), by server health and by each server's free connections; a client that finds every
+//! server full waits in a bounded queue, then gets its protocol's "too many connections".
+//!
+//! - [`table`]: routes, servers, their health and open sessions, and the choice of a server;
+//! - [`postgres`], [`mysql`]: each protocol's session, from the first bytes to the relay;
+//! - [`relay`]: copying a session both ways while counting its queries;
+//! - [`health`]: protocol health checks;
+//! - [`config`], [`metrics`]: settings and `dblb_*` metrics.
+//!
+//! Everything else (ModuleService, registration as `MODULE_TYPE_DBLB`, heartbeats, rate limits,
+//! admin, drain) is the module runtime's. [`run`] is the binary's entry.
+
+pub mod config;
+pub mod health;
+pub mod metrics;
+pub mod mysql;
+pub mod postgres;
+pub mod relay;
+pub mod table;
+
+use std::{
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Instant,
+};
+
+use arc_swap::ArcSwap;
+use marchproxy::{names::ModuleKind, pb, route::RouteSpec};
+use marchproxy_runtime::{DataPlane, Module, ModuleError, RuntimeConfig, tcp::Accepted};
+use tokio::{net::TcpStream, sync::Notify};
+
+use crate::{
+    config::{Cli, Settings},
+    metrics::{Metrics, Outcome},
+    postgres::Cancels,
+    table::{Backend, Engine, Pick, Table, Want},
+};
+
+/// Where clients connect when no `--listen` is given: PgBouncer's and ProxySQL's usual ports.
+pub const DEFAULT_LISTEN: [&str; 2] = ["postgres=0.0.0.0:6432", "mysql=0.0.0.0:6033"];
+
+/// Why a session gets no server; the client reads this text in its protocol's error.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "no route serves this database here; add a DBLB route (protocol POSTGRES or MYSQL, metadata.database) that names its servers"
+    )]
+    NoRoute,
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("too many connections: {0}")]
+    Full(String),
+}
+
+impl Refusal {
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Refusal::NoRoute => Outcome::NoRoute,
+            Refusal::Unavailable(_) => Outcome::Unavailable,
+            Refusal::Full(_) => Outcome::Full,
+        }
+    }
+}
+
+pub struct Dblb {
+    settings: RwLock<Settings>,
+    table: ArcSwap<Table>,
+    /// Woken whenever a session ends, for clients waiting for a free server.
+    freed: Arc<Notify>,
+    waiting: AtomicUsize,
+    pub cancels: Cancels,
+    pub metrics: Arc<Metrics>,
+}
+
+/// A place in the wait queue, given back on drop.
+struct Waiting<'a>(&'a Dblb);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.waiting.dec();
+    }
+}
+
+impl Dblb {
+    pub fn new(metrics: Arc<Metrics>) -> Arc<Dblb> {
+        Arc::new(Dblb {
+            settings: RwLock::new(Settings::default()),
+            table: ArcSwap::from_pointee(Table::default()),
+            freed: Arc::new(Notify::new()),
+            waiting: AtomicUsize::new(0),
+            cancels: Cancels::default(),
+            metrics,
+        })
+    }
+
+    pub fn settings(&self) -> Settings {
+        // Settings are replaced whole under the lock; a panic elsewhere cannot tear them.
+        self.settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn table(&self) -> Arc<Table> {
+        self.table.load_full()
+    }
+
+    /// A server for `want` and a connection to it. A server that cannot be dialled is taken
+    /// out and the next one tried; when every server is full the client waits (bounded by
+    /// `max_waiting` and `queue_timeout_ms`) for a session to end.
+    pub async fn open(&self, want: Want<'_>) -> Result<(table::Lease, TcpStream), Refusal> {
+        let settings = self.settings();
+        let deadline = tokio::time::Instant::now() + settings.queue_timeout();
+        let mut tried: Vec<Arc<Backend>> = Vec::new();
+        let mut queued: Option<(Waiting, Instant)> = None;
+        let protocol = want.engine.name();
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let attempt = Want {
+                tried: &tried,
+                ..want
+            };
+            match self.table.load().pick(&attempt, &self.freed) {
+                Pick::Got(lease) => {
+                    if let Some((_, since)) = &queued {
+                        self.metrics.waited(protocol, since.elapsed().as_secs_f64());
+                    }
+                    let address = &lease.backend.address;
+                    let dialled = tokio::time::timeout(
+                        settings.connect_timeout(),
+                        TcpStream::connect((address.host(), address.port())),
+                    )
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no answer within {:?}", settings.connect_timeout()),
+                        ))
+                    });
+                    match dialled {
+                        Ok(stream) => {
+                            let _ = stream.set_nodelay(true);
+                            return Ok((lease, stream));
+                        }
+                        Err(error) => {
+                            lease.backend.dial_failed(&error);
+                            self.metrics.connect_failed(&address.to_string());
+                            tried.push(Arc::clone(&lease.backend));
+                        }
+                    }
+                }
+                Pick::Full => {
+                    if queued.is_none() {
+                        if self.waiting.fetch_add(1, Ordering::AcqRel) >= settings.max_waiting {
+                            self.waiting.fetch_sub(1, Ordering::AcqRel);
+                            return Err(Refusal::Full(format!(
+                                "every server is at its max_connections and {} clients already wait",
+                                settings.max_waiting
+                            )));
+                        }
+                        self.metrics.waiting.inc();
+                        queued = Some((Waiting(self), Instant::now()));
+                    }
+                    if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                        return Err(Refusal::Full(format!(
+                            "every server stayed at its max_connections for {} ms",
+                            settings.queue_timeout_ms
+                        )));
+                    }
+                }
+                Pick::Unavailable(why) => return Err(Refusal::Unavailable(why)),
+                Pick::NoRoute => return Err(Refusal::NoRoute),
+            }
+        }
+    }
+
+    async fn connection(self: Arc<Self>, accepted: Accepted) {
+        match accepted.listener.protocol {
+            Some(pb::Protocol::Mysql) => mysql::serve(self, accepted).await,
+            _ => postgres::serve(self, accepted).await,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Module for Dblb {
+    fn kind(&self) -> ModuleKind {
+        ModuleKind::Dblb
+    }
+
+    fn protocols(&self) -> Vec<pb::Protocol> {
+        vec![pb::Protocol::Postgres, pb::Protocol::Mysql]
+    }
+
+    async fn serve(self: Arc<Self>, plane: DataPlane) -> Result<(), ModuleError> {
+        self.metrics.register(&plane.stats.module_registry)?;
+        let checks = tokio::spawn(health::run(Arc::clone(&self)));
+        let metrics = Arc::clone(&self.metrics);
+        let served = marchproxy_runtime::tcp::serve_refusing(
+            plane,
+            move |accepted| Arc::clone(&self).connection(accepted),
+            move |accepted, retry_after| {
+                let metrics = Arc::clone(&metrics);
+                async move {
+                    match accepted.listener.protocol {
+                        Some(pb::Protocol::Mysql) => {
+                            metrics.session(Engine::Mysql.name(), Outcome::RateLimited);
+                            mysql::refuse_rate_limited(accepted, retry_after).await;
+                        }
+                        _ => {
+                            metrics.session(Engine::Postgres.name(), Outcome::RateLimited);
+                            postgres::refuse_rate_limited(accepted, retry_after).await;
+                        }
+                    }
+                }
+            },
+        )
+        .await;
+        checks.abort();
+        served
+    }
+
+    fn apply_routes(&self, routes: &[RouteSpec]) -> Result<(), String> {
+        let table = Table::compile(routes, &self.table.load(), &self.metrics)?;
+        self.table.store(Arc::new(table));
+        Ok(())
+    }
+
+    fn check_config(
+        &self,
+        _config_type: &str,
+        config: &serde_json::Value,
+    ) -> Result<(), Vec<String>> {
+        self.settings().merged(config).map(|_| ())
+    }
+
+    fn apply_config(&self, _config_type: &str, config: &serde_json::Value) {
+        if let Ok(settings) = self.settings().merged(config) {
+            *self.settings.write().unwrap_or_else(|e| e.into_inner()) = settings;
+        }
+    }
+
+    fn custom_stats(&self) -> std::collections::HashMap<String, String> {
+        let table = self.table();
+        let backends = table.backends();
+        let healthy = backends.iter().filter(|b| b.is_healthy()).count();
+        [
+            ("backends".to_owned(), backends.len().to_string()),
+            ("backends_healthy".to_owned(), healthy.to_string()),
+            (
+                "waiting_clients".to_owned(),
+                self.waiting.load(Ordering::Acquire).to_string(),
+            ),
+        ]
+        .into()
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut common = cli.common;
+    if common.listen.is_empty() {
+        common.listen = DEFAULT_LISTEN.iter().map(|l| (*l).to_owned()).collect();
+    }
+    let config = RuntimeConfig::from_args(ModuleKind::Dblb, common)?;
+    marchproxy::telemetry::init(config.log_format);
+    let metrics = Arc::new(Metrics::new(|opts| {
+        opts.const_label("module_type", ModuleKind::Dblb.name())
+            .const_label("instance", &config.instance_id)
+    }));
+    marchproxy_runtime::run(Dblb::new(metrics), config, marchproxy::signal::shutdown()).await?;
+    Ok(())
+}

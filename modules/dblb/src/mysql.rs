@@ -1,0 +1,115 @@
+//! MySQL and MariaDB sessions. The server speaks first, so the server is chosen when the client
+//! connects (by listener), its greeting is the first thing the client reads, and from there
+//! bytes are copied both ways (authentication included). A client that cannot be served gets
+//! an ERR packet in place of the greeting, which every MySQL client shows as an error.
+
+use std::sync::Arc;
+
+use marchproxy_runtime::tcp::Accepted;
+use tokio::io::AsyncWriteExt;
+use tracing::{debug, info};
+
+use crate::{
+    Dblb, Refusal,
+    metrics::Outcome,
+    relay::{self, Framing, QueryCounter},
+    table::{Engine, Want},
+};
+
+/// ER_CON_COUNT_ERROR: what MySQL itself answers when it has no room.
+const TOO_MANY_CONNECTIONS: u16 = 1040;
+/// ER_BAD_DB_ERROR.
+const NO_DATABASE: u16 = 1049;
+/// ER_UNKNOWN_ERROR, for servers that are all down.
+const UNAVAILABLE: u16 = 1105;
+
+/// An ERR packet (sequence `sequence`) with an error code, SQL state and message.
+pub fn err_packet(sequence: u8, code: u16, sqlstate: &str, message: &str) -> Vec<u8> {
+    let mut payload = vec![0xff];
+    payload.extend_from_slice(&code.to_le_bytes());
+    payload.push(b'#');
+    payload.extend_from_slice(sqlstate.as_bytes());
+    payload.extend_from_slice(message.as_bytes());
+    packet(sequence, &payload)
+}
+
+/// A packet: 3-byte little-endian length, sequence number, payload (under 16 MiB here).
+pub fn packet(sequence: u8, payload: &[u8]) -> Vec<u8> {
+    let mut packet = (payload.len() as u32).to_le_bytes()[..3].to_vec();
+    packet.push(sequence);
+    packet.extend_from_slice(payload);
+    packet
+}
+
+/// Serves one client connection on a MySQL listener.
+pub async fn serve(dblb: Arc<Dblb>, accepted: Accepted) {
+    let Accepted {
+        mut stream,
+        client,
+        listener,
+        stats,
+    } = accepted;
+    let _ = stream.set_nodelay(true);
+    let request = stats.request();
+    let want = Want {
+        engine: Engine::Mysql,
+        listener_port: listener.addr.port(),
+        database: "*",
+        read_only: false,
+        tried: &[],
+    };
+    let (lease, server) = match dblb.open(want).await {
+        Ok(opened) => opened,
+        Err(refusal) => {
+            info!(%client, listener = %listener.addr, %refusal, "MySQL session refused");
+            dblb.metrics
+                .session(Engine::Mysql.name(), refusal.outcome());
+            let (code, sqlstate) = match &refusal {
+                Refusal::NoRoute => (NO_DATABASE, "42000"),
+                Refusal::Unavailable(_) => (UNAVAILABLE, "HY000"),
+                Refusal::Full(_) => (TOO_MANY_CONNECTIONS, "08004"),
+            };
+            let _ = stream
+                .write_all(&err_packet(0, code, sqlstate, &refusal.to_string()))
+                .await;
+            return;
+        }
+    };
+    debug!(%client, backend = %lease.backend.address, route = %lease.route_id, "MySQL session");
+    let _ = server.set_nodelay(true);
+    let (client_read, client_write) = stream.into_split();
+    let (server_read, server_write) = server.into_split();
+    let protocol = Engine::Mysql.name();
+    let upstream = relay::pump(
+        client_read,
+        server_write,
+        Some(QueryCounter::new(Framing::Mysql)),
+        |bytes, queries| {
+            stats.bytes_received(bytes);
+            dblb.metrics.queries(protocol, queries);
+        },
+    );
+    let downstream = relay::pump(server_read, client_write, None, |bytes, _| {
+        stats.bytes_sent(bytes)
+    });
+    let (up, down) = tokio::join!(upstream, downstream);
+    if let Err(error) = up.and(down) {
+        debug!(%client, %error, "MySQL session ended with an error");
+    }
+    drop(lease);
+    dblb.metrics.session(Engine::Mysql.name(), Outcome::Served);
+    request.finish(true);
+}
+
+/// Answers a client over its rate limit with the ERR packet MySQL sends when it is full.
+pub async fn refuse_rate_limited(accepted: Accepted, retry_after: std::time::Duration) {
+    let message = format!(
+        "Too many connections from {}: over the rate limit; retry in {} s",
+        accepted.client.ip(),
+        retry_after.as_secs().max(1)
+    );
+    let mut stream = accepted.stream;
+    let _ = stream
+        .write_all(&err_packet(0, TOO_MANY_CONNECTIONS, "08004", &message))
+        .await;
+}

@@ -1,0 +1,645 @@
+//! PostgreSQL sessions. The client's startup packet is read here (SSL and GSS encryption
+//! requests are declined, so the client goes on in plain text), the database and whether the
+//! client wants a read-only session pick the server, the startup packet goes on to it, and the
+//! server's answers come back: authentication passes through untouched, while the server's
+//! cancel key is swapped for one of ours so a later `CancelRequest` (on a new connection, maybe
+//! to another server address) reaches the server that owns the session. From the first
+//! `ReadyForQuery` on, bytes are copied both ways.
+
+use std::{io, net::SocketAddr, sync::Arc};
+
+use dashmap::DashMap;
+use marchproxy::names::Endpoint;
+use marchproxy_runtime::tcp::Accepted;
+use rand::Rng;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+use tracing::{debug, info};
+
+use crate::{
+    Dblb, Refusal,
+    metrics::Outcome,
+    relay::{self, Framing, QueryCounter},
+    table::{Engine, Want},
+};
+
+const PROTOCOL_3: u16 = 3;
+const SSL_REQUEST: u32 = 80_877_103;
+const GSSENC_REQUEST: u32 = 80_877_104;
+const CANCEL_REQUEST: u32 = 80_877_102;
+/// PostgreSQL's own bound on a startup packet.
+const MAX_STARTUP: u32 = 10_000;
+/// Messages before the first ReadyForQuery are small (authentication, parameters, notices).
+const MAX_STARTUP_MESSAGE: u32 = 1 << 20;
+
+/// What a client opened its connection for.
+#[derive(Debug, PartialEq)]
+pub enum Startup {
+    Session(Parameters),
+    Cancel { pid: u32, secret: u32 },
+}
+
+/// A startup packet's protocol version and parameters, in the client's order.
+#[derive(Debug, PartialEq)]
+pub struct Parameters {
+    minor_version: u16,
+    params: Vec<(String, String)>,
+}
+
+/// Why a startup packet was refused (the client gets this text in an ErrorResponse).
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// Closed between packets without a word, as port probes (and clients declined SSL
+    /// they require) do.
+    #[error("connection closed before a startup packet")]
+    Closed,
+    #[error("connection closed during startup: {0}")]
+    Io(#[from] io::Error),
+    #[error("startup packet length {0} is outside 8 to 10000 bytes")]
+    Length(u32),
+    #[error("protocol version {0}.{1} is not supported; PostgreSQL clients speak 3.x")]
+    Version(u16, u16),
+    #[error("malformed startup packet: {0}")]
+    Malformed(&'static str),
+    #[error("the startup packet names no user")]
+    NoUser,
+    #[error("more than one SSL or GSS encryption request")]
+    Negotiation,
+}
+
+impl Parameters {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The database: named, or the user's name as PostgreSQL defaults it.
+    pub fn database(&self) -> &str {
+        self.get("database")
+            .filter(|d| !d.is_empty())
+            .or_else(|| self.get("user"))
+            .unwrap_or_default()
+    }
+
+    /// Whether the client asked for a read-only session: `target_session_attrs` sent as a
+    /// startup parameter (`read-only`, `standby`, `prefer-standby`), or
+    /// `default_transaction_read_only` set through `options` (`PGOPTIONS='-c
+    /// default_transaction_read_only=on'`).
+    pub fn read_only(&self) -> bool {
+        let by_attrs = self
+            .get("target_session_attrs")
+            .is_some_and(|a| matches!(a, "read-only" | "standby" | "prefer-standby"));
+        let by_options = self.get("options").is_some_and(|options| {
+            let options = options.replace(' ', "").to_ascii_lowercase();
+            ["on", "true", "yes", "1"]
+                .iter()
+                .any(|v| options.contains(&format!("default_transaction_read_only={v}")))
+        });
+        by_attrs || by_options
+    }
+
+    /// The startup packet for the server: the same parameters, the database renamed when the
+    /// route says so, and `target_session_attrs` dropped (it is ours, not a server setting).
+    pub fn encode(&self, database: Option<&str>) -> Vec<u8> {
+        let mut body = Vec::with_capacity(256);
+        body.extend_from_slice(&PROTOCOL_3.to_be_bytes());
+        body.extend_from_slice(&self.minor_version.to_be_bytes());
+        let mut named_database = false;
+        for (key, value) in &self.params {
+            if key == "target_session_attrs" {
+                continue;
+            }
+            let value = match (key.as_str(), database) {
+                ("database", Some(renamed)) => {
+                    named_database = true;
+                    renamed
+                }
+                _ => value.as_str(),
+            };
+            for text in [key.as_str(), value] {
+                body.extend_from_slice(text.as_bytes());
+                body.push(0);
+            }
+        }
+        if let (Some(renamed), false) = (database, named_database) {
+            for text in ["database", renamed] {
+                body.extend_from_slice(text.as_bytes());
+                body.push(0);
+            }
+        }
+        body.push(0);
+        let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+        packet.extend_from_slice(&body);
+        packet
+    }
+}
+
+/// Reads the client's startup packet, declining SSL and GSS encryption requests on the way.
+pub async fn read_startup<S>(stream: &mut S) -> Result<Startup, StartupError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut negotiations = 0;
+    loop {
+        let mut length = [0u8; 4];
+        if stream.read(&mut length[..1]).await? == 0 {
+            return Err(StartupError::Closed);
+        }
+        stream.read_exact(&mut length[1..]).await?;
+        let length = u32::from_be_bytes(length);
+        if !(8..=MAX_STARTUP).contains(&length) {
+            return Err(StartupError::Length(length));
+        }
+        let mut body = vec![0u8; length as usize - 4];
+        stream.read_exact(&mut body).await?;
+        let code = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+        match code {
+            SSL_REQUEST | GSSENC_REQUEST => {
+                negotiations += 1;
+                if negotiations > 2 {
+                    return Err(StartupError::Negotiation);
+                }
+                stream.write_all(b"N").await?;
+            }
+            CANCEL_REQUEST => {
+                if body.len() != 12 {
+                    return Err(StartupError::Malformed("a cancel request is 16 bytes"));
+                }
+                return Ok(Startup::Cancel {
+                    pid: u32::from_be_bytes([body[4], body[5], body[6], body[7]]),
+                    secret: u32::from_be_bytes([body[8], body[9], body[10], body[11]]),
+                });
+            }
+            _ => {
+                let (major, minor) = ((code >> 16) as u16, code as u16);
+                if major != PROTOCOL_3 {
+                    return Err(StartupError::Version(major, minor));
+                }
+                return parse_parameters(minor, &body[4..]).map(Startup::Session);
+            }
+        }
+    }
+}
+
+fn parse_parameters(minor_version: u16, mut bytes: &[u8]) -> Result<Parameters, StartupError> {
+    let mut params = Vec::new();
+    let next = |bytes: &mut &[u8]| -> Result<String, StartupError> {
+        let end = bytes
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or(StartupError::Malformed("a parameter is not NUL-terminated"))?;
+        let text = std::str::from_utf8(&bytes[..end])
+            .map_err(|_| StartupError::Malformed("a parameter is not UTF-8"))?
+            .to_owned();
+        *bytes = &bytes[end + 1..];
+        Ok(text)
+    };
+    loop {
+        let key = next(&mut bytes)?;
+        if key.is_empty() {
+            break;
+        }
+        let value = next(&mut bytes)?;
+        params.push((key, value));
+    }
+    if !bytes.is_empty() {
+        return Err(StartupError::Malformed("bytes after the parameter list"));
+    }
+    let parameters = Parameters {
+        minor_version,
+        params,
+    };
+    if parameters.get("user").is_none_or(str::is_empty) {
+        return Err(StartupError::NoUser);
+    }
+    Ok(parameters)
+}
+
+/// A FATAL ErrorResponse: the client shows `message` and closes.
+pub fn error_response(sqlstate: &str, message: &str) -> Vec<u8> {
+    let mut body = Vec::with_capacity(message.len() + 32);
+    for (field, value) in [
+        (b'S', "FATAL"),
+        (b'V', "FATAL"),
+        (b'C', sqlstate),
+        (b'M', message),
+    ] {
+        body.push(field);
+        body.extend_from_slice(value.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = vec![b'E'];
+    packet.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    packet.extend_from_slice(&body);
+    packet
+}
+
+fn cancel_request(pid: u32, secret: u32) -> [u8; 16] {
+    let mut packet = [0u8; 16];
+    packet[..4].copy_from_slice(&16u32.to_be_bytes());
+    packet[4..8].copy_from_slice(&CANCEL_REQUEST.to_be_bytes());
+    packet[8..12].copy_from_slice(&pid.to_be_bytes());
+    packet[12..].copy_from_slice(&secret.to_be_bytes());
+    packet
+}
+
+/// The server-side session a client's cancel key stands for.
+struct CancelTarget {
+    secret: u32,
+    server: Endpoint,
+    server_pid: u32,
+    server_secret: u32,
+}
+
+/// Cancel keys handed to clients, each naming the server session it cancels.
+#[derive(Default)]
+pub struct Cancels {
+    keys: DashMap<u32, CancelTarget>,
+}
+
+/// A cancel key registered while its session lives.
+pub struct CancelKey<'a> {
+    cancels: &'a Cancels,
+    pid: u32,
+}
+
+impl Drop for CancelKey<'_> {
+    fn drop(&mut self) {
+        self.cancels.keys.remove(&self.pid);
+    }
+}
+
+impl Cancels {
+    /// A fresh key for the client, standing for `server`'s (`server_pid`, `server_secret`).
+    fn register(
+        &self,
+        server: Endpoint,
+        server_pid: u32,
+        server_secret: u32,
+    ) -> (CancelKey<'_>, u32, u32) {
+        let mut rng = rand::rng();
+        let secret = rng.random::<u32>();
+        loop {
+            // Positive like a real backend pid, which some clients assume.
+            let pid = rng.random_range(1..=i32::MAX as u32);
+            if let dashmap::Entry::Vacant(slot) = self.keys.entry(pid) {
+                slot.insert(CancelTarget {
+                    secret,
+                    server: server.clone(),
+                    server_pid,
+                    server_secret,
+                });
+                return (CancelKey { cancels: self, pid }, pid, secret);
+            }
+        }
+    }
+
+    /// Sends the server the cancel request `pid` and `secret` stand for; returns the outcome
+    /// for metrics. A wrong secret is treated as unknown, so keys cannot be probed.
+    async fn forward(&self, pid: u32, secret: u32, timeout: std::time::Duration) -> &'static str {
+        let target = match self.keys.get(&pid) {
+            Some(target) if target.secret == secret => (
+                target.server.clone(),
+                target.server_pid,
+                target.server_secret,
+            ),
+            _ => return "unknown",
+        };
+        let (server, server_pid, server_secret) = target;
+        let sent = tokio::time::timeout(timeout, async {
+            let mut stream = TcpStream::connect((server.host(), server.port())).await?;
+            stream
+                .write_all(&cancel_request(server_pid, server_secret))
+                .await?;
+            // The server answers a cancel request by closing; wait for that so the request
+            // is read before we go.
+            let mut rest = Vec::new();
+            stream.read_to_end(&mut rest).await?;
+            io::Result::Ok(())
+        })
+        .await;
+        match sent {
+            Ok(Ok(())) => {
+                info!(%server, server_pid, "cancel request forwarded");
+                "forwarded"
+            }
+            _ => "failed",
+        }
+    }
+}
+
+/// Serves one client connection on a PostgreSQL listener.
+pub async fn serve(dblb: Arc<Dblb>, accepted: Accepted) {
+    let Accepted {
+        mut stream,
+        client,
+        listener,
+        stats,
+    } = accepted;
+    let _ = stream.set_nodelay(true);
+    let settings = dblb.settings();
+    let startup =
+        match tokio::time::timeout(settings.startup_timeout(), read_startup(&mut stream)).await {
+            Ok(Ok(startup)) => startup,
+            Ok(Err(StartupError::Closed)) => {
+                debug!(%client, "connection closed before a startup packet");
+                return;
+            }
+            Ok(Err(error)) => {
+                debug!(%client, %error, "PostgreSQL startup refused");
+                dblb.metrics
+                    .session(Engine::Postgres.name(), Outcome::BadStartup);
+                if !matches!(error, StartupError::Io(_)) {
+                    refuse(stream, &error_response("08P01", &error.to_string())).await;
+                }
+                return;
+            }
+            Err(_) => {
+                debug!(%client, "PostgreSQL startup packet not sent in time");
+                dblb.metrics
+                    .session(Engine::Postgres.name(), Outcome::BadStartup);
+                return;
+            }
+        };
+    let parameters = match startup {
+        Startup::Cancel { pid, secret } => {
+            let outcome = dblb
+                .cancels
+                .forward(pid, secret, settings.connect_timeout())
+                .await;
+            debug!(%client, outcome, "cancel request");
+            dblb.metrics.cancel(outcome);
+            return;
+        }
+        Startup::Session(parameters) => parameters,
+    };
+    let request = stats.request();
+    let want = Want {
+        engine: Engine::Postgres,
+        listener_port: listener.addr.port(),
+        database: parameters.database(),
+        read_only: parameters.read_only(),
+        tried: &[],
+    };
+    let (lease, server) = match dblb.open(want).await {
+        Ok(opened) => opened,
+        Err(refusal) => {
+            info!(%client, database = parameters.database(), %refusal, "PostgreSQL session refused");
+            dblb.metrics
+                .session(Engine::Postgres.name(), refusal.outcome());
+            let (sqlstate, message) = match &refusal {
+                Refusal::NoRoute => ("3D000", refusal.to_string()),
+                Refusal::Unavailable(_) => ("57P03", refusal.to_string()),
+                Refusal::Full(_) => ("53300", refusal.to_string()),
+            };
+            refuse(stream, &error_response(sqlstate, &message)).await;
+            return;
+        }
+    };
+    debug!(%client, database = parameters.database(), backend = %lease.backend.address, route = %lease.route_id, "PostgreSQL session");
+    let startup_packet = parameters.encode(lease.backend_database.as_deref());
+    let served = relay_session(
+        &dblb,
+        stream,
+        server,
+        &startup_packet,
+        &lease.backend.address,
+        &stats,
+        client,
+    )
+    .await;
+    if let Err(error) = served {
+        debug!(%client, %error, "PostgreSQL session ended with an error");
+    }
+    dblb.metrics
+        .session(Engine::Postgres.name(), Outcome::Served);
+    request.finish(true);
+}
+
+async fn relay_session(
+    dblb: &Dblb,
+    client: TcpStream,
+    mut server: TcpStream,
+    startup_packet: &[u8],
+    server_address: &Endpoint,
+    stats: &marchproxy_runtime::Stats,
+    peer: SocketAddr,
+) -> io::Result<()> {
+    server.write_all(startup_packet).await?;
+    let (client_read, mut client_write) = client.into_split();
+    let (mut server_read, server_write) = server.into_split();
+    let protocol = Engine::Postgres.name();
+    let upstream = relay::pump(
+        client_read,
+        server_write,
+        Some(QueryCounter::new(Framing::Postgres)),
+        |bytes, queries| {
+            stats.bytes_received(bytes);
+            dblb.metrics.queries(protocol, queries);
+        },
+    );
+    let downstream = async {
+        let _key = relay_startup(
+            dblb,
+            &mut server_read,
+            &mut client_write,
+            server_address,
+            peer,
+        )
+        .await?;
+        relay::pump(server_read, client_write, None, |bytes, _| {
+            stats.bytes_sent(bytes)
+        })
+        .await
+    };
+    let (up, down) = tokio::join!(upstream, downstream);
+    up.and(down)
+}
+
+/// Passes the server's messages up to its first ReadyForQuery, swapping its cancel key for
+/// one of ours; the returned key stays registered until the session ends.
+async fn relay_startup<'a, R, W>(
+    dblb: &'a Dblb,
+    server: &mut R,
+    client: &mut W,
+    server_address: &Endpoint,
+    peer: SocketAddr,
+) -> io::Result<Option<CancelKey<'a>>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut key = None;
+    loop {
+        let mut header = [0u8; 5];
+        match server.read_exact(&mut header).await {
+            Ok(_) => {}
+            // The server closed during startup (after an ErrorResponse, typically).
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(key),
+            Err(e) => return Err(e),
+        }
+        let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+        if !(4..=MAX_STARTUP_MESSAGE).contains(&length) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("server message of {length} bytes during startup"),
+            ));
+        }
+        let mut body = vec![0u8; length as usize - 4];
+        server.read_exact(&mut body).await?;
+        if header[0] == b'K' && body.len() == 8 {
+            let server_pid = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+            let server_secret = u32::from_be_bytes([body[4], body[5], body[6], body[7]]);
+            let (registered, pid, secret) =
+                dblb.cancels
+                    .register(server_address.clone(), server_pid, server_secret);
+            debug!(client = %peer, server_pid, pid, "cancel key issued");
+            body[..4].copy_from_slice(&pid.to_be_bytes());
+            body[4..].copy_from_slice(&secret.to_be_bytes());
+            key = Some(registered);
+        }
+        client.write_all(&header).await?;
+        client.write_all(&body).await?;
+        if header[0] == b'Z' {
+            return Ok(key);
+        }
+    }
+}
+
+/// Sends a client its last message and closes without a reset: the rest of what it sent is
+/// read and dropped first (briefly), since closing with unread bytes makes the kernel answer
+/// with a reset that can reach the client before the message.
+async fn refuse(mut stream: TcpStream, message: &[u8]) {
+    if stream.write_all(message).await.is_err() || stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        let mut left = 64 * 1024;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left -= n.min(left),
+            }
+        }
+    })
+    .await;
+}
+
+/// Answers a client over its rate limit: its startup packet is read, then refused in words.
+pub async fn refuse_rate_limited(accepted: Accepted, retry_after: std::time::Duration) {
+    let mut stream = accepted.stream;
+    let startup =
+        tokio::time::timeout(std::time::Duration::from_secs(5), read_startup(&mut stream)).await;
+    if let Ok(Ok(Startup::Session(_))) = startup {
+        let message = format!(
+            "too many connections from {}: over the rate limit; retry in {} s",
+            accepted.client.ip(),
+            retry_after.as_secs().max(1)
+        );
+        refuse(stream, &error_response("53300", &message)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn startup_packet(params: &[(&str, &str)]) -> Vec<u8> {
+        Parameters {
+            minor_version: 0,
+            params: params
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+        .encode(None)
+    }
+
+    #[tokio::test]
+    async fn startup_packets_are_read_and_bad_ones_refused() {
+        let mut ssl = 8u32.to_be_bytes().to_vec();
+        ssl.extend_from_slice(&SSL_REQUEST.to_be_bytes());
+        let session = startup_packet(&[
+            ("user", "ann"),
+            ("options", "-c default_transaction_read_only=on"),
+        ]);
+        let (mut client, mut server) = tokio::io::duplex(4096);
+        client
+            .write_all(&[ssl.clone(), session].concat())
+            .await
+            .unwrap();
+        let Startup::Session(parameters) = read_startup(&mut server).await.unwrap() else {
+            panic!("a session startup")
+        };
+        assert_eq!(
+            parameters.database(),
+            "ann",
+            "the database defaults to the user"
+        );
+        assert!(parameters.read_only());
+        let mut answer = [0u8; 1];
+        client.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"N", "SSL is declined");
+
+        let renamed = Parameters {
+            minor_version: 0,
+            params: vec![
+                ("user".into(), "ann".into()),
+                ("target_session_attrs".into(), "read-only".into()),
+            ],
+        };
+        let encoded = renamed.encode(Some("app"));
+        let (mut client, mut server) = tokio::io::duplex(4096);
+        client.write_all(&encoded).await.unwrap();
+        let Startup::Session(read_back) = read_startup(&mut server).await.unwrap() else {
+            panic!("a session startup")
+        };
+        assert_eq!(read_back.get("database"), Some("app"));
+        assert_eq!(read_back.get("target_session_attrs"), None);
+
+        for (bad, why) in [
+            (vec![0, 0, 0, 4], "Length"),
+            (vec![0, 0, 0xff, 0xff], "Length"),
+            (
+                [
+                    &12u32.to_be_bytes()[..],
+                    &0x0002_0000u32.to_be_bytes(),
+                    b"x\0x\0",
+                ]
+                .concat(),
+                "Version",
+            ),
+            (
+                [
+                    &12u32.to_be_bytes()[..],
+                    &0x0003_0000u32.to_be_bytes(),
+                    b"user",
+                ]
+                .concat(),
+                "Malformed",
+            ),
+            (startup_packet(&[("database", "x")]), "NoUser"),
+            (
+                [ssl.clone(), ssl.clone(), ssl.clone()].concat(),
+                "Negotiation",
+            ),
+            (vec![0, 0, 0, 9, 0], "Io"),
+            (vec![], "Closed"),
+        ] {
+            let (mut client, mut server) = tokio::io::duplex(4096);
+            client.write_all(&bad).await.unwrap();
+            client.shutdown().await.unwrap();
+            let error = read_startup(&mut server).await.unwrap_err();
+            assert!(
+                format!("{error:?}").starts_with(why),
+                "{error:?} for {bad:?}"
+            );
+        }
+    }
+}

@@ -15,7 +15,7 @@ use std::{
 };
 
 use marchproxy::{
-    names::{Endpoint, ModuleKind},
+    names::{self, Endpoint, ModuleKind},
     pb,
     route::{Flow, RouteSpec},
     time,
@@ -181,11 +181,15 @@ impl Instance {
             .map(|(_, stats)| stats)
     }
 
-    /// Where data connections for `route` go: `metadata["data_address"]`, else the gRPC host
-    /// with the route's `destination_port`.
+    /// Where data connections for `route` go: the module's listener for the route's protocol
+    /// (`metadata["data_address.postgres"]` ...) when it has several, else
+    /// `metadata["data_address"]`, else the gRPC host with the route's `destination_port`.
     pub fn data_address(&self, route: &RouteSpec) -> Option<String> {
-        if let Some(address) = self.metadata.get("data_address").filter(|a| !a.is_empty()) {
-            return Some(address.clone());
+        let by_protocol = format!("data_address.{}", names::protocol_name(route.protocol));
+        for key in [by_protocol.as_str(), "data_address"] {
+            if let Some(address) = self.metadata.get(key).filter(|a| !a.is_empty()) {
+                return Some(address.clone());
+            }
         }
         (route.destination_port != 0)
             .then(|| format!("{}:{}", self.address.host(), route.destination_port))

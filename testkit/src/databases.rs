@@ -232,7 +232,7 @@ impl MariaDb {
     pub async fn start() -> MariaDb {
         require(
             "MariaDB",
-                        "{ command -v mariadbd || test -x /usr/sbin/mariadbd; } && command -v mariadb-install-db && command -v mariadb",
+            "{ command -v mariadbd || test -x /usr/sbin/mariadbd; } && command -v mariadb-install-db && command -v mariadb",
             "sudo apt-get install -y mariadb-server mariadb-client",
         );
         let dir = tempfile::tempdir().expect("a temporary directory");
@@ -273,7 +273,7 @@ impl MariaDb {
     pub async fn resume(&mut self) {
         let data = self.dir.path().join("data");
         // Debian puts the server in /usr/sbin, which is not on every user's PATH.
-        let program = if Path::new("/usr/sbin/mariadbd").exists() {
+        let program = if std::path::Path::new("/usr/sbin/mariadbd").exists() {
             "/usr/sbin/mariadbd"
         } else {
             "mariadbd"

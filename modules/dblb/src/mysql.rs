@@ -69,8 +69,17 @@ pub async fn serve(dblb: Arc<Dblb>, accepted: Accepted) {
                 Refusal::Unavailable(_) => (UNAVAILABLE, "HY000"),
                 Refusal::Full(_) => (TOO_MANY_CONNECTIONS, "08004"),
             };
+            // MySQL's own messages start with a capital ("Too many connections").
+            let message = refusal.to_string();
+            let message = match message.chars().next() {
+                Some(first) => first
+                    .to_uppercase()
+                    .chain(message.chars().skip(1))
+                    .collect(),
+                None => message,
+            };
             let _ = stream
-                .write_all(&err_packet(0, code, sqlstate, &refusal.to_string()))
+                .write_all(&err_packet(0, code, sqlstate, &message))
                 .await;
             return;
         }

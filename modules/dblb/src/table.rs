@@ -7,7 +7,9 @@
 //! listener, so only `*`), `role` (`primary`, the default, or `replica`), `max_connections`
 //! (sessions each of the route's servers takes at once; 0, the default, for no limit),
 //! `backend_database` (PostgreSQL: the name sent to the server, so `app_ro` can be a read-only
-//! alias of `app`) and `pool_mode` (`session`). `source_port` limits a route to one listener.
+//! alias of `app`), `pool_mode` (`session`) and `listener_port` (the DBLB listener the route
+//! serves, such as a read-only port; 0, the default, for all). `source_port` is left to the
+//! NLB, which matches it against its own listeners when it routes to the DBLB.
 
 use std::{
     cmp::Reverse,
@@ -324,10 +326,13 @@ impl Table {
             return Pick::Full;
         }
         let roles: Vec<&str> = tiers.iter().map(|r| r.name()).collect();
+        let serving = match want.engine {
+            Engine::Postgres => format!("database `{}`", want.database),
+            Engine::Mysql => format!("listener port {}", want.listener_port),
+        };
         Pick::Unavailable(format!(
-            "no healthy {} server for database `{}` (route {}): every one is down or could not be dialled",
+            "no healthy {} server for {serving} (route {}): every one is down or could not be dialled",
             roles.join(" or "),
-            want.database,
             first.id
         ))
     }
@@ -366,7 +371,7 @@ fn compile_route(
     let database = meta("database").unwrap_or("*").to_owned();
     if engine == Engine::Mysql && database != "*" {
         return Err(format!(
-            "metadata.database `{database}`: a MySQL client names its database only after the server greets it, so MySQL routes serve a whole listener; use `*` and source_port for the listener"
+            "metadata.database `{database}`: a MySQL client names its database only after the server greets it, so MySQL routes serve a whole listener; use `*` and metadata.listener_port for the listener"
         ));
     }
     let role = match meta("role").unwrap_or("primary") {
@@ -394,6 +399,12 @@ fn compile_route(
         }
         other => return Err(format!("metadata.pool_mode `{other}` must be session")),
     }
+    let port: u16 = match meta("listener_port") {
+        Some(text) => text.parse().map_err(|_| {
+            format!("metadata.listener_port `{text}` must be a port number (0 for every listener)")
+        })?,
+        None => 0,
+    };
     let backend_database = meta("backend_database").map(str::to_owned);
     if backend_database.is_some() && engine == Engine::Mysql {
         return Err("metadata.backend_database applies to PostgreSQL routes only".into());
@@ -421,7 +432,7 @@ fn compile_route(
         id: spec.id.clone(),
         engine,
         database,
-        port: spec.source_port,
+        port,
         priority: spec.priority,
         role,
         backend_database,

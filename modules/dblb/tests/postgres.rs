@@ -112,26 +112,24 @@ async fn routes_by_database_and_read_only_passes_auth_and_cancels_through_the_nl
     );
     let config = [
         module(""),
-        route("app", "postgres", &a, 0, &[("database", "app")]),
+        route("app", "postgres", &a, &[("database", "app")]),
         route(
             "app-replica",
             "postgres",
             &b,
-            0,
             &[("database", "app"), ("role", "replica")],
         ),
         route(
             "app-ro",
             "postgres",
             &b,
-            0,
             &[
                 ("database", "app_ro"),
                 ("role", "replica"),
                 ("backend_database", "app"),
             ],
         ),
-        route("audit", "postgres", &b, 0, &[("database", "audit")]),
+        route("audit", "postgres", &b, &[("database", "audit")]),
     ]
     .concat();
 
@@ -361,8 +359,8 @@ async fn dead_servers_go_out_and_back_full_servers_queue_and_bad_startups_are_re
     );
     let config = [
         module("queue_timeout_ms = 1500"),
-        route("main", "postgres", &a, 0, &[("max_connections", "1")]),
-        route("main-replica", "postgres", &b, 0, &[("role", "replica")]),
+        route("main", "postgres", &a, &[("max_connections", "1")]),
+        route("main-replica", "postgres", &b, &[("role", "replica")]),
     ]
     .concat();
     let dir = tempfile::tempdir().unwrap();

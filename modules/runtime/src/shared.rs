@@ -247,12 +247,12 @@ impl Shared {
         if let Some((_, first)) = self.data_addresses.first() {
             metadata.insert("data_address".to_owned(), first.clone());
         }
+        // The NLB sends each protocol to the first listener named for it.
         for (protocol, address) in &self.data_addresses {
             if let Some(protocol) = protocol {
-                metadata.insert(
-                    format!("data_address.{}", names::protocol_name(*protocol)),
-                    address.clone(),
-                );
+                metadata
+                    .entry(format!("data_address.{}", names::protocol_name(*protocol)))
+                    .or_insert_with(|| address.clone());
             }
         }
         pb::ModuleInstance {

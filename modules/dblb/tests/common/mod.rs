@@ -33,15 +33,9 @@ pub struct Dblb {
 }
 
 /// A `[[routes]]` entry: `servers` as destination_pattern, `metadata` as pairs.
-pub fn route(
-    id: &str,
-    protocol: &str,
-    servers: &str,
-    port: u16,
-    metadata: &[(&str, &str)],
-) -> String {
+pub fn route(id: &str, protocol: &str, servers: &str, metadata: &[(&str, &str)]) -> String {
     let mut toml = format!(
-        "[[routes]]\nroute_id = \"{id}\"\nprotocol = \"{protocol}\"\ndestination_pattern = \"{servers}\"\nsource_port = {port}\n"
+        "[[routes]]\nroute_id = \"{id}\"\nprotocol = \"{protocol}\"\ndestination_pattern = \"{servers}\"\n"
     );
     if !metadata.is_empty() {
         toml.push_str("[routes.metadata]\n");

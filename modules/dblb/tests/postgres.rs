@@ -2,7 +2,7 @@
 //! routing by database and by read-only requests, authentication passed through, cancel
 //! requests reaching the right server, a server that dies taken out and brought back,
 //! connection limits that queue then refuse in PostgreSQL's words, malformed startup packets,
-//! and the same sessions through the NLB.
+//! client rate limits, and the same sessions through the NLB.
 
 mod common;
 
@@ -493,4 +493,22 @@ async fn dead_servers_go_out_and_back_full_servers_queue_and_bad_startups_are_re
             == 5.0
     })
     .await;
+
+    // Over a client rate limit: refused in PostgreSQL's words.
+    dblb.limit_clients(1).await;
+    assert_eq!(
+        psql(&replica, pg, "postgres", "SELECT 1", &[])
+            .await
+            .unwrap(),
+        "1"
+    );
+    let limited = psql(&replica, pg, "postgres", "SELECT 1", &[])
+        .await
+        .unwrap_err();
+    assert!(limited.contains("over the rate limit"), "{limited}");
+    assert_eq!(
+        dblb.metric("dblb_sessions_total", "outcome=\"rate_limited\"")
+            .await,
+        1.0
+    );
 }

@@ -97,6 +97,32 @@ impl Dblb {
         }
     }
 
+    /// Limits all clients together to `per_minute` connections (no burst beyond it), over
+    /// the module's gRPC SetRateLimit.
+    pub async fn limit_clients(&self, per_minute: i64) {
+        let mut client = marchproxy::pb::module_service_client::ModuleServiceClient::connect(
+            format!("http://{}", self.grpc),
+        )
+        .await
+        .unwrap();
+        let answer = client
+            .set_rate_limit(marchproxy::pb::SetRateLimitRequest {
+                instance_id: String::new(),
+                limit: Some(marchproxy::pb::RateLimit {
+                    limit_id: "clients".into(),
+                    target: "*".into(),
+                    requests_per_minute: per_minute,
+                    burst_size: per_minute,
+                    enabled: true,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(answer.success, "{}", answer.message);
+    }
+
     /// A metric's value (0 when the series does not exist yet).
     pub async fn metric(&self, name: &str, labels: &str) -> f64 {
         let (_, page) = http_get(self.admin, "/metrics").await;

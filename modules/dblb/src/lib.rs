@@ -7,6 +7,7 @@
 //! - [`table`]: routes, servers, their health and open sessions, and the choice of a server;
 //! - [`postgres`], [`mysql`]: each protocol's session, from the first bytes to the relay;
 //! - [`relay`]: copying a session both ways while counting its queries;
+//! - [`pool`], [`transaction`]: transaction pooling for PostgreSQL;
 //! - [`health`]: protocol health checks;
 //! - [`config`], [`metrics`]: settings and `dblb_*` metrics.
 //!
@@ -17,9 +18,11 @@ pub mod config;
 pub mod health;
 pub mod metrics;
 pub mod mysql;
+pub mod pool;
 pub mod postgres;
 pub mod relay;
 pub mod table;
+pub mod transaction;
 
 use std::{
     sync::{
@@ -37,6 +40,7 @@ use tokio::{net::TcpStream, sync::Notify};
 use crate::{
     config::{Cli, Settings},
     metrics::{Metrics, Outcome},
+    pool::Pools,
     postgres::Cancels,
     table::{Backend, Engine, Pick, Table, Want},
 };
@@ -74,6 +78,7 @@ pub struct Dblb {
     freed: Arc<Notify>,
     waiting: AtomicUsize,
     pub cancels: Cancels,
+    pub pools: Pools,
     pub metrics: Arc<Metrics>,
 }
 
@@ -95,6 +100,7 @@ impl Dblb {
             freed: Arc::new(Notify::new()),
             waiting: AtomicUsize::new(0),
             cancels: Cancels::default(),
+            pools: Pools::default(),
             metrics,
         })
     }
@@ -105,6 +111,11 @@ impl Dblb {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Woken whenever a server slot may have come free.
+    pub fn freed(&self) -> &Arc<Notify> {
+        &self.freed
     }
 
     pub fn table(&self) -> Arc<Table> {
@@ -157,7 +168,11 @@ impl Dblb {
                         }
                     }
                 }
-                Pick::Full => {
+                Pick::Full(routes) => {
+                    // Idle pooled connections give way to a login.
+                    if self.pools.make_room(&routes) {
+                        continue;
+                    }
                     if queued.is_none() {
                         if self.waiting.fetch_add(1, Ordering::AcqRel) >= settings.max_waiting {
                             self.waiting.fetch_sub(1, Ordering::AcqRel);

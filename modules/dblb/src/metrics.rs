@@ -1,6 +1,6 @@
 //! What an operator graphs for the DBLB: sessions by outcome, sessions open per route and
 //! server, queries, time spent waiting for a free server and clients waiting now, backend
-//! health and connect failures, and cancel requests. Served on the admin `/metrics` beside the
+//! health and connect failures, cancel requests, and pooled connections. Served on the admin `/metrics` beside the
 //! runtime's `marchproxy_module_*` figures (connections, bytes, rate-limited clients).
 
 use prometheus::{
@@ -16,6 +16,8 @@ pub struct Metrics {
     backend_sessions: IntGaugeVec,
     connect_failures: IntCounterVec,
     cancels: IntCounterVec,
+    pool_idle: IntGaugeVec,
+    checkouts: IntCounterVec,
 }
 
 /// Why a session ended before or after reaching a server (`dblb_sessions_total{outcome}`).
@@ -106,8 +108,18 @@ impl Metrics {
             ),
             cancels: counters(
                 "dblb_cancel_requests_total",
-                "PostgreSQL cancel requests by outcome (forwarded, unknown, failed)",
+                "PostgreSQL cancel requests by outcome (forwarded, idle, unknown, failed)",
                 &["outcome"],
+            ),
+            pool_idle: gauges(
+                "dblb_pool_idle_connections",
+                "Pooled server connections idle now (transaction pooling), per route",
+                &["route"],
+            ),
+            checkouts: counters(
+                "dblb_pool_checkouts_total",
+                "Transactions given a pooled server connection, per route",
+                &["route"],
             ),
         }
     }
@@ -152,6 +164,14 @@ impl Metrics {
         self.cancels.with_label_values(&[outcome]).inc();
     }
 
+    pub fn pool_idle(&self, route: &str) -> IntGauge {
+        self.pool_idle.with_label_values(&[route])
+    }
+
+    pub fn checkout(&self, route: &str) {
+        self.checkouts.with_label_values(&[route]).inc();
+    }
+
     pub fn register(&self, registry: &Registry) -> Result<(), prometheus::Error> {
         registry.register(Box::new(self.sessions.clone()))?;
         registry.register(Box::new(self.queries.clone()))?;
@@ -161,6 +181,8 @@ impl Metrics {
         registry.register(Box::new(self.backend_sessions.clone()))?;
         registry.register(Box::new(self.connect_failures.clone()))?;
         registry.register(Box::new(self.cancels.clone()))?;
+        registry.register(Box::new(self.pool_idle.clone()))?;
+        registry.register(Box::new(self.checkouts.clone()))?;
         Ok(())
     }
 }

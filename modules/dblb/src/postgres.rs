@@ -6,8 +6,9 @@
 //! to another server address) reaches the server that owns the session. From the first
 //! `ReadyForQuery` on, bytes are copied both ways.
 
-use std::{io, net::SocketAddr, sync::Arc};
+use std::{io, sync::Arc};
 
+use bytes::BytesMut;
 use dashmap::DashMap;
 use marchproxy::names::Endpoint;
 use marchproxy_runtime::tcp::Accepted;
@@ -21,8 +22,10 @@ use tracing::{debug, info};
 use crate::{
     Dblb, Refusal,
     metrics::Outcome,
+    pool::PoolKey,
     relay::{self, Framing, QueryCounter},
-    table::{Engine, Want},
+    table::{Engine, PoolMode, Want},
+    transaction,
 };
 
 const PROTOCOL_3: u16 = 3;
@@ -248,53 +251,65 @@ fn cancel_request(pid: u32, secret: u32) -> [u8; 16] {
     packet
 }
 
-/// The server-side session a client's cancel key stands for.
-struct CancelTarget {
+/// A client's cancel key: its secret and the server session it cancels now (none while a
+/// pooled client is between transactions).
+struct CancelEntry {
     secret: u32,
-    server: Endpoint,
-    server_pid: u32,
-    server_secret: u32,
+    target: Option<(Endpoint, u32, u32)>,
 }
 
 /// Cancel keys handed to clients, each naming the server session it cancels.
 #[derive(Default)]
 pub struct Cancels {
-    keys: DashMap<u32, CancelTarget>,
+    keys: DashMap<u32, CancelEntry>,
 }
 
-/// A cancel key registered while its session lives.
-pub struct CancelKey<'a> {
+/// A cancel key issued to a client, registered while it lives.
+pub struct ClientKey<'a> {
     cancels: &'a Cancels,
     pid: u32,
+    secret: u32,
 }
 
-impl Drop for CancelKey<'_> {
+impl ClientKey<'_> {
+    /// From now on, a cancel with this key reaches `server`'s session (`pid`, `secret`).
+    pub fn point(&self, server: &Endpoint, key: Option<(u32, u32)>) {
+        if let Some(mut entry) = self.cancels.keys.get_mut(&self.pid) {
+            entry.target = key.map(|(pid, secret)| (server.clone(), pid, secret));
+        }
+    }
+
+    pub fn clear(&self) {
+        if let Some(mut entry) = self.cancels.keys.get_mut(&self.pid) {
+            entry.target = None;
+        }
+    }
+}
+
+impl Drop for ClientKey<'_> {
     fn drop(&mut self) {
         self.cancels.keys.remove(&self.pid);
     }
 }
 
 impl Cancels {
-    /// A fresh key for the client, standing for `server`'s (`server_pid`, `server_secret`).
-    fn register(
-        &self,
-        server: Endpoint,
-        server_pid: u32,
-        server_secret: u32,
-    ) -> (CancelKey<'_>, u32, u32) {
+    /// A fresh key for a client, pointing nowhere yet.
+    pub fn issue(&self) -> ClientKey<'_> {
         let mut rng = rand::rng();
         let secret = rng.random::<u32>();
         loop {
             // Positive like a real backend pid, which some clients assume.
             let pid = rng.random_range(1..=i32::MAX as u32);
             if let dashmap::Entry::Vacant(slot) = self.keys.entry(pid) {
-                slot.insert(CancelTarget {
+                slot.insert(CancelEntry {
                     secret,
-                    server: server.clone(),
-                    server_pid,
-                    server_secret,
+                    target: None,
                 });
-                return (CancelKey { cancels: self, pid }, pid, secret);
+                return ClientKey {
+                    cancels: self,
+                    pid,
+                    secret,
+                };
             }
         }
     }
@@ -303,14 +318,13 @@ impl Cancels {
     /// for metrics. A wrong secret is treated as unknown, so keys cannot be probed.
     async fn forward(&self, pid: u32, secret: u32, timeout: std::time::Duration) -> &'static str {
         let target = match self.keys.get(&pid) {
-            Some(target) if target.secret == secret => (
-                target.server.clone(),
-                target.server_pid,
-                target.server_secret,
-            ),
+            Some(entry) if entry.secret == secret => entry.target.clone(),
             _ => return "unknown",
         };
-        let (server, server_pid, server_secret) = target;
+        // A pooled client between transactions has nothing running to cancel.
+        let Some((server, server_pid, server_secret)) = target else {
+            return "idle";
+        };
         let sent = tokio::time::timeout(timeout, async {
             let mut stream = TcpStream::connect((server.host(), server.port())).await?;
             stream
@@ -386,7 +400,7 @@ pub async fn serve(dblb: Arc<Dblb>, accepted: Accepted) {
         read_only: parameters.read_only(),
         tried: &[],
     };
-    let (lease, server) = match dblb.open(want).await {
+    let (lease, mut server) = match dblb.open(want).await {
         Ok(opened) => opened,
         Err(refusal) => {
             info!(%client, database = parameters.database(), %refusal, "PostgreSQL session refused");
@@ -401,19 +415,42 @@ pub async fn serve(dblb: Arc<Dblb>, accepted: Accepted) {
             return;
         }
     };
-    debug!(%client, database = parameters.database(), backend = %lease.backend.address, route = %lease.route_id, "PostgreSQL session");
-    let startup_packet = parameters.encode(lease.backend_database.as_deref());
-    let served = relay_session(
-        &dblb,
-        stream,
-        server,
-        &startup_packet,
-        &lease.backend.address,
-        &stats,
-        client,
-    )
-    .await;
-    if let Err(error) = served {
+    debug!(%client, database = parameters.database(), backend = %lease.backend.address, route = %lease.route_id, mode = ?lease.pool_mode, "PostgreSQL session");
+    let key = dblb.cancels.issue();
+    let database = lease
+        .backend_database
+        .clone()
+        .unwrap_or_else(|| parameters.database().to_owned());
+    let served = async {
+        server
+            .write_all(&parameters.encode(lease.backend_database.as_deref()))
+            .await?;
+        let Some(LoggedIn { server_key }) =
+            login(&mut stream, &mut server, &lease.backend.address, &key).await?
+        else {
+            // The server refused the login; its error has reached the client.
+            return Ok(());
+        };
+        match lease.pool_mode {
+            PoolMode::Session => relay_session(&dblb, stream, server, &stats).await,
+            PoolMode::Transaction => {
+                let pool = dblb.pools.pool(
+                    PoolKey {
+                        server: lease.backend.address.to_string(),
+                        user: parameters.get("user").unwrap_or_default().to_owned(),
+                        database,
+                        options: parameters.get("options").unwrap_or_default().to_owned(),
+                    },
+                    &lease.route_id,
+                    dblb.freed(),
+                    || dblb.metrics.pool_idle(&lease.route_id),
+                );
+                let conn = pool.adopt(server, lease, server_key);
+                transaction::serve(&dblb, stream, conn, &pool, &key, &stats).await
+            }
+        }
+    };
+    if let Err(error) = served.await {
         debug!(%client, %error, "PostgreSQL session ended with an error");
     }
     dblb.metrics
@@ -424,15 +461,11 @@ pub async fn serve(dblb: Arc<Dblb>, accepted: Accepted) {
 async fn relay_session(
     dblb: &Dblb,
     client: TcpStream,
-    mut server: TcpStream,
-    startup_packet: &[u8],
-    server_address: &Endpoint,
+    server: TcpStream,
     stats: &marchproxy_runtime::Stats,
-    peer: SocketAddr,
 ) -> io::Result<()> {
-    server.write_all(startup_packet).await?;
-    let (client_read, mut client_write) = client.into_split();
-    let (mut server_read, server_write) = server.into_split();
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
     let protocol = Engine::Postgres.name();
     let upstream = relay::pump(
         client_read,
@@ -443,70 +476,75 @@ async fn relay_session(
             dblb.metrics.queries(protocol, queries);
         },
     );
-    let downstream = async {
-        let _key = relay_startup(
-            dblb,
-            &mut server_read,
-            &mut client_write,
-            server_address,
-            peer,
-        )
-        .await?;
-        relay::pump(server_read, client_write, None, |bytes, _| {
-            stats.bytes_sent(bytes)
-        })
-        .await
-    };
+    let downstream = relay::pump(server_read, client_write, None, |bytes, _| {
+        stats.bytes_sent(bytes)
+    });
     let (up, down) = tokio::join!(upstream, downstream);
     up.and(down)
 }
 
-/// Passes the server's messages up to its first ReadyForQuery, swapping its cancel key for
-/// one of ours; the returned key stays registered until the session ends.
-async fn relay_startup<'a, R, W>(
-    dblb: &'a Dblb,
-    server: &mut R,
-    client: &mut W,
+/// A server connection past its login.
+struct LoggedIn {
+    /// The server's cancel key for the connection.
+    server_key: Option<(u32, u32)>,
+}
+
+/// Relays a login: the client's authentication messages to the server and the server's
+/// answers back, up to the server's first ReadyForQuery. The server's cancel key is swapped
+/// for `key`, which then points at it. Returns None when the server ended the login (its
+/// error has reached the client).
+async fn login(
+    client: &mut TcpStream,
+    server: &mut TcpStream,
     server_address: &Endpoint,
-    peer: SocketAddr,
-) -> io::Result<Option<CancelKey<'a>>>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut key = None;
+    key: &ClientKey<'_>,
+) -> io::Result<Option<LoggedIn>> {
+    let (mut from_client, mut from_server) =
+        (BytesMut::with_capacity(1024), BytesMut::with_capacity(4096));
+    let mut server_key = None;
     loop {
-        let mut header = [0u8; 5];
-        match server.read_exact(&mut header).await {
-            Ok(_) => {}
-            // The server closed during startup (after an ErrorResponse, typically).
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(key),
-            Err(e) => return Err(e),
-        }
-        let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
-        if !(4..=MAX_STARTUP_MESSAGE).contains(&length) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("server message of {length} bytes during startup"),
-            ));
-        }
-        let mut body = vec![0u8; length as usize - 4];
-        server.read_exact(&mut body).await?;
-        if header[0] == b'K' && body.len() == 8 {
-            let server_pid = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-            let server_secret = u32::from_be_bytes([body[4], body[5], body[6], body[7]]);
-            let (registered, pid, secret) =
-                dblb.cancels
-                    .register(server_address.clone(), server_pid, server_secret);
-            debug!(client = %peer, server_pid, pid, "cancel key issued");
-            body[..4].copy_from_slice(&pid.to_be_bytes());
-            body[4..].copy_from_slice(&secret.to_be_bytes());
-            key = Some(registered);
-        }
-        client.write_all(&header).await?;
-        client.write_all(&body).await?;
-        if header[0] == b'Z' {
-            return Ok(key);
+        tokio::select! {
+            read = client.read_buf(&mut from_client) => {
+                if read? == 0 {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the client left during login"));
+                }
+                                // Authentication answers go on as they are; a client sends nothing else
+                // before ReadyForQuery.
+                server.write_all(&from_client).await?;
+                from_client.clear();
+            }
+            read = server.read_buf(&mut from_server) => {
+                if read? == 0 {
+                    return Ok(None);
+                }
+                while from_server.len() >= 5 {
+                    let length = u32::from_be_bytes([from_server[1], from_server[2], from_server[3], from_server[4]]);
+                    if !(4..=MAX_STARTUP_MESSAGE).contains(&length) {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("server message of {length} bytes during login"),
+                        ));
+                    }
+                    let size = length as usize + 1;
+                    if from_server.len() < size {
+                        break;
+                    }
+                    let mut message = from_server.split_to(size);
+                    if message[0] == b'K' && size == 13 {
+                        let pid = u32::from_be_bytes([message[5], message[6], message[7], message[8]]);
+                        let secret = u32::from_be_bytes([message[9], message[10], message[11], message[12]]);
+                        server_key = Some((pid, secret));
+                        key.point(server_address, server_key);
+                        message[5..9].copy_from_slice(&key.pid.to_be_bytes());
+                        message[9..13].copy_from_slice(&key.secret.to_be_bytes());
+                    }
+                    client.write_all(&message).await?;
+                    if message[0] == b'Z' {
+                                                client.write_all(&from_server).await?;
+                        return Ok(Some(LoggedIn { server_key }));
+                    }
+                }
+            }
         }
     }
 }

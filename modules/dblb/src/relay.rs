@@ -16,32 +16,51 @@ pub enum Framing {
     Mysql,
 }
 
-/// Counts query messages in a stream fed chunk by chunk.
-pub struct QueryCounter {
+/// Finds message boundaries in a stream fed chunk by chunk, without buffering it.
+pub struct Framer {
     framing: Framing,
     header: [u8; 5],
     have: usize,
     /// Bytes of the current message body still to pass.
     skip: u64,
-    /// A framing error: counting stops (the server will reject the stream itself).
+    /// The header is complete and the body's first byte is awaited.
+    first_pending: bool,
+    /// A framing error: the stream is no longer followed (the peer will reject it).
     lost: bool,
 }
 
-impl QueryCounter {
+impl Framer {
     pub fn new(framing: Framing) -> Self {
-        QueryCounter {
+        Framer {
             framing,
             header: [0; 5],
             have: 0,
             skip: 0,
+            first_pending: false,
             lost: false,
         }
     }
 
-    /// Feeds the next bytes; returns how many queries started in them.
-    pub fn feed(&mut self, mut bytes: &[u8]) -> u64 {
-        let mut queries = 0;
+    fn header_len(&self) -> usize {
+        match self.framing {
+            Framing::Postgres => 5,
+            Framing::Mysql => 4,
+        }
+    }
+
+    /// Feeds the next bytes; `on_message(kind, first)` sees each message once its first body
+    /// byte is known (None for an empty body): `kind` is PostgreSQL's type byte, or MySQL's
+    /// sequence number (then `first` is the command of a sequence-0 packet).
+    pub fn feed(&mut self, mut bytes: &[u8], mut on_message: impl FnMut(u8, Option<u8>)) {
         while !bytes.is_empty() && !self.lost {
+            if self.first_pending {
+                let first = bytes[0];
+                self.first_pending = false;
+                self.skip -= 1;
+                bytes = &bytes[1..];
+                on_message(self.kind(), Some(first));
+                continue;
+            }
             if self.skip > 0 {
                 let n = self.skip.min(bytes.len() as u64);
                 self.skip -= n;
@@ -51,8 +70,12 @@ impl QueryCounter {
             self.header[self.have] = bytes[0];
             self.have += 1;
             bytes = &bytes[1..];
-            match self.framing {
-                Framing::Postgres if self.have == 5 => {
+            if self.have < self.header_len() {
+                continue;
+            }
+            self.have = 0;
+            let body = match self.framing {
+                Framing::Postgres => {
                     let length = u32::from_be_bytes([
                         self.header[1],
                         self.header[2],
@@ -61,29 +84,57 @@ impl QueryCounter {
                     ]);
                     if length < 4 {
                         self.lost = true;
+                        return;
                     }
-                    queries += u64::from(matches!(self.header[0], b'Q' | b'E'));
-                    self.skip = u64::from(length.saturating_sub(4));
-                    self.have = 0;
+                    u64::from(length - 4)
                 }
-                Framing::Mysql if self.have == 4 => {
-                    let length =
-                        u32::from_le_bytes([self.header[0], self.header[1], self.header[2], 0]);
-                    if length == 0 {
-                        self.have = 0;
-                    }
-                }
-                Framing::Mysql if self.have == 5 => {
-                    let length =
-                        u32::from_le_bytes([self.header[0], self.header[1], self.header[2], 0]);
-                    let sequence = self.header[3];
-                    queries += u64::from(sequence == 0 && matches!(self.header[4], 0x03 | 0x17));
-                    self.skip = u64::from(length - 1);
-                    self.have = 0;
-                }
-                _ => {}
+                Framing::Mysql => u64::from(u32::from_le_bytes([
+                    self.header[0],
+                    self.header[1],
+                    self.header[2],
+                    0,
+                ])),
+            };
+            if body == 0 {
+                on_message(self.kind(), None);
+            } else {
+                self.skip = body;
+                self.first_pending = true;
             }
         }
+    }
+
+    fn kind(&self) -> u8 {
+        match self.framing {
+            Framing::Postgres => self.header[0],
+            Framing::Mysql => self.header[3],
+        }
+    }
+
+    /// Whether the bytes fed so far end exactly at a message boundary.
+    pub fn at_boundary(&self) -> bool {
+        self.have == 0 && self.skip == 0 && !self.first_pending
+    }
+}
+
+/// Counts query messages in a client's stream.
+pub struct QueryCounter(Framer);
+
+impl QueryCounter {
+    pub fn new(framing: Framing) -> Self {
+        QueryCounter(Framer::new(framing))
+    }
+
+    /// Feeds the next bytes; returns how many queries started in them.
+    pub fn feed(&mut self, bytes: &[u8]) -> u64 {
+        let framing = self.0.framing;
+        let mut queries = 0;
+        self.0.feed(bytes, |kind, first| {
+            queries += u64::from(match framing {
+                Framing::Postgres => matches!(kind, b'Q' | b'E'),
+                Framing::Mysql => kind == 0 && matches!(first, Some(0x03 | 0x17)),
+            });
+        });
         queries
     }
 }

@@ -52,6 +52,16 @@ impl Engine {
     }
 }
 
+/// How a route's server connections are shared (PostgreSQL).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolMode {
+    /// A client keeps one server connection for its whole session.
+    Session,
+    /// A client holds a server connection only during a transaction; between transactions the
+    /// connection serves other clients of the same user, database and options.
+    Transaction,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
     Primary,
@@ -167,6 +177,7 @@ struct Route {
     priority: i32,
     role: Role,
     backend_database: Option<String>,
+    pool_mode: PoolMode,
     members: Vec<Member>,
 }
 
@@ -194,6 +205,7 @@ pub struct Lease {
     pub route_id: String,
     /// The database name to send to the server, when the route renames it.
     pub backend_database: Option<String>,
+    pub pool_mode: PoolMode,
     active: Arc<AtomicUsize>,
     gauge: IntGauge,
     freed: Arc<Notify>,
@@ -220,8 +232,9 @@ pub struct Want<'a> {
 /// The answer to a [`Want`].
 pub enum Pick {
     Got(Lease),
-    /// Healthy servers exist but every one is at its `max_connections`: wait.
-    Full,
+    /// Healthy servers exist but every one is at its `max_connections`: wait (or close idle
+    /// pooled connections of these routes).
+    Full(Vec<String>),
     /// No server can take it; says why.
     Unavailable(String),
     NoRoute,
@@ -285,7 +298,7 @@ impl Table {
         } else {
             &[Role::Replica]
         };
-        let mut full = false;
+        let mut full = Vec::new();
         for &role in tiers {
             let mut candidates: Vec<(&Route, &Member)> = group
                 .iter()
@@ -298,32 +311,34 @@ impl Table {
             if candidates.is_empty() {
                 continue;
             }
-            candidates.retain(|(_, m)| m.has_room());
-            if candidates.is_empty() {
-                full = true;
+            if !candidates.iter().any(|(_, m)| m.has_room()) {
+                full.extend(candidates.iter().map(|(r, _)| r.id.clone()));
                 continue;
             }
+            candidates.retain(|(_, m)| m.has_room());
             // Random order first, so equal loads share the sessions.
             let offset = rand::rng().random_range(0..candidates.len());
             candidates.rotate_left(offset);
             candidates.sort_by_key(|(_, m)| m.load());
-            for (route, member) in candidates {
+            for &(route, member) in &candidates {
                 if member.try_take() {
                     member.gauge.inc();
                     return Pick::Got(Lease {
                         backend: Arc::clone(&member.backend),
                         route_id: route.id.clone(),
                         backend_database: route.backend_database.clone(),
+                        pool_mode: route.pool_mode,
                         active: Arc::clone(&member.active),
                         gauge: member.gauge.clone(),
                         freed: Arc::clone(freed),
                     });
                 }
             }
-            full = true;
+            full.extend(candidates.iter().map(|(r, _)| r.id.clone()));
         }
-        if full {
-            return Pick::Full;
+        if !full.is_empty() {
+            full.dedup();
+            return Pick::Full(full);
         }
         let roles: Vec<&str> = tiers.iter().map(|r| r.name()).collect();
         let serving = match want.engine {
@@ -389,16 +404,20 @@ fn compile_route(
         })?,
         None => 0,
     };
-    match meta("pool_mode").unwrap_or("session") {
-        "session" => {}
+    let pool_mode = match meta("pool_mode").unwrap_or("session") {
+        "session" => PoolMode::Session,
+        "transaction" if engine == Engine::Postgres => PoolMode::Transaction,
         "transaction" => {
             return Err(
-                "metadata.pool_mode `transaction` is not available yet; use session (a client keeps its server connection for its whole session)"
-                    .into(),
+                "metadata.pool_mode `transaction` applies to PostgreSQL routes only".into(),
             );
         }
-        other => return Err(format!("metadata.pool_mode `{other}` must be session")),
-    }
+        other => {
+            return Err(format!(
+                "metadata.pool_mode `{other}` must be session or transaction"
+            ));
+        }
+    };
     let port: u16 = match meta("listener_port") {
         Some(text) => text.parse().map_err(|_| {
             format!("metadata.listener_port `{text}` must be a port number (0 for every listener)")
@@ -436,6 +455,7 @@ fn compile_route(
         priority: spec.priority,
         role,
         backend_database,
+        pool_mode,
         members: route_members,
     })
 }
@@ -525,7 +545,7 @@ mod tests {
         let lease = picked(&table, &want("app", false), &freed);
         assert_eq!(lease.backend.address.to_string(), "10.0.0.1:5432");
         assert!(
-            matches!(table.pick(&want("app", false), &freed), Pick::Full),
+            matches!(table.pick(&want("app", false), &freed), Pick::Full(_)),
             "max_connections 1"
         );
         let reader = picked(&table, &want("app", true), &freed);
@@ -556,10 +576,10 @@ mod tests {
         let again = Table::compile(&specs, &table, &metrics).unwrap();
         assert!(matches!(
             again.pick(&want("app", false), &freed),
-            Pick::Full
+            Pick::Full(_)
         ));
         assert!(
-            matches!(again.pick(&want("app", true), &freed), Pick::Full),
+            matches!(again.pick(&want("app", true), &freed), Pick::Full(_)),
             "replica still out, primary full"
         );
         drop(held);

@@ -22,13 +22,16 @@ use tokio::{net::TcpStream, sync::Notify};
 
 use crate::table::Lease;
 
-/// Which connections may serve a client: the same server, user, database and options.
+/// Which connections may serve a client: the same server, user and database, and the same
+/// startup settings (`options`, `client_encoding`, `DateStyle` ...; the application name
+/// aside), so no client gets a connection set up for another's encoding or options.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     pub server: String,
     pub user: String,
     pub database: String,
-    pub options: String,
+    /// The other startup parameters, sorted.
+    pub settings: Vec<(String, String)>,
 }
 
 /// A logged-in server connection, holding its server slot (`max_connections`) while it lives.

@@ -80,6 +80,28 @@ impl Parameters {
             .map(|(_, v)| v.as_str())
     }
 
+    /// The parameters that set up a session (all but user, database, the application name
+    /// and ours), sorted: what two clients must share to share a pooled connection.
+    pub fn settings(&self) -> Vec<(String, String)> {
+        let mut settings: Vec<(String, String)> = self
+            .params
+            .iter()
+            .filter(|(key, _)| {
+                !matches!(
+                    key.as_str(),
+                    "user"
+                        | "database"
+                        | "application_name"
+                        | "fallback_application_name"
+                        | "target_session_attrs"
+                )
+            })
+            .cloned()
+            .collect();
+        settings.sort();
+        settings
+    }
+
     /// The database: named, or the user's name as PostgreSQL defaults it.
     pub fn database(&self) -> &str {
         self.get("database")
@@ -439,7 +461,7 @@ pub async fn serve(dblb: Arc<Dblb>, accepted: Accepted) {
                         server: lease.backend.address.to_string(),
                         user: parameters.get("user").unwrap_or_default().to_owned(),
                         database,
-                        options: parameters.get("options").unwrap_or_default().to_owned(),
+                        settings: parameters.settings(),
                     },
                     &lease.route_id,
                     dblb.freed(),

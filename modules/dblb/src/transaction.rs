@@ -31,6 +31,13 @@ use crate::{
 /// PostgreSQL's own bound on a message.
 const MAX_MESSAGE: u32 = 1 << 30;
 
+/// A client message the scan stopped at.
+enum Stop {
+    Terminate,
+    Invalid(u32),
+    NamedStatement,
+}
+
 /// A server connection serving this client's transaction.
 struct Attached {
     conn: ServerConn,
@@ -68,35 +75,36 @@ pub async fn serve(
     // Body bytes of the client's current message still to pass to the server.
     let mut body_left: usize = 0;
     loop {
-        while !pending.is_empty() {
+        // Whole messages (and the body in flight) go to the server in one write; the scan
+        // stops at a message that needs a decision first.
+        let mut ready = 0;
+        let mut stop = None;
+        while ready < pending.len() {
             if body_left > 0 {
-                let Some(server) = attached.as_mut() else {
-                    // A message's header goes out only once a connection is attached, and
-                    // the connection stays until its body has passed.
-                    return Err(io::Error::other("message body without a server connection"));
-                };
-                let n = body_left.min(pending.len());
-                server.conn.stream.write_all(&pending[..n]).await?;
-                stats.bytes_received(n as u64);
-                pending.advance(n);
+                let n = body_left.min(pending.len() - ready);
+                ready += n;
                 body_left -= n;
                 continue;
             }
-            if pending.len() < 5 {
+            let header = &pending[ready..];
+            if header.len() < 5 {
                 break;
             }
-            let kind = pending[0];
-            let length = u32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]]);
+            let kind = header[0];
+            let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
             if !(4..=MAX_MESSAGE).contains(&length) {
-                let message = format!("invalid message length {length}");
-                return refuse(&mut client, attached, pool, "08P01", &message).await;
+                stop = Some(Stop::Invalid(length));
+                break;
             }
             match kind {
-                b'X' => return finish(attached, pool),
-                b'P' if pending.len() < 6 => break,
-                b'P' if length > 4 && pending[5] != 0 => {
-                    let message = "named prepared statements cannot be pooled by transaction: use unnamed statements (e.g. pgbench -M extended) or a route with pool_mode = session";
-                    return refuse(&mut client, attached, pool, "0A000", message).await;
+                b'X' => {
+                    stop = Some(Stop::Terminate);
+                    break;
+                }
+                b'P' if header.len() < 6 => break,
+                b'P' if length > 4 && header[5] != 0 => {
+                    stop = Some(Stop::NamedStatement);
+                    break;
                 }
                 _ => {}
             }
@@ -133,10 +141,30 @@ pub async fn serve(
             if matches!(kind, b'Q' | b'E') {
                 dblb.metrics.queries(protocol, 1);
             }
-            server.conn.stream.write_all(&pending[..5]).await?;
-            stats.bytes_received(5);
-            pending.advance(5);
+            ready += 5;
             body_left = length as usize - 4;
+        }
+        if ready > 0 {
+            let Some(server) = attached.as_mut() else {
+                // Bytes are only marked ready once a connection is attached, and it stays
+                // attached until they have gone.
+                return Err(io::Error::other("client bytes without a server connection"));
+            };
+            server.conn.stream.write_all(&pending[..ready]).await?;
+            stats.bytes_received(ready as u64);
+            pending.advance(ready);
+        }
+        match stop {
+            Some(Stop::Terminate) => return finish(attached, pool),
+            Some(Stop::Invalid(length)) => {
+                let message = format!("invalid message length {length}");
+                return refuse(&mut client, attached, pool, "08P01", &message).await;
+            }
+            Some(Stop::NamedStatement) => {
+                let message = "named prepared statements cannot be pooled by transaction: use unnamed statements (e.g. pgbench -M extended) or a route with pool_mode = session";
+                return refuse(&mut client, attached, pool, "0A000", message).await;
+            }
+            None => {}
         }
         if body_left == 0 && attached.as_ref().is_some_and(Attached::idle) {
             if let Some(server) = attached.take() {

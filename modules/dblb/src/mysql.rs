@@ -23,14 +23,13 @@ const NO_DATABASE: u16 = 1049;
 /// ER_UNKNOWN_ERROR, for servers that are all down.
 const UNAVAILABLE: u16 = 1105;
 
-/// An ERR packet (sequence `sequence`) with an error code, SQL state and message.
-pub fn err_packet(sequence: u8, code: u16, sqlstate: &str, message: &str) -> Vec<u8> {
+/// An ERR packet sent in place of the greeting: an error code and message. No SQL state:
+/// before the handshake no capabilities are agreed, and MySQL itself omits it there.
+pub fn greeting_error(code: u16, message: &str) -> Vec<u8> {
     let mut payload = vec![0xff];
     payload.extend_from_slice(&code.to_le_bytes());
-    payload.push(b'#');
-    payload.extend_from_slice(sqlstate.as_bytes());
     payload.extend_from_slice(message.as_bytes());
-    packet(sequence, &payload)
+    packet(0, &payload)
 }
 
 /// A packet: 3-byte little-endian length, sequence number, payload (under 16 MiB here).
@@ -64,10 +63,10 @@ pub async fn serve(dblb: Arc<Dblb>, accepted: Accepted) {
             info!(%client, listener = %listener.addr, %refusal, "MySQL session refused");
             dblb.metrics
                 .session(Engine::Mysql.name(), refusal.outcome());
-            let (code, sqlstate) = match &refusal {
-                Refusal::NoRoute => (NO_DATABASE, "42000"),
-                Refusal::Unavailable(_) => (UNAVAILABLE, "HY000"),
-                Refusal::Full(_) => (TOO_MANY_CONNECTIONS, "08004"),
+            let code = match &refusal {
+                Refusal::NoRoute => NO_DATABASE,
+                Refusal::Unavailable(_) => UNAVAILABLE,
+                Refusal::Full(_) => TOO_MANY_CONNECTIONS,
             };
             // MySQL's own messages start with a capital ("Too many connections").
             let message = refusal.to_string();
@@ -78,9 +77,7 @@ pub async fn serve(dblb: Arc<Dblb>, accepted: Accepted) {
                     .collect(),
                 None => message,
             };
-            let _ = stream
-                .write_all(&err_packet(0, code, sqlstate, &message))
-                .await;
+            let _ = stream.write_all(&greeting_error(code, &message)).await;
             return;
         }
     };
@@ -119,6 +116,6 @@ pub async fn refuse_rate_limited(accepted: Accepted, retry_after: std::time::Dur
     );
     let mut stream = accepted.stream;
     let _ = stream
-        .write_all(&err_packet(0, TOO_MANY_CONNECTIONS, "08004", &message))
+        .write_all(&greeting_error(TOO_MANY_CONNECTIONS, &message))
         .await;
 }

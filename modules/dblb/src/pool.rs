@@ -1,15 +1,19 @@
 //! Server connections shared between clients at transaction boundaries (transaction pooling
 //! for PostgreSQL). A pool holds the logged-in connections of one server for one user,
-//! database and `options`; a client takes one for each transaction and gives it back when the
-//! server is idle again. Connections are only ever made by a client's own login (the servers
-//! check every client's password; the DBLB holds none), so a pool grows with logins up to the
-//! route's `max_connections`, and a login that finds the servers full closes an idle pooled
-//! connection to make room.
+//! database and set of startup settings; a client takes one for each transaction and gives it
+//! back when the server is idle again.
+//!
+//! Connections are only ever made by a client's own login (the servers check every client's
+//! password; the DBLB holds none), so a pool never needs more connections than it has clients:
+//! a login connection beyond that is closed rather than pooled, a leaving client takes one
+//! idle connection with it, and the last client takes them all. Within a route's
+//! `max_connections`, a login that finds the servers full closes an idle pooled connection
+//! (of a pool that can spare one) to take its place.
 
 use std::{
     collections::VecDeque,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, MutexGuard,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
@@ -47,6 +51,8 @@ pub struct ServerConn {
 impl Drop for ServerConn {
     fn drop(&mut self) {
         self.pool.open.fetch_sub(1, Ordering::AcqRel);
+        // Clients waiting for a connection learn there may be none left.
+        self.pool.released.notify_waiters();
     }
 }
 
@@ -78,33 +84,42 @@ pub struct Pool {
 /// A client counted in its pool while it is connected.
 pub struct PoolClient(Arc<Pool>);
 
+impl std::ops::Deref for PoolClient {
+    type Target = Arc<Pool>;
+
+    fn deref(&self) -> &Arc<Pool> {
+        &self.0
+    }
+}
+
 impl Drop for PoolClient {
     fn drop(&mut self) {
-        self.0.clients.fetch_sub(1, Ordering::AcqRel);
+        let pool = &self.0;
+        pool.clients.fetch_sub(1, Ordering::AcqRel);
+        // Keep no more connections than clients: they could serve nobody else.
+        while pool.spare_one(|open, clients| open > clients) {}
+        pool.logins.notify_waiters();
     }
 }
 
 impl Pool {
-    /// Takes a freshly logged-in connection into the pool's count.
-    pub fn adopt(
-        self: &Arc<Self>,
-        stream: TcpStream,
-        lease: Lease,
-        key: Option<(u32, u32)>,
-    ) -> ServerConn {
+    /// Takes a client's freshly logged-in connection: into the pool, or closed when the pool
+    /// already has a connection for each of its clients.
+    pub fn adopt(self: &Arc<Self>, stream: TcpStream, lease: Lease, key: Option<(u32, u32)>) {
         self.open.fetch_add(1, Ordering::AcqRel);
-        ServerConn {
+        let conn = ServerConn {
             stream,
             address: lease.backend.address.clone(),
             key,
             _lease: lease,
             pool: Arc::clone(self),
+        };
+        if self.open.load(Ordering::Acquire) > self.clients.load(Ordering::Acquire) {
+            drop(conn);
+            self.logins.notify_waiters();
+        } else {
+            self.release(conn);
         }
-    }
-
-    pub fn client(self: &Arc<Self>) -> PoolClient {
-        self.clients.fetch_add(1, Ordering::AcqRel);
-        PoolClient(Arc::clone(self))
     }
 
     /// Gives back a connection whose server is idle (ReadyForQuery `I`, nothing pending).
@@ -148,23 +163,25 @@ impl Pool {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<ServerConn>> {
+    fn lock(&self) -> MutexGuard<'_, VecDeque<ServerConn>> {
         // The queue is only pushed and popped under the lock; a panic cannot tear it.
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Closes one idle connection if this pool can spare it: any when no client uses the
-    /// pool, else only while another connection remains for its clients.
-    fn spare_one(&self) -> bool {
-        let spare =
-            self.clients.load(Ordering::Acquire) == 0 || self.open.load(Ordering::Acquire) > 1;
-        if !spare {
+    /// Closes one idle connection when `spare(open, clients)` says the pool can do without
+    /// it. Decided and done under the idle lock, so two callers never both take the last one.
+    fn spare_one(&self, spare: impl Fn(usize, usize) -> bool) -> bool {
+        let mut idle = self.lock();
+        if !spare(
+            self.open.load(Ordering::Acquire),
+            self.clients.load(Ordering::Acquire),
+        ) {
             return false;
         }
-        let closed = self.lock().pop_front();
-        match closed {
+        match idle.pop_front() {
             Some(conn) => {
                 self.idle_gauge.dec();
+                // Dropped under the lock, so `open` is current for the next caller.
                 drop(conn);
                 true
             }
@@ -180,47 +197,43 @@ pub struct Pools {
 }
 
 impl Pools {
-    pub fn pool(
+    /// Counts a logged-in client in the pool for `key` (made on first use). The count is taken
+    /// under the map's entry lock, so [`Pools::make_room`] never forgets a pool being joined.
+    pub fn join(
         &self,
         key: PoolKey,
         route_id: &str,
         logins: &Arc<Notify>,
         idle_gauge: impl FnOnce() -> IntGauge,
-    ) -> Arc<Pool> {
-        Arc::clone(
-            self.pools
-                .entry(key)
-                .or_insert_with(|| {
-                    Arc::new(Pool {
-                        route_id: route_id.to_owned(),
-                        idle: Mutex::new(VecDeque::new()),
-                        open: AtomicUsize::new(0),
-                        clients: AtomicUsize::new(0),
-                        released: Notify::new(),
-                        logins: Arc::clone(logins),
-                        idle_gauge: idle_gauge(),
-                    })
-                })
-                .value(),
-        )
+    ) -> PoolClient {
+        let entry = self.pools.entry(key).or_insert_with(|| {
+            Arc::new(Pool {
+                route_id: route_id.to_owned(),
+                idle: Mutex::new(VecDeque::new()),
+                open: AtomicUsize::new(0),
+                clients: AtomicUsize::new(0),
+                released: Notify::new(),
+                logins: Arc::clone(logins),
+                idle_gauge: idle_gauge(),
+            })
+        });
+        entry.clients.fetch_add(1, Ordering::AcqRel);
+        PoolClient(Arc::clone(entry.value()))
     }
 
-    /// Closes one idle connection of `routes` so a login can take its slot: from a pool no
-    /// client uses first, then from one that keeps another connection. Pools left with no
-    /// connection and no client are forgotten.
+    /// Closes one idle connection of `routes` so a login can take its slot, from a pool that
+    /// keeps another connection for its clients. Pools with no client left are forgotten.
     pub fn make_room(&self, routes: &[String]) -> bool {
-        self.pools.retain(|_, pool| {
-            pool.open.load(Ordering::Acquire) > 0 || pool.clients.load(Ordering::Acquire) > 0
-        });
+        self.pools
+            .retain(|_, pool| pool.clients.load(Ordering::Acquire) > 0);
         let candidates: Vec<Arc<Pool>> = self
             .pools
             .iter()
             .filter(|p| routes.contains(&p.route_id))
             .map(|p| Arc::clone(p.value()))
             .collect();
-        let (unused, used): (Vec<_>, Vec<_>) = candidates
-            .into_iter()
-            .partition(|p| p.clients.load(Ordering::Acquire) == 0);
-        unused.iter().chain(&used).any(|pool| pool.spare_one())
+        candidates
+            .iter()
+            .any(|pool| pool.spare_one(|open, _| open > 1))
     }
 }

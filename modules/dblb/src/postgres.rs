@@ -127,15 +127,16 @@ impl Parameters {
         by_attrs || by_options
     }
 
-    /// The startup packet for the server: the same parameters, the database renamed when the
-    /// route says so, and `target_session_attrs` dropped (it is ours, not a server setting).
+    /// The startup packet for the server: protocol 3.0, the same parameters, the database
+    /// renamed when the route says so, and `target_session_attrs` and protocol options
+    /// (`_pq_.*`) dropped (the DBLB relays 3.0 only; see [`Parameters::negotiation`]).
     pub fn encode(&self, database: Option<&str>) -> Vec<u8> {
         let mut body = Vec::with_capacity(256);
         body.extend_from_slice(&PROTOCOL_3.to_be_bytes());
-        body.extend_from_slice(&self.minor_version.to_be_bytes());
+        body.extend_from_slice(&0u16.to_be_bytes());
         let mut named_database = false;
         for (key, value) in &self.params {
-            if key == "target_session_attrs" {
+            if key == "target_session_attrs" || key.starts_with("_pq_.") {
                 continue;
             }
             let value = match (key.as_str(), database) {
@@ -160,6 +161,33 @@ impl Parameters {
         let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
         packet.extend_from_slice(&body);
         packet
+    }
+}
+
+impl Parameters {
+    /// The NegotiateProtocolVersion message for a client that asked for more than protocol 3.0
+    /// or for protocol options: the DBLB relays 3.0 (whose 4-byte cancel keys it maps), so it
+    /// tells the client, as a server would, before the server's first answer.
+    pub fn negotiation(&self) -> Option<Vec<u8>> {
+        let options: Vec<&str> = self
+            .params
+            .iter()
+            .map(|(key, _)| key.as_str())
+            .filter(|key| key.starts_with("_pq_."))
+            .collect();
+        if self.minor_version == 0 && options.is_empty() {
+            return None;
+        }
+        let mut body = 0u32.to_be_bytes().to_vec();
+        body.extend_from_slice(&(options.len() as u32).to_be_bytes());
+        for option in options {
+            body.extend_from_slice(option.as_bytes());
+            body.push(0);
+        }
+        let mut message = vec![b'v'];
+        message.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        message.extend_from_slice(&body);
+        Some(message)
     }
 }
 
@@ -447,16 +475,22 @@ pub async fn serve(dblb: Arc<Dblb>, accepted: Accepted) {
         server
             .write_all(&parameters.encode(lease.backend_database.as_deref()))
             .await?;
-        let Some(LoggedIn { server_key }) =
+        if let Some(negotiation) = parameters.negotiation() {
+            stream.write_all(&negotiation).await?;
+        }
+        let Some(LoggedIn { server_key, early }) =
             login(&mut stream, &mut server, &lease.backend.address, &key).await?
         else {
             // The server refused the login; its error has reached the client.
             return Ok(());
         };
         match lease.pool_mode {
-            PoolMode::Session => relay_session(&dblb, stream, server, &stats).await,
+            PoolMode::Session => {
+                server.write_all(&early).await?;
+                relay_session(&dblb, stream, server, &stats).await
+            }
             PoolMode::Transaction => {
-                let pool = dblb.pools.pool(
+                let pool = dblb.pools.join(
                     PoolKey {
                         server: lease.backend.address.to_string(),
                         user: parameters.get("user").unwrap_or_default().to_owned(),
@@ -467,8 +501,11 @@ pub async fn serve(dblb: Arc<Dblb>, accepted: Accepted) {
                     dblb.freed(),
                     || dblb.metrics.pool_idle(&lease.route_id),
                 );
-                let conn = pool.adopt(server, lease, server_key);
-                transaction::serve(&dblb, stream, conn, &pool, &key, &stats).await
+                // The login connection may serve any client of the pool from now on; this
+                // client's cancel key follows its own transactions instead.
+                key.clear();
+                pool.adopt(server, lease, server_key);
+                transaction::serve(&dblb, stream, early, &pool, &key, &stats).await
             }
         }
     };
@@ -509,6 +546,8 @@ async fn relay_session(
 struct LoggedIn {
     /// The server's cancel key for the connection.
     server_key: Option<(u32, u32)>,
+    /// What the client sent after its authentication, before the login ended.
+    early: BytesMut,
 }
 
 /// Relays a login: the client's authentication messages to the server and the server's
@@ -524,16 +563,27 @@ async fn login(
     let (mut from_client, mut from_server) =
         (BytesMut::with_capacity(1024), BytesMut::with_capacity(4096));
     let mut server_key = None;
+    // Once the client sends anything but an authentication answer, the rest waits for the
+    // end of the login (it belongs to the session, not to this connection's login).
+    let mut authenticating = true;
     loop {
         tokio::select! {
-            read = client.read_buf(&mut from_client) => {
+            read = client.read_buf(&mut from_client), if authenticating => {
                 if read? == 0 {
                     return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the client left during login"));
                 }
-                                // Authentication answers go on as they are; a client sends nothing else
-                // before ReadyForQuery.
-                server.write_all(&from_client).await?;
-                from_client.clear();
+                while from_client.len() >= 5 {
+                    let length = u32::from_be_bytes([from_client[1], from_client[2], from_client[3], from_client[4]]);
+                    if from_client[0] != b'p' || !(4..=MAX_STARTUP_MESSAGE).contains(&length) {
+                        authenticating = false;
+                        break;
+                    }
+                    let size = length as usize + 1;
+                    if from_client.len() < size {
+                        break;
+                    }
+                    server.write_all(&from_client.split_to(size)).await?;
+                }
             }
             read = server.read_buf(&mut from_server) => {
                 if read? == 0 {
@@ -561,9 +611,9 @@ async fn login(
                         message[9..13].copy_from_slice(&key.secret.to_be_bytes());
                     }
                     client.write_all(&message).await?;
-                    if message[0] == b'Z' {
-                                                client.write_all(&from_server).await?;
-                        return Ok(Some(LoggedIn { server_key }));
+                                        if message[0] == b'Z' {
+                        client.write_all(&from_server).await?;
+                        return Ok(Some(LoggedIn { server_key, early: from_client }));
                     }
                 }
             }

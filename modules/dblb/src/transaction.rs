@@ -1,9 +1,14 @@
-//! A client of a transaction-pooled route, after its login. The client's messages are read
-//! one frame at a time; the first message of a transaction takes an idle server connection
-//! from the pool, and the connection goes back once the server is idle again: its last
-//! ReadyForQuery says `I`, every Query, FunctionCall and Sync sent has been answered, and no
-//! extended-protocol message waits for a Sync. A client that leaves mid-transaction takes its
-//! server connection with it (closing it rolls the transaction back).
+//! A client of a transaction-pooled route, after its login. The client's messages are framed
+//! as they arrive; the first message of a transaction takes an idle server connection from the
+//! pool, and the connection goes back once the server is idle again: its last ReadyForQuery
+//! says `I`, every Query, FunctionCall and Sync sent has been answered, no extended-protocol
+//! message waits for a Sync, and everything for the server has been written. A client that
+//! leaves mid-transaction takes its server connection with it (closing it rolls the
+//! transaction back).
+//!
+//! Both directions are buffered and written inside one `select!` with the reads, so neither
+//! side can block the other (a pipelining client that does not read its results stops being
+//! read once a buffer is full, instead of deadlocking with the server).
 //!
 //! Named prepared statements live on one server connection, so a Parse that names one is
 //! refused in words (unnamed statements and portals work); session state set with SQL (`SET`,
@@ -22,7 +27,7 @@ use tracing::debug;
 
 use crate::{
     Dblb,
-    pool::{Pool, ServerConn},
+    pool::{Pool, PoolClient, ServerConn},
     postgres::{ClientKey, error_response},
     relay::{Framer, Framing},
     table::Engine,
@@ -30,6 +35,8 @@ use crate::{
 
 /// PostgreSQL's own bound on a message.
 const MAX_MESSAGE: u32 = 1 << 30;
+/// Bytes buffered towards either side before the other side stops being read.
+const BUFFERED: usize = 256 * 1024;
 
 /// A client message the scan stopped at.
 enum Stop {
@@ -41,42 +48,156 @@ enum Stop {
 /// A server connection serving this client's transaction.
 struct Attached {
     conn: ServerConn,
-    /// ReadyForQuery answers still due (one per Query, FunctionCall and Sync sent).
+    progress: Progress,
+}
+
+/// Where a server connection stands in the conversation: whether it may go back to the pool.
+struct Progress {
+    /// ReadyForQuery answers still due (one per Query, FunctionCall and Sync the server acts on).
     outstanding: u32,
     /// The transaction status of the last ReadyForQuery.
     status: u8,
     /// Extended-protocol messages were sent since the last Sync.
     unsynced: bool,
+    /// Syncs sent since the last Execute or Query: if that one starts a COPY FROM STDIN, the
+    /// server ignores them (it ignores Syncs in copy-in mode).
+    syncs_since_execute: u32,
+    /// The server is in copy-in mode (CopyInResponse seen, CopyDone or CopyFail not yet sent).
+    copy_in: bool,
     framer: Framer,
 }
 
-impl Attached {
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            outstanding: 0,
+            status: b'I',
+            unsynced: false,
+            syncs_since_execute: 0,
+            copy_in: false,
+            framer: Framer::new(Framing::Postgres),
+        }
+    }
+
     fn idle(&self) -> bool {
-        self.outstanding == 0 && self.status == b'I' && !self.unsynced && self.framer.at_boundary()
+        self.outstanding == 0
+            && self.status == b'I'
+            && !self.unsynced
+            && !self.copy_in
+            && self.framer.at_boundary()
+    }
+
+    /// Accounts for a client message about to go to the server.
+    fn client_sends(&mut self, kind: u8) {
+        match kind {
+            b'Q' | b'F' => {
+                self.outstanding += 1;
+                self.syncs_since_execute = 0;
+            }
+            b'S' if self.copy_in => {}
+            b'S' => {
+                self.outstanding += 1;
+                self.syncs_since_execute += 1;
+                self.unsynced = false;
+            }
+            b'E' => {
+                self.syncs_since_execute = 0;
+                self.unsynced = true;
+            }
+            b'P' | b'B' | b'D' | b'C' | b'H' => self.unsynced = true,
+            b'c' | b'f' => self.copy_in = false,
+            _ => {}
+        }
+    }
+
+    /// Accounts for what the server sent.
+    fn server_sent(&mut self, bytes: &[u8]) {
+        let mut answers = Vec::new();
+        let mut copy_in = false;
+        self.framer.feed(bytes, |kind, first| match kind {
+            b'Z' => answers.push(first.unwrap_or(b'I')),
+            b'G' => copy_in = true,
+            _ => {}
+        });
+        if copy_in {
+            // The Syncs sent after the COPY's Execute are ignored by the server.
+            self.outstanding = self.outstanding.saturating_sub(self.syncs_since_execute);
+            self.syncs_since_execute = 0;
+            self.copy_in = true;
+        }
+        for status in answers {
+            self.outstanding = self.outstanding.saturating_sub(1);
+            self.status = status;
+        }
     }
 }
 
-/// Serves the client until it leaves; `first` is its login connection, which joins the pool.
+/// What one turn of the session's `select!` brought.
+enum Event {
+    ClientRead(io::Result<usize>),
+    ClientWrote(io::Result<usize>),
+    Server(io::Result<ServerIo>),
+    Stalled,
+}
+
+enum ServerIo {
+    Read(usize),
+    Wrote(usize),
+}
+
+/// Reads from or writes to the server, whichever it is ready for first.
+async fn server_io(
+    stream: Option<&TcpStream>,
+    scratch: &mut [u8],
+    out: &[u8],
+    may_read: bool,
+) -> io::Result<ServerIo> {
+    let Some(stream) = stream else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::select! {
+            ready = stream.readable(), if may_read => {
+                ready?;
+                match stream.try_read(scratch) {
+                    Ok(n) => return Ok(ServerIo::Read(n)),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            ready = stream.writable(), if !out.is_empty() => {
+                ready?;
+                match stream.try_write(out) {
+                    Ok(n) => return Ok(ServerIo::Wrote(n)),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            else => return std::future::pending().await,
+        }
+    }
+}
+
+/// Serves the client until it leaves; `pending` holds whatever it sent after its login.
 pub async fn serve(
     dblb: &Dblb,
     mut client: TcpStream,
-    first: ServerConn,
-    pool: &std::sync::Arc<Pool>,
+    mut pending: BytesMut,
+    pool: &PoolClient,
     key: &ClientKey<'_>,
     stats: &Stats,
 ) -> io::Result<()> {
-    let _counted = pool.client();
-    pool.release(first);
     let wait = dblb.settings().queue_timeout();
     let protocol = Engine::Postgres.name();
-    let mut pending = BytesMut::with_capacity(16 * 1024);
-    let mut from_server = vec![0u8; 32 * 1024];
+    let mut to_server = BytesMut::new();
+    let mut to_client = BytesMut::with_capacity(32 * 1024);
+    let mut scratch = vec![0u8; 32 * 1024];
     let mut attached: Option<Attached> = None;
-    // Body bytes of the client's current message still to pass to the server.
+    // Body bytes of the client's current message not yet scanned.
     let mut body_left: usize = 0;
     loop {
-        // Whole messages (and the body in flight) go to the server in one write; the scan
-        // stops at a message that needs a decision first.
+        // Scan the client's bytes into whole messages for the server; stop at a message that
+        // needs a decision first.
         let mut ready = 0;
         let mut stop = None;
         while ready < pending.len() {
@@ -120,23 +241,11 @@ pub async fn serve(
                 key.point(&conn.address, conn.key);
                 attached = Some(Attached {
                     conn,
-                    outstanding: 0,
-                    status: b'I',
-                    unsynced: false,
-                    framer: Framer::new(Framing::Postgres),
+                    progress: Progress::new(),
                 });
             }
-            let Some(server) = attached.as_mut() else {
-                return Err(io::Error::other("no server connection after checkout"));
-            };
-            match kind {
-                b'Q' | b'F' => server.outstanding += 1,
-                b'S' => {
-                    server.outstanding += 1;
-                    server.unsynced = false;
-                }
-                b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => server.unsynced = true,
-                _ => {}
+            if let Some(server) = attached.as_mut() {
+                server.progress.client_sends(kind);
             }
             if matches!(kind, b'Q' | b'E') {
                 dblb.metrics.queries(protocol, 1);
@@ -145,17 +254,20 @@ pub async fn serve(
             body_left = length as usize - 4;
         }
         if ready > 0 {
-            let Some(server) = attached.as_mut() else {
-                // Bytes are only marked ready once a connection is attached, and it stays
-                // attached until they have gone.
-                return Err(io::Error::other("client bytes without a server connection"));
-            };
-            server.conn.stream.write_all(&pending[..ready]).await?;
             stats.bytes_received(ready as u64);
-            pending.advance(ready);
+            to_server.extend_from_slice(&pending.split_to(ready));
         }
         match stop {
-            Some(Stop::Terminate) => return finish(attached, pool),
+            Some(Stop::Terminate) => {
+                flush(
+                    &client,
+                    &to_client,
+                    attached.as_ref().map(|a| &a.conn.stream),
+                    &to_server,
+                )
+                .await?;
+                return finish(attached, pool, true);
+            }
             Some(Stop::Invalid(length)) => {
                 let message = format!("invalid message length {length}");
                 return refuse(&mut client, attached, pool, "08P01", &message).await;
@@ -166,59 +278,91 @@ pub async fn serve(
             }
             None => {}
         }
-        if body_left == 0 && attached.as_ref().is_some_and(Attached::idle) {
+        if body_left == 0
+            && to_server.is_empty()
+            && attached.as_ref().is_some_and(|a| a.progress.idle())
+        {
             if let Some(server) = attached.take() {
                 key.clear();
                 pool.release(server.conn);
             }
         }
-        tokio::select! {
-            read = client.read_buf(&mut pending) => {
+        let may_read_server = to_client.len() < BUFFERED;
+        let event = {
+            let (mut client_read, mut client_write) = client.split();
+            let server = attached.as_ref().map(|a| &a.conn.stream);
+            let server_busy = server.is_some() && (may_read_server || !to_server.is_empty());
+            tokio::select! {
+                read = client_read.read_buf(&mut pending), if to_server.len() < BUFFERED => Event::ClientRead(read),
+                io = server_io(server, &mut scratch, &to_server, may_read_server), if server_busy => Event::Server(io),
+                written = client_write.write(&to_client), if !to_client.is_empty() => Event::ClientWrote(written),
+                else => Event::Stalled,
+            }
+        };
+        match event {
+            Event::ClientRead(read) => {
                 if read? == 0 {
-                    return finish(attached, pool);
+                    return finish(attached, pool, to_server.is_empty());
                 }
             }
-            read = read_server(&mut attached, &mut from_server) => {
-                let n = match read {
-                    Ok(n) if n > 0 => n,
-                    _ => {
-                        let message = "the server closed the connection during the transaction";
-                        return refuse(&mut client, None, pool, "08006", message).await;
-                    }
-                };
-                let Some(server) = attached.as_mut() else {
-                    return Err(io::Error::other("server bytes without a server connection"));
-                };
-                let (mut answered, mut status) = (0, None);
-                server.framer.feed(&from_server[..n], |kind, first| {
-                    if kind == b'Z' {
-                        answered += 1;
-                        status = first;
-                    }
-                });
-                server.outstanding = server.outstanding.saturating_sub(answered);
-                if let Some(status) = status {
-                    server.status = status;
-                }
-                client.write_all(&from_server[..n]).await?;
+            Event::ClientWrote(written) => {
+                let n = written?;
                 stats.bytes_sent(n as u64);
+                to_client.advance(n);
+            }
+            Event::Server(Ok(ServerIo::Read(n))) if n > 0 => {
+                if let Some(server) = attached.as_mut() {
+                    server.progress.server_sent(&scratch[..n]);
+                }
+                to_client.extend_from_slice(&scratch[..n]);
+            }
+            Event::Server(Ok(ServerIo::Wrote(n))) => to_server.advance(n),
+            Event::Server(_) => {
+                // Whatever the server said before it went goes to the client first.
+                let _ = client.write_all(&to_client).await;
+                let message = "the server connection closed or failed during the transaction";
+                return refuse(&mut client, None, pool, "08006", message).await;
+            }
+            Event::Stalled => {
+                return Err(io::Error::other(
+                    "session stalled: nothing to read or write",
+                ));
             }
         }
     }
 }
 
-/// Reads from the attached server; pending forever while none is attached.
-async fn read_server(attached: &mut Option<Attached>, buffer: &mut [u8]) -> io::Result<usize> {
-    match attached {
-        Some(server) => server.conn.stream.read(buffer).await,
-        None => std::future::pending().await,
+/// Writes what is buffered for either side.
+async fn flush(
+    client: &TcpStream,
+    to_client: &[u8],
+    server: Option<&TcpStream>,
+    to_server: &[u8],
+) -> io::Result<()> {
+    write_all(client, to_client).await?;
+    if let Some(server) = server {
+        write_all(server, to_server).await?;
     }
+    Ok(())
 }
 
-/// The client left: an idle connection goes back to the pool, one mid-transaction is closed.
-fn finish(attached: Option<Attached>, pool: &Pool) -> io::Result<()> {
+async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The client left: an idle connection with nothing left to write goes back to the pool, one
+/// mid-transaction is closed.
+fn finish(attached: Option<Attached>, pool: &Pool, written: bool) -> io::Result<()> {
     if let Some(server) = attached {
-        if server.idle() {
+        if written && server.progress.idle() {
             pool.release(server.conn);
         }
     }
@@ -233,7 +377,92 @@ async fn refuse(
     sqlstate: &str,
     message: &str,
 ) -> io::Result<()> {
-    finish(attached, pool)?;
+    finish(attached, pool, false)?;
     client.write_all(&error_response(sqlstate, message)).await?;
     client.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut message = vec![kind];
+        message.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        message.extend_from_slice(body);
+        message
+    }
+
+    fn ready(status: u8) -> Vec<u8> {
+        message(b'Z', &[status])
+    }
+
+    #[test]
+    fn a_connection_is_idle_only_when_everything_is_answered() {
+        // Pipelined extended queries: two Syncs, two answers.
+        let mut progress = Progress::new();
+        for kind in *b"PBESPBES" {
+            progress.client_sends(kind);
+        }
+        progress.server_sent(
+            &[
+                message(b'1', b""),
+                message(b'C', b"SELECT 1\0"),
+                ready(b'I'),
+            ]
+            .concat(),
+        );
+        assert!(!progress.idle(), "the second Sync is not answered yet");
+        progress.server_sent(&ready(b'I'));
+        assert!(progress.idle());
+
+        // A transaction left open, or failed, keeps the connection.
+        progress.client_sends(b'Q');
+        progress.server_sent(&ready(b'T'));
+        assert!(!progress.idle());
+        progress.client_sends(b'Q');
+        progress.server_sent(&ready(b'E'));
+        assert!(!progress.idle());
+        progress.client_sends(b'Q');
+        progress.server_sent(&ready(b'I'));
+        assert!(progress.idle());
+
+        // Flush alone waits for a Sync.
+        progress.client_sends(b'P');
+        progress.client_sends(b'H');
+        progress.server_sent(&message(b'1', b""));
+        assert!(!progress.idle());
+        progress.client_sends(b'S');
+        progress.server_sent(&ready(b'I'));
+        assert!(progress.idle());
+    }
+
+    #[test]
+    fn copy_from_stdin_over_both_protocols() {
+        // libpq's extended COPY: P B D E S, data, CopyDone, S; the first Sync is ignored.
+        let mut progress = Progress::new();
+        for kind in *b"PBDES" {
+            progress.client_sends(kind);
+        }
+        progress.server_sent(&message(b'G', &[0, 0, 0]));
+        for kind in *b"ddcS" {
+            progress.client_sends(kind);
+        }
+        assert!(!progress.idle());
+        // A ReadyForQuery split across reads.
+        let answer = [message(b'C', b"COPY 2\0"), ready(b'I')].concat();
+        progress.server_sent(&answer[..answer.len() - 1]);
+        assert!(!progress.idle());
+        progress.server_sent(&answer[answer.len() - 1..]);
+        assert!(progress.idle());
+
+        // Simple-protocol COPY.
+        progress.client_sends(b'Q');
+        progress.server_sent(&message(b'G', &[0, 0, 0]));
+        progress.client_sends(b'd');
+        assert!(!progress.idle(), "copy in progress");
+        progress.client_sends(b'c');
+        progress.server_sent(&[message(b'C', b"COPY 1\0"), ready(b'I')].concat());
+        assert!(progress.idle());
+    }
 }

@@ -237,4 +237,30 @@ async fn many_clients_share_few_server_connections_one_transaction_at_a_time() {
         String::from_utf8_lossy(&output.stderr)
     );
     at_most_two_server_connections(&server).await;
+
+    // A client between transactions has nothing to cancel: its key reaches no one else's
+    // query, even one running on the connection it logged in with.
+    let idle_client = connect(pg).await;
+    let idle_token = idle_client.cancel_token();
+    let busy = connect(pg).await;
+    let sleeping =
+        tokio::spawn(async move { busy.simple_query("SELECT pg_sleep(1)").await.map(|_| ()) });
+    idle_token.cancel_query(NoTls).await.unwrap();
+    tokio::time::timeout(DEADLINE, sleeping)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the other client's query runs to its end");
+    assert_eq!(
+        dblb.metric("dblb_cancel_requests_total", "outcome=\"idle\"")
+            .await,
+        1.0
+    );
+
+    // With every client gone, the pools keep no server connection.
+    drop((clients, idle_client, preparer));
+    eventually("no server connection without clients", DEADLINE, || async {
+        server_connections(&server).await == 0
+    })
+    .await;
 }

@@ -241,7 +241,7 @@ impl MariaDb {
         install
             .arg("--no-defaults")
             .arg(format!("--datadir={}", dir.path().join("data").display()))
-                        .args(["--auth-root-authentication-method=normal", "--skip-test-db"])
+            .args(["--auth-root-authentication-method=normal", "--skip-test-db"])
             // Its own temporary directory: two servers set up at once in a shared /tmp can
             // trip over each other's temporary tables.
             .arg(format!("--tmpdir={}", dir.path().display()));
@@ -292,7 +292,7 @@ impl MariaDb {
                 "--pid-file={}",
                 self.dir.path().join("mysqld.pid").display()
             ))
-                        .arg(format!("--log-error={}", self.log().display()))
+            .arg(format!("--log-error={}", self.log().display()))
             .arg(format!("--tmpdir={}", self.dir.path().display()))
             .args([
                 "--skip-log-bin",

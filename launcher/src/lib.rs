@@ -1,10 +1,18 @@
-//! `marchproxy up`: MarchProxy on one machine, in one process. Today that is the NLB with a
-//! state directory in the working directory; the modules join here as their crates land.
+//! `marchproxy up`: MarchProxy on one machine, in one process: the NLB with a data listener per
+//! protocol, and the modules behind it (the ALB, the DBLB, the RTMP module, the AILB and the
+//! SQS proxy; the wasm-registry too when it is asked for and an MQTT broker is configured).
+//! Each module reads its own config file in the config directory, written with a working
+//! default on first start, registers with the NLB and is routed to like any other instance.
 //! Prints what listens where, and stops everything on Ctrl-C or SIGTERM.
 
-use std::{future::Future, path::PathBuf};
+mod modules;
+
+use std::{future::Future, net::SocketAddr, path::PathBuf};
 
 use clap::{Parser, Subcommand};
+use tokio::task::JoinSet;
+
+pub use crate::modules::Module;
 
 #[derive(Parser, Debug)]
 #[command(name = "marchproxy", version, about = "Run MarchProxy on one machine")]
@@ -15,13 +23,15 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Start the NLB (and, as they land, every module) in this process.
+    /// Start the NLB and the modules in this process.
     Up(UpArgs),
 }
 
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
-    /// TOML file with the NLB's settings (the keys of `marchproxy-nlb --help`).
+    /// TOML file with the NLB's settings (the keys of `marchproxy-nlb --help`). Without data
+    /// listeners in it, the NLB listens on http=:8080, postgres=:6432, mysql=:6033 and
+    /// rtmp=:1935 (those whose module runs).
     #[arg(long, env = "MARCHPROXY_CONFIG")]
     pub config: Option<PathBuf>,
     /// Where operator state is kept.
@@ -31,6 +41,22 @@ pub struct UpArgs {
         default_value = ".marchproxy/state"
     )]
     pub state_dir: PathBuf,
+    /// Where each module's config file (`alb.toml`, `dblb.toml` ...) and data live; missing
+    /// files are written with working defaults.
+    #[arg(long, env = "MARCHPROXY_CONFIG_DIR", default_value = ".marchproxy")]
+    pub config_dir: PathBuf,
+    /// The modules to run, comma-separated (alb, dblb, rtmp, ailb, sqs-proxy, wasm-registry),
+    /// or `none` for the NLB alone.
+    #[arg(
+        long,
+        env = "MARCHPROXY_MODULES",
+        value_delimiter = ',',
+        default_value = "alb,dblb,rtmp,ailb,sqs-proxy"
+    )]
+    pub modules: Vec<String>,
+    /// The first of the loopback ports the modules use (ten per module, in the order above).
+    #[arg(long, env = "MARCHPROXY_MODULE_PORTS", default_value_t = 18000)]
+    pub module_ports: u16,
     /// Log format.
     #[arg(long, env = "MARCHPROXY_LOG_FORMAT", value_enum, default_value_t = marchproxy::telemetry::LogFormat::Text)]
     pub log_format: marchproxy::telemetry::LogFormat,
@@ -43,13 +69,21 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let Command::Up(args) = cli.command;
     marchproxy::telemetry::init(args.log_format);
+    let modules = Module::parse_list(&args.modules)?;
     let nlb_args = marchproxy_nlb::Args {
         config: args.config,
         state_dir: Some(args.state_dir),
         log_format: Some(args.log_format),
         ..marchproxy_nlb::Args::default()
     };
-    let config = marchproxy_nlb::Config::from_args(nlb_args)?;
+    let mut config = marchproxy_nlb::Config::from_args(nlb_args)?;
+    if config.listen.is_empty() {
+        config.listen = modules
+            .iter()
+            .flat_map(|m| m.nlb_listeners())
+            .map(|spec| marchproxy::listen::ListenSpec::parse(spec).map_err(anyhow::Error::msg))
+            .collect::<anyhow::Result<_>>()?;
+    }
     let state_dir = config.state_dir.clone().unwrap_or_default();
     let listeners: Vec<String> = config
         .listen
@@ -77,18 +111,80 @@ pub async fn run(
     for (addr, protocol) in nlb.listen_addrs().into_iter().zip(listeners) {
         rows.push(("nlb", addr.to_string(), format!("data plane ({protocol})")));
     }
+    let nlb_url = format!("http://{}", loopback(grpc));
+    // Modules stop first (they drain and say goodbye to the NLB), then the NLB.
+    let (stop_modules, modules_stop) = tokio::sync::watch::channel(false);
+    let (stop_nlb, nlb_stops) = tokio::sync::watch::channel(false);
+    let until = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
+        // A dropped sender also means stop.
+        let _ = stop.wait_for(|stop| *stop).await;
+    };
+    let mut running = JoinSet::new();
+    let mut files = Vec::new();
+    for (index, module) in modules.iter().enumerate() {
+        let base = args.module_ports + 10 * index as u16;
+        let plan = module.plan(&args.config_dir, base, loopback(admin), &nlb_url)?;
+        for (address, what) in &plan.listens {
+            rows.push((module.name(), address.clone(), what.clone()));
+        }
+        files.push(plan.config_file.clone());
+        let name = module.name();
+        let start = plan.start(until(modules_stop.clone()))?;
+        running.spawn(async move { (name, start.await) });
+    }
     println!("MarchProxy is up:");
     for (component, address, what) in rows {
-        println!("  {component:<10} {address:<28} {what}");
+        println!("  {component:<14} {address:<28} {what}");
     }
     println!("  state in {}", state_dir.display());
-    let reachable = if grpc.ip().is_unspecified() {
-        std::net::SocketAddr::from(([127, 0, 0, 1], grpc.port()))
+    for file in files {
+        println!("  config {}", file.display());
+    }
+    println!("  try: marchctl --nlb {nlb_url} status");
+    let mut nlb_task = tokio::spawn(nlb.run(until(nlb_stops)));
+    tokio::pin!(shutdown);
+    // A module that stops on its own (it could not bind its port, its config is wrong) stops
+    // everything, naming the module: a half-started system helps nobody.
+    let mut failure = None;
+    tokio::select! {
+        () = &mut shutdown => {}
+        Some(finished) = running.join_next() => {
+            let (name, outcome) = finished?;
+            failure = Some(match outcome {
+                Ok(()) => anyhow::anyhow!("module {name} stopped by itself"),
+                Err(error) => error.context(format!("module {name} stopped")),
+            });
+        }
+        served = &mut nlb_task => {
+            served??;
+            failure = Some(anyhow::anyhow!("the NLB stopped by itself"));
+        }
+    }
+    let _ = stop_modules.send(true);
+    while let Some(finished) = running.join_next().await {
+        let (name, outcome) = finished?;
+        if let Err(error) = outcome {
+            failure.get_or_insert(error.context(format!("module {name}")));
+        }
+    }
+    let _ = stop_nlb.send(true);
+    if !nlb_task.is_finished() {
+        nlb_task.await??;
+    }
+    match failure {
+        Some(error) => Err(error),
+        None => {
+            println!("MarchProxy stopped");
+            Ok(())
+        }
+    }
+}
+
+/// Where a local peer dials a listener: 127.0.0.1 in place of 0.0.0.0.
+fn loopback(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
     } else {
-        grpc
-    };
-    println!("  try: marchctl --nlb http://{reachable} status");
-    nlb.run(shutdown).await?;
-    println!("MarchProxy stopped");
-    Ok(())
+        addr
+    }
 }

@@ -1,67 +1,141 @@
-//! `marchproxy up` as a user runs it: the real binary prints what listens where, answers gRPC,
-//! and exits 0 on SIGTERM.
+//! `marchproxy up` as a user runs it: the real binary starts the NLB and every module, prints
+//! what listens where, routes HTTP through the NLB and the ALB (to the NLB's own status page,
+//! the default ALB route) and PostgreSQL through the NLB to the DBLB, and exits 0 on SIGTERM
+//! after the modules have drained.
 
-use std::{process::Stdio, time::Duration};
+use std::{net::SocketAddr, process::Stdio, time::Duration};
 
 use marchproxy::pb;
-use tokio::{io::AsyncBufReadExt, process::Command};
+use marchproxy_testkit::{eventually, http_get};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt},
+    process::Command,
+};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// The address a printed table row gives for `component` doing `what`.
+fn listed(table: &[String], component: &str, what: &str) -> SocketAddr {
+    table
+        .iter()
+        .find(|l| l.trim_start().starts_with(component) && l.contains(what))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no `{component}` row for `{what}` in {table:#?}"))
+}
 
 #[tokio::test]
-async fn up_serves_and_stops_on_sigterm() {
+async fn up_runs_the_nlb_and_the_modules_routes_through_them_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("marchproxy.toml");
     std::fs::write(
         &config,
-        "grpc_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nlisten = [\"auto=127.0.0.1:0\"]\n",
+        "grpc_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nlisten = [\"http=127.0.0.1:0\", \"postgres=127.0.0.1:0\"]\n",
     )
     .unwrap();
+    // A DBLB config of the user's own (kept as it is): a database whose server is down.
+    let modules = dir.path().join("modules");
+    std::fs::create_dir_all(&modules).unwrap();
+    let down = marchproxy_testkit::external::free_port();
+    std::fs::write(
+        modules.join("dblb.toml"),
+        format!("[[routes]]\nroute_id = \"app\"\nprotocol = \"postgres\"\ndestination_pattern = \"127.0.0.1:{down}\"\nmetadata = {{ database = \"app\" }}\n"),
+    )
+    .unwrap();
+    // Module ports below the ephemeral range, apart for concurrent runs.
+    let module_ports = 20_000 + (std::process::id() % 600) as u16 * 20;
     let mut child = Command::new(env!("CARGO_BIN_EXE_marchproxy"))
-        .args([
-            "up",
-            "--config",
-            config.to_str().unwrap(),
-            "--state-dir",
-            dir.path().join("state").to_str().unwrap(),
-        ])
+        .args(["up", "--config", config.to_str().unwrap()])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--config-dir")
+        .arg(&modules)
+        .arg("--module-ports")
+        .arg(module_ports.to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut printed = Vec::new();
+    let mut table = Vec::new();
     let url = loop {
-        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        let line = tokio::time::timeout(DEADLINE, lines.next_line())
             .await
             .expect("marchproxy up prints its table")
             .unwrap()
             .expect("marchproxy up keeps running");
-        printed.push(line.clone());
+        table.push(line.clone());
         if let Some(rest) = line.trim().strip_prefix("try: marchctl --nlb ") {
             break rest.trim_end_matches(" status").to_owned();
         }
     };
-    assert!(
-        printed
-            .iter()
-            .any(|l| l.contains("nlb") && l.contains("gRPC NLBService")),
-        "{printed:?}"
-    );
-    assert!(
-        printed.iter().any(|l| l.contains("/metrics"))
-            && printed.iter().any(|l| l.contains("data plane (auto)")),
-        "{printed:?}"
-    );
+    for module in ["alb", "dblb", "rtmp", "ailb", "sqs-proxy"] {
+        assert!(
+            table
+                .iter()
+                .any(|l| l.trim_start().starts_with(module) && l.contains("gRPC ModuleService")),
+            "{module} in {table:#?}"
+        );
+        assert!(
+            modules.join(format!("{module}.toml")).exists(),
+            "{module}.toml written"
+        );
+    }
 
-    let mut client = pb::nlb_service_client::NlbServiceClient::connect(url)
+    // Every module registers with the NLB.
+    let client = pb::nlb_service_client::NlbServiceClient::connect(url)
         .await
         .expect("the NLB answers");
-    let status = client
-        .get_nlb_status(pb::GetNlbStatusRequest::default())
+    eventually("five modules registered and healthy", DEADLINE, || {
+        let mut client = client.clone();
+        async move {
+            let modules = client
+                .list_modules(pb::ListModulesRequest::default())
+                .await
+                .map(|r| r.into_inner().modules)
+                .unwrap_or_default();
+            modules.len() == 5
+                && modules
+                    .iter()
+                    .all(|m| m.health_status == pb::HealthStatus::Healthy as i32)
+        }
+    })
+    .await;
+
+    // HTTP through the NLB and the ALB, to the NLB's status page (the ALB's default route).
+    let http = listed(&table, "nlb", "data plane (http)");
+    eventually(
+        "the status page through the NLB and the ALB",
+        DEADLINE,
+        || async {
+            let (status, body) = http_get(http, "/marchproxy/status").await;
+            status == 200 && body.contains("\"alb")
+        },
+    )
+    .await;
+
+    // PostgreSQL through the NLB to the DBLB, which says the database's server is down.
+    let postgres = listed(&table, "nlb", "data plane (postgres)");
+    let mut session = tokio::net::TcpStream::connect(postgres).await.unwrap();
+    let mut body = 0x0003_0000u32.to_be_bytes().to_vec();
+    body.extend_from_slice(b"user\0ann\0database\0app\0\0");
+    let mut startup = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    startup.extend_from_slice(&body);
+    session.write_all(&startup).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, session.read_to_end(&mut answer))
         .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(status.status, pb::HealthStatus::Healthy as i32);
+        .expect("the DBLB answers and closes")
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer).contains("no healthy primary server for database `app`"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // Closed, so the NLB has no connection left to drain at shutdown.
+    drop(session);
 
     let pid = child.id().unwrap().to_string();
     assert!(
@@ -72,11 +146,18 @@ async fn up_serves_and_stops_on_sigterm() {
             .unwrap()
             .success()
     );
-    let exit = tokio::time::timeout(Duration::from_secs(10), child.wait())
+    let exit = tokio::time::timeout(DEADLINE, child.wait())
         .await
-        .expect("stops within 10 s")
+        .expect("stops within 30 s")
         .unwrap();
     assert!(exit.success(), "exit status {exit}");
-    let last = lines.next_line().await.unwrap();
-    assert_eq!(last.as_deref(), Some("MarchProxy stopped"));
+    let mut rest = Vec::new();
+    while let Ok(Some(line)) = lines.next_line().await {
+        rest.push(line);
+    }
+    assert_eq!(
+        rest.last().map(String::as_str),
+        Some("MarchProxy stopped"),
+        "{rest:?}"
+    );
 }

@@ -171,7 +171,11 @@ impl Module for Ailb {
     }
 }
 
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs until `shutdown` completes (then drains), as the binary does until SIGINT or SIGTERM.
+pub async fn run_until(
+    cli: Cli,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let mut common = cli.common;
     if common.listen.is_empty() {
         common.listen = vec![DEFAULT_LISTEN.to_owned()];
@@ -184,6 +188,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }));
     let client = marchproxy_runtime::http::client()?;
     let ailb = Ailb::new(metrics, client);
-    marchproxy_runtime::run(ailb, config, marchproxy::signal::shutdown()).await?;
+    marchproxy_runtime::run(ailb, config, shutdown).await?;
     Ok(())
+}
+
+/// The binary's entry: runs until SIGINT or SIGTERM.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    run_until(cli, marchproxy::signal::shutdown()).await
 }

@@ -279,8 +279,12 @@ impl Module for Alb {
     }
 }
 
-/// The binary: flags, the TLS certificate when given, the runtime.
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Flags, the TLS certificate when given, the runtime, until `shutdown` completes (then it
+/// drains), as the binary does until SIGINT or SIGTERM.
+pub async fn run_until(
+    cli: Cli,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let mut common = cli.common;
     if common.listen.is_empty() {
         common.listen = vec![DEFAULT_LISTEN.to_owned()];
@@ -304,6 +308,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         None
     };
     let alb = Alb::new(metrics, tls, forward)?;
-    marchproxy_runtime::run(alb, config, marchproxy::signal::shutdown()).await?;
+    marchproxy_runtime::run(alb, config, shutdown).await?;
     Ok(())
+}
+
+/// The binary's entry: runs until SIGINT or SIGTERM.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    run_until(cli, marchproxy::signal::shutdown()).await
 }

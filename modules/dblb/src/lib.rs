@@ -279,7 +279,11 @@ impl Module for Dblb {
     }
 }
 
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs until `shutdown` completes (then drains), as the binary does until SIGINT or SIGTERM.
+pub async fn run_until(
+    cli: Cli,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let mut common = cli.common;
     if common.listen.is_empty() {
         common.listen = DEFAULT_LISTEN.iter().map(|l| (*l).to_owned()).collect();
@@ -290,6 +294,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         opts.const_label("module_type", ModuleKind::Dblb.name())
             .const_label("instance", &config.instance_id)
     }));
-    marchproxy_runtime::run(Dblb::new(metrics), config, marchproxy::signal::shutdown()).await?;
+    marchproxy_runtime::run(Dblb::new(metrics), config, shutdown).await?;
     Ok(())
+}
+
+/// The binary's entry: runs until SIGINT or SIGTERM.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    run_until(cli, marchproxy::signal::shutdown()).await
 }

@@ -152,7 +152,11 @@ impl Module for Rtmp {
     }
 }
 
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs until `shutdown` completes (then drains), as the binary does until SIGINT or SIGTERM.
+pub async fn run_until(
+    cli: Cli,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let mut common = cli.common;
     if common.listen.is_empty() {
         common.listen = vec![DEFAULT_LISTEN.to_owned()];
@@ -164,6 +168,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .const_label("instance", &config.instance_id)
     }));
     let rtmp = Rtmp::new(metrics, marchproxy_runtime::http::client()?);
-    marchproxy_runtime::run(rtmp, config, marchproxy::signal::shutdown()).await?;
+    marchproxy_runtime::run(rtmp, config, shutdown).await?;
     Ok(())
+}
+
+/// The binary's entry: runs until SIGINT or SIGTERM.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    run_until(cli, marchproxy::signal::shutdown()).await
 }

@@ -404,14 +404,16 @@ async fn edge(
     }))
 }
 
-/// The binary: the proxy on the module runtime, or the `puller` subcommand.
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+/// The proxy on the module runtime, or the `puller` subcommand, until `shutdown` completes
+/// (then it drains), as the binary does until SIGINT or SIGTERM.
+pub async fn run_until(
+    cli: Cli,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     if let Some(Command::Puller(args)) = cli.command {
         marchproxy::telemetry::init(args.log_format);
         let queue = open_queue(&args.queue).await?;
-        Puller::new(queue, &args.sink, None)
-            .run(marchproxy::signal::shutdown())
-            .await;
+        Puller::new(queue, &args.sink, None).run(shutdown).await;
         return Ok(());
     }
     let mut common = cli.common;
@@ -442,6 +444,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         cli.pull.then_some(cli.sink),
         edge,
     );
-    marchproxy_runtime::run(proxy, config, marchproxy::signal::shutdown()).await?;
+    marchproxy_runtime::run(proxy, config, shutdown).await?;
     Ok(())
+}
+
+/// The binary's entry: runs until SIGINT or SIGTERM.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    run_until(cli, marchproxy::signal::shutdown()).await
 }

@@ -553,8 +553,17 @@ impl Module for WasmRegistry {
     }
 }
 
-/// The binary: the module on the runtime.
+/// The binary's entry: runs until SIGINT or SIGTERM.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    run_until(cli, marchproxy::signal::shutdown()).await
+}
+
+/// The module on the runtime until `shutdown` completes (then it drains), as the binary does
+/// until SIGINT or SIGTERM.
+pub async fn run_until(
+    cli: Cli,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let args = cli.proxy.resolve().map_err(anyhow::Error::msg)?;
     let mut common = cli.common;
     if common.listen.is_empty() {
@@ -564,7 +573,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     marchproxy::telemetry::init_with_default(config.log_format, &args.log_level);
     mqtt_options(&args, "check").map_err(anyhow::Error::msg)?;
     let module = WasmRegistry::new(args, &config.instance_id)?;
-    marchproxy_runtime::run(module, config, marchproxy::signal::shutdown()).await?;
+    marchproxy_runtime::run(module, config, shutdown).await?;
     Ok(())
 }
 

@@ -7,7 +7,7 @@
 
 mod modules;
 
-use std::{future::Future, net::SocketAddr, path::PathBuf};
+use std::{collections::HashMap, future::Future, net::SocketAddr, path::PathBuf};
 
 use clap::{Parser, Subcommand};
 use tokio::task::JoinSet;
@@ -54,9 +54,13 @@ pub struct UpArgs {
         default_value = "alb,dblb,rtmp,ailb,sqs-proxy"
     )]
     pub modules: Vec<String>,
-    /// The first of the loopback ports the modules use (ten per module, in the order above).
-    #[arg(long, env = "MARCHPROXY_MODULE_PORTS", default_value_t = 18000)]
+    /// The first of the loopback ports the modules use (ten per module, in `--modules` order).
+    #[arg(long, env = "MARCHPROXY_MODULE_PORTS", default_value_t = 18000, value_parser = clap::value_parser!(u16).range(1024..=65000))]
     pub module_ports: u16,
+    /// Cluster API key: the NLB's gRPC demands it and the modules present it (also the NLB
+    /// config file's `api_key`).
+    #[arg(long, env = "MARCHPROXY_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Log format.
     #[arg(long, env = "MARCHPROXY_LOG_FORMAT", value_enum, default_value_t = marchproxy::telemetry::LogFormat::Text)]
     pub log_format: marchproxy::telemetry::LogFormat,
@@ -74,6 +78,7 @@ pub async fn run(
         config: args.config,
         state_dir: Some(args.state_dir),
         log_format: Some(args.log_format),
+        api_key: args.api_key,
         ..marchproxy_nlb::Args::default()
     };
     let mut config = marchproxy_nlb::Config::from_args(nlb_args)?;
@@ -85,6 +90,7 @@ pub async fn run(
             .collect::<anyhow::Result<_>>()?;
     }
     let state_dir = config.state_dir.clone().unwrap_or_default();
+    let api_key = config.api_key.clone();
     let listeners: Vec<String> = config
         .listen
         .iter()
@@ -120,17 +126,25 @@ pub async fn run(
         let _ = stop.wait_for(|stop| *stop).await;
     };
     let mut running = JoinSet::new();
+    let mut names = HashMap::new();
     let mut files = Vec::new();
     for (index, module) in modules.iter().enumerate() {
         let base = args.module_ports + 10 * index as u16;
-        let plan = module.plan(&args.config_dir, base, loopback(admin), &nlb_url)?;
+        let plan = module.plan(
+            &args.config_dir,
+            base,
+            loopback(admin),
+            &nlb_url,
+            api_key.as_deref(),
+        )?;
         for (address, what) in &plan.listens {
             rows.push((module.name(), address.clone(), what.clone()));
         }
         files.push(plan.config_file.clone());
         let name = module.name();
         let start = plan.start(until(modules_stop.clone()))?;
-        running.spawn(async move { (name, start.await) });
+        let task = running.spawn(async move { (name, start.await) });
+        names.insert(task.id(), name);
     }
     println!("MarchProxy is up:");
     for (component, address, what) in rows {
@@ -142,34 +156,39 @@ pub async fn run(
     }
     println!("  try: marchctl --nlb {nlb_url} status");
     let mut nlb_task = tokio::spawn(nlb.run(until(nlb_stops)));
+    let mut nlb_done = false;
     tokio::pin!(shutdown);
-    // A module that stops on its own (it could not bind its port, its config is wrong) stops
-    // everything, naming the module: a half-started system helps nobody.
+    // A module that fails (it could not bind its port, its config is wrong) stops everything,
+    // naming the module: a half-started system helps nobody. One stopped on request (gRPC
+    // Shutdown) just leaves.
     let mut failure = None;
-    tokio::select! {
-        () = &mut shutdown => {}
-        Some(finished) = running.join_next() => {
-            let (name, outcome) = finished?;
-            failure = Some(match outcome {
-                Ok(()) => anyhow::anyhow!("module {name} stopped by itself"),
-                Err(error) => error.context(format!("module {name} stopped")),
-            });
-        }
-        served = &mut nlb_task => {
-            served??;
-            failure = Some(anyhow::anyhow!("the NLB stopped by itself"));
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(finished) = running.join_next_with_id() => {
+                if let Some(error) = module_failure(finished, &names) {
+                    failure = Some(error);
+                    break;
+                }
+            }
+            served = &mut nlb_task, if !nlb_done => {
+                nlb_done = true;
+                failure = Some(nlb_failure(served).unwrap_or_else(|| anyhow::anyhow!("the NLB stopped by itself")));
+                break;
+            }
         }
     }
     let _ = stop_modules.send(true);
-    while let Some(finished) = running.join_next().await {
-        let (name, outcome) = finished?;
-        if let Err(error) = outcome {
-            failure.get_or_insert(error.context(format!("module {name}")));
+    while let Some(finished) = running.join_next_with_id().await {
+        if let Some(error) = module_failure(finished, &names) {
+            failure.get_or_insert(error);
         }
     }
     let _ = stop_nlb.send(true);
-    if !nlb_task.is_finished() {
-        nlb_task.await??;
+    if !nlb_done {
+        if let Some(error) = nlb_failure(nlb_task.await) {
+            failure.get_or_insert(error);
+        }
     }
     match failure {
         Some(error) => Err(error),
@@ -177,6 +196,38 @@ pub async fn run(
             println!("MarchProxy stopped");
             Ok(())
         }
+    }
+}
+
+type ModuleEnd =
+    Result<(tokio::task::Id, (&'static str, anyhow::Result<()>)), tokio::task::JoinError>;
+
+/// A module's end as a failure naming it, or None when it stopped as asked.
+fn module_failure(
+    finished: ModuleEnd,
+    names: &HashMap<tokio::task::Id, &'static str>,
+) -> Option<anyhow::Error> {
+    match finished {
+        Ok((_, (name, Ok(())))) => {
+            tracing::info!(module = name, "module stopped");
+            None
+        }
+        Ok((_, (name, Err(error)))) => Some(error.context(format!("module {name} stopped"))),
+        Err(error) => {
+            let name = names.get(&error.id()).copied().unwrap_or("?");
+            Some(anyhow::anyhow!("module {name} failed: {error}"))
+        }
+    }
+}
+
+/// The NLB task's end as a failure, or None when it stopped cleanly.
+fn nlb_failure<E: Into<anyhow::Error>>(
+    served: Result<Result<(), E>, tokio::task::JoinError>,
+) -> Option<anyhow::Error> {
+    match served {
+        Ok(Ok(())) => None,
+        Ok(Err(error)) => Some(error.into().context("the NLB stopped")),
+        Err(error) => Some(anyhow::anyhow!("the NLB failed: {error}")),
     }
 }
 

@@ -143,13 +143,14 @@ impl Module {
     }
 
     /// Lays the module out on loopback ports from `base` (data, then gRPC at +2, admin at +3),
-    /// writing its config file under `dir` if missing.
+    /// writing its config file under `dir` if missing; the modules present the NLB's `api_key`.
     pub fn plan(
         self,
         dir: &Path,
         base: u16,
         nlb_admin: SocketAddr,
         nlb_url: &str,
+        api_key: Option<&str>,
     ) -> anyhow::Result<Plan> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the config directory {}", dir.display()))?;
@@ -170,7 +171,21 @@ impl Module {
             grpc.to_string(),
             "--admin-listen".to_owned(),
             admin.to_string(),
+            // Given explicitly, so variables meant for one process cannot make all the
+            // modules share an identity.
+            "--instance-id".to_owned(),
+            format!(
+                "{}-{}",
+                self.name(),
+                marchproxy_runtime::config::host_name()
+            ),
+            "--advertise".to_owned(),
+            grpc.to_string(),
         ];
+        if let Some(key) = api_key {
+            args.push("--api-key".to_owned());
+            args.push(key.to_owned());
+        }
         let mut listens = Vec::new();
         for listen in self.listeners(base) {
             let (protocol, address) = listen.split_once('=').unwrap_or(("", &listen));

@@ -161,3 +161,44 @@ async fn up_runs_the_nlb_and_the_modules_routes_through_them_and_stops_on_sigter
         "{rest:?}"
     );
 }
+
+#[tokio::test]
+async fn a_module_that_cannot_start_stops_everything_and_says_which() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("marchproxy.toml");
+    std::fs::write(
+        &config,
+        "grpc_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nlisten = [\"http=127.0.0.1:0\"]\n",
+    )
+    .unwrap();
+    // The ALB's data port is taken.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let output = tokio::time::timeout(
+        DEADLINE,
+        Command::new(env!("CARGO_BIN_EXE_marchproxy"))
+            .args([
+                "up",
+                "--modules",
+                "alb",
+                "--config",
+                config.to_str().unwrap(),
+            ])
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--config-dir")
+            .arg(dir.path().join("modules"))
+            .arg("--module-ports")
+            .arg(port.to_string())
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("marchproxy up stops by itself")
+    .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("module alb stopped"), "{stderr}");
+    drop(taken);
+}

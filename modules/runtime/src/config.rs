@@ -187,7 +187,8 @@ pub struct RuntimeConfig {
     pub module_section: serde_json::Value,
 }
 
-fn host_name() -> String {
+/// This machine's name (`HOSTNAME`, else /etc/hostname), for default instance ids.
+pub fn host_name() -> String {
     std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())

@@ -292,9 +292,10 @@ pub async fn run_until(
     let config = RuntimeConfig::from_args(ModuleKind::Alb, common)?;
     marchproxy::telemetry::init(config.log_format);
     let tls = match (&cli.tls_cert, &cli.tls_key) {
-        (Some(cert), Some(key)) => {
-            Some(marchproxy_runtime::http::tls_acceptor(cert, key).map_err(anyhow::Error::msg)?)
-        }
+        (Some(cert), Some(key)) => Some(
+            marchproxy_runtime::http::tls_acceptor(cert, key, &[b"h2", b"http/1.1"])
+                .map_err(anyhow::Error::msg)?,
+        ),
         _ => None,
     };
     let metrics = Arc::new(Metrics::new(|opts| {

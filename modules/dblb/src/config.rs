@@ -16,6 +16,13 @@ use serde::{Deserialize, Serialize};
 pub struct Cli {
     #[command(flatten)]
     pub common: CommonArgs,
+    /// PEM certificate chain: PostgreSQL clients asking for SSL get TLS, ended here (without
+    /// it, SSL requests are declined and clients go on in plain text)
+    #[arg(long, env = "MARCHPROXY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert
+    #[arg(long, env = "MARCHPROXY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -34,7 +34,9 @@ use std::{
 
 use arc_swap::ArcSwap;
 use marchproxy::{names::ModuleKind, pb, route::RouteSpec};
-use marchproxy_runtime::{DataPlane, Module, ModuleError, RuntimeConfig, tcp::Accepted};
+use marchproxy_runtime::{
+    DataPlane, Module, ModuleError, RuntimeConfig, http::TlsAcceptor, tcp::Accepted,
+};
 use tokio::{net::TcpStream, sync::Notify};
 
 use crate::{
@@ -80,6 +82,8 @@ pub struct Dblb {
     pub cancels: Cancels,
     pub pools: Pools,
     pub metrics: Arc<Metrics>,
+    /// TLS for PostgreSQL clients that ask for SSL, when certificates are configured.
+    tls: Option<TlsAcceptor>,
 }
 
 /// A place in the wait queue, given back on drop.
@@ -93,7 +97,7 @@ impl Drop for Waiting<'_> {
 }
 
 impl Dblb {
-    pub fn new(metrics: Arc<Metrics>) -> Arc<Dblb> {
+    pub fn new(metrics: Arc<Metrics>, tls: Option<TlsAcceptor>) -> Arc<Dblb> {
         Arc::new(Dblb {
             settings: RwLock::new(Settings::default()),
             table: ArcSwap::from_pointee(Table::default()),
@@ -102,6 +106,7 @@ impl Dblb {
             cancels: Cancels::default(),
             pools: Pools::default(),
             metrics,
+            tls,
         })
     }
 
@@ -290,11 +295,18 @@ pub async fn run_until(
     }
     let config = RuntimeConfig::from_args(ModuleKind::Dblb, common)?;
     marchproxy::telemetry::init(config.log_format);
+    let tls = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            marchproxy_runtime::http::tls_acceptor(cert, key, &[b"postgresql"])
+                .map_err(anyhow::Error::msg)?,
+        ),
+        _ => None,
+    };
     let metrics = Arc::new(Metrics::new(|opts| {
         opts.const_label("module_type", ModuleKind::Dblb.name())
             .const_label("instance", &config.instance_id)
     }));
-    marchproxy_runtime::run(Dblb::new(metrics), config, shutdown).await?;
+    marchproxy_runtime::run(Dblb::new(metrics, tls), config, shutdown).await?;
     Ok(())
 }
 

@@ -41,7 +41,12 @@ const MAX_STARTUP_MESSAGE: u32 = 1 << 20;
 #[derive(Debug, PartialEq)]
 pub enum Startup {
     Session(Parameters),
-    Cancel { pid: u32, secret: u32 },
+    Cancel {
+        pid: u32,
+        secret: u32,
+    },
+    /// An SSLRequest the DBLB will accept (certificates are configured).
+    Tls,
 }
 
 /// A startup packet's protocol version and parameters, in the client's order.
@@ -191,8 +196,9 @@ impl Parameters {
     }
 }
 
-/// Reads the client's startup packet, declining SSL and GSS encryption requests on the way.
-pub async fn read_startup<S>(stream: &mut S) -> Result<Startup, StartupError>
+/// Reads the client's startup packet, declining GSS encryption requests on the way, and SSL
+/// requests unless `offer_tls` (then the request itself is returned, unanswered).
+pub async fn read_startup<S>(stream: &mut S, offer_tls: bool) -> Result<Startup, StartupError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -211,6 +217,7 @@ where
         stream.read_exact(&mut body).await?;
         let code = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
         match code {
+            SSL_REQUEST if offer_tls => return Ok(Startup::Tls),
             SSL_REQUEST | GSSENC_REQUEST => {
                 negotiations += 1;
                 if negotiations > 2 {
@@ -407,29 +414,78 @@ pub async fn serve(dblb: Arc<Dblb>, accepted: Accepted) {
     } = accepted;
     let _ = stream.set_nodelay(true);
     let settings = dblb.settings();
-    let startup =
-        match tokio::time::timeout(settings.startup_timeout(), read_startup(&mut stream)).await {
-            Ok(Ok(startup)) => startup,
-            Ok(Err(StartupError::Closed)) => {
-                debug!(%client, "connection closed before a startup packet");
-                return;
-            }
-            Ok(Err(error)) => {
-                debug!(%client, %error, "PostgreSQL startup refused");
-                dblb.metrics
-                    .session(Engine::Postgres.name(), Outcome::BadStartup);
-                if !matches!(error, StartupError::Io(_)) {
-                    refuse(stream, &error_response("08P01", &error.to_string())).await;
+    let offer_tls = dblb.tls.is_some();
+    let first = tokio::time::timeout(
+        settings.startup_timeout(),
+        read_startup(&mut stream, offer_tls),
+    )
+    .await;
+    match (first, &dblb.tls) {
+        (Ok(Ok(Startup::Tls)), Some(tls)) => {
+            let handshake = async {
+                stream.write_all(b"S").await?;
+                tls.accept(stream).await
+            };
+            match tokio::time::timeout(settings.startup_timeout(), handshake).await {
+                Ok(Ok(mut secured)) => {
+                    let startup = tokio::time::timeout(
+                        settings.startup_timeout(),
+                        read_startup(&mut secured, false),
+                    )
+                    .await;
+                    session(dblb, secured, startup, client, listener.addr.port(), stats).await;
                 }
-                return;
+                Ok(Err(error)) => {
+                    debug!(%client, %error, "TLS handshake failed");
+                    dblb.metrics
+                        .session(Engine::Postgres.name(), Outcome::BadStartup);
+                }
+                Err(_) => {
+                    debug!(%client, "TLS handshake not done in time");
+                    dblb.metrics
+                        .session(Engine::Postgres.name(), Outcome::BadStartup);
+                }
             }
-            Err(_) => {
-                debug!(%client, "PostgreSQL startup packet not sent in time");
-                dblb.metrics
-                    .session(Engine::Postgres.name(), Outcome::BadStartup);
-                return;
+        }
+        (first, _) => session(dblb, stream, first, client, listener.addr.port(), stats).await,
+    }
+}
+
+/// The session after its startup packet, over plain TCP or TLS.
+async fn session<S>(
+    dblb: Arc<Dblb>,
+    stream: S,
+    startup: Result<Result<Startup, StartupError>, tokio::time::error::Elapsed>,
+    client: std::net::SocketAddr,
+    listener_port: u16,
+    stats: Arc<marchproxy_runtime::Stats>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let mut stream = stream;
+    let settings = dblb.settings();
+    let startup = match startup {
+        Ok(Ok(startup)) => startup,
+        Ok(Err(StartupError::Closed)) => {
+            debug!(%client, "connection closed before a startup packet");
+            return;
+        }
+        Ok(Err(error)) => {
+            debug!(%client, %error, "PostgreSQL startup refused");
+            dblb.metrics
+                .session(Engine::Postgres.name(), Outcome::BadStartup);
+            if !matches!(error, StartupError::Io(_)) {
+                refuse(stream, &error_response("08P01", &error.to_string())).await;
             }
-        };
+            return;
+        }
+        Err(_) => {
+            debug!(%client, "PostgreSQL startup packet not sent in time");
+            dblb.metrics
+                .session(Engine::Postgres.name(), Outcome::BadStartup);
+            return;
+        }
+    };
     let parameters = match startup {
         Startup::Cancel { pid, secret } => {
             let outcome = dblb
@@ -441,11 +497,17 @@ pub async fn serve(dblb: Arc<Dblb>, accepted: Accepted) {
             return;
         }
         Startup::Session(parameters) => parameters,
+        // Only offered once, before TLS.
+        Startup::Tls => {
+            dblb.metrics
+                .session(Engine::Postgres.name(), Outcome::BadStartup);
+            return;
+        }
     };
     let request = stats.request();
     let want = Want {
         engine: Engine::Postgres,
-        listener_port: listener.addr.port(),
+        listener_port,
         database: parameters.database(),
         read_only: parameters.read_only(),
         tried: &[],
@@ -517,13 +579,16 @@ pub async fn serve(dblb: Arc<Dblb>, accepted: Accepted) {
     request.finish(true);
 }
 
-async fn relay_session(
+async fn relay_session<S>(
     dblb: &Dblb,
-    client: TcpStream,
+    client: S,
     server: TcpStream,
     stats: &marchproxy_runtime::Stats,
-) -> io::Result<()> {
-    let (client_read, client_write) = client.into_split();
+) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (client_read, client_write) = tokio::io::split(client);
     let (server_read, server_write) = server.into_split();
     let protocol = Engine::Postgres.name();
     let upstream = relay::pump(
@@ -554,12 +619,15 @@ struct LoggedIn {
 /// answers back, up to the server's first ReadyForQuery. The server's cancel key is swapped
 /// for `key`, which then points at it. Returns None when the server ended the login (its
 /// error has reached the client).
-async fn login(
-    client: &mut TcpStream,
+async fn login<S>(
+    client: &mut S,
     server: &mut TcpStream,
     server_address: &Endpoint,
     key: &ClientKey<'_>,
-) -> io::Result<Option<LoggedIn>> {
+) -> io::Result<Option<LoggedIn>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let (mut from_client, mut from_server) =
         (BytesMut::with_capacity(1024), BytesMut::with_capacity(4096));
     let mut server_key = None;
@@ -624,7 +692,10 @@ async fn login(
 /// Sends a client its last message and closes without a reset: the rest of what it sent is
 /// read and dropped first (briefly), since closing with unread bytes makes the kernel answer
 /// with a reset that can reach the client before the message.
-async fn refuse(mut stream: TcpStream, message: &[u8]) {
+async fn refuse<S>(mut stream: S, message: &[u8])
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     if stream.write_all(message).await.is_err() || stream.shutdown().await.is_err() {
         return;
     }
@@ -644,8 +715,11 @@ async fn refuse(mut stream: TcpStream, message: &[u8]) {
 /// Answers a client over its rate limit: its startup packet is read, then refused in words.
 pub async fn refuse_rate_limited(accepted: Accepted, retry_after: std::time::Duration) {
     let mut stream = accepted.stream;
-    let startup =
-        tokio::time::timeout(std::time::Duration::from_secs(5), read_startup(&mut stream)).await;
+    let startup = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        read_startup(&mut stream, false),
+    )
+    .await;
     if let Ok(Ok(Startup::Session(_))) = startup {
         let message = format!(
             "too many connections from {}: over the rate limit; retry in {} s",
@@ -684,7 +758,7 @@ mod tests {
             .write_all(&[ssl.clone(), session].concat())
             .await
             .unwrap();
-        let Startup::Session(parameters) = read_startup(&mut server).await.unwrap() else {
+        let Startup::Session(parameters) = read_startup(&mut server, false).await.unwrap() else {
             panic!("a session startup")
         };
         assert_eq!(
@@ -707,7 +781,7 @@ mod tests {
         let encoded = renamed.encode(Some("app"));
         let (mut client, mut server) = tokio::io::duplex(4096);
         client.write_all(&encoded).await.unwrap();
-        let Startup::Session(read_back) = read_startup(&mut server).await.unwrap() else {
+        let Startup::Session(read_back) = read_startup(&mut server, false).await.unwrap() else {
             panic!("a session startup")
         };
         assert_eq!(read_back.get("database"), Some("app"));
@@ -745,7 +819,7 @@ mod tests {
             let (mut client, mut server) = tokio::io::duplex(4096);
             client.write_all(&bad).await.unwrap();
             client.shutdown().await.unwrap();
-            let error = read_startup(&mut server).await.unwrap_err();
+            let error = read_startup(&mut server, false).await.unwrap_err();
             assert!(
                 format!("{error:?}").starts_with(why),
                 "{error:?} for {bad:?}"

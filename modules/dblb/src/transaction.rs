@@ -15,12 +15,12 @@
 //! `LISTEN`, SQL `PREPARE`) stays on whichever connection ran it, as with PgBouncer's
 //! transaction mode.
 
-use std::io;
+use std::{io, pin::Pin, task::Poll};
 
 use bytes::{Buf, BytesMut};
 use marchproxy_runtime::Stats;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::TcpStream,
 };
 use tracing::debug;
@@ -134,10 +134,42 @@ impl Progress {
 
 /// What one turn of the session's `select!` brought.
 enum Event {
-    ClientRead(io::Result<usize>),
-    ClientWrote(io::Result<usize>),
+    Client(io::Result<ClientIo>),
     Server(io::Result<ServerIo>),
     Stalled,
+}
+
+enum ClientIo {
+    Read(usize),
+    Wrote(usize),
+}
+
+/// Reads from or writes to the client (plain TCP or TLS), whichever it is ready for first.
+async fn client_io<S>(
+    client: &mut S,
+    scratch: &mut [u8],
+    may_read: bool,
+    out: &[u8],
+) -> io::Result<ClientIo>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    std::future::poll_fn(|cx| {
+        if !out.is_empty() {
+            if let Poll::Ready(written) = Pin::new(&mut *client).poll_write(cx, out) {
+                return Poll::Ready(written.map(ClientIo::Wrote));
+            }
+        }
+        if may_read {
+            let mut buffer = ReadBuf::new(scratch);
+            if let Poll::Ready(read) = Pin::new(&mut *client).poll_read(cx, &mut buffer) {
+                let n = buffer.filled().len();
+                return Poll::Ready(read.map(|()| ClientIo::Read(n)));
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 enum ServerIo {
@@ -179,19 +211,23 @@ async fn server_io(
 }
 
 /// Serves the client until it leaves; `pending` holds whatever it sent after its login.
-pub async fn serve(
+pub async fn serve<S>(
     dblb: &Dblb,
-    mut client: TcpStream,
+    mut client: S,
     mut pending: BytesMut,
     pool: &PoolClient,
     key: &ClientKey<'_>,
     stats: &Stats,
-) -> io::Result<()> {
+) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let wait = dblb.settings().queue_timeout();
     let protocol = Engine::Postgres.name();
     let mut to_server = BytesMut::new();
     let mut to_client = BytesMut::with_capacity(32 * 1024);
     let mut scratch = vec![0u8; 32 * 1024];
+    let mut from_client = vec![0u8; 16 * 1024];
     let mut attached: Option<Attached> = None;
     // Body bytes of the client's current message not yet scanned.
     let mut body_left: usize = 0;
@@ -259,13 +295,10 @@ pub async fn serve(
         }
         match stop {
             Some(Stop::Terminate) => {
-                flush(
-                    &client,
-                    &to_client,
-                    attached.as_ref().map(|a| &a.conn.stream),
-                    &to_server,
-                )
-                .await?;
+                client.write_all(&to_client).await?;
+                if let Some(server) = attached.as_ref() {
+                    write_all(&server.conn.stream, &to_server).await?;
+                }
                 return finish(attached, pool, true);
             }
             Some(Stop::Invalid(length)) => {
@@ -288,28 +321,27 @@ pub async fn serve(
             }
         }
         let may_read_server = to_client.len() < BUFFERED;
+        let may_read_client = to_server.len() < BUFFERED;
         let event = {
-            let (mut client_read, mut client_write) = client.split();
             let server = attached.as_ref().map(|a| &a.conn.stream);
             let server_busy = server.is_some() && (may_read_server || !to_server.is_empty());
+            let client_busy = may_read_client || !to_client.is_empty();
             tokio::select! {
-                read = client_read.read_buf(&mut pending), if to_server.len() < BUFFERED => Event::ClientRead(read),
+                io = client_io(&mut client, &mut from_client, may_read_client, &to_client), if client_busy => Event::Client(io),
                 io = server_io(server, &mut scratch, &to_server, may_read_server), if server_busy => Event::Server(io),
-                written = client_write.write(&to_client), if !to_client.is_empty() => Event::ClientWrote(written),
                 else => Event::Stalled,
             }
         };
         match event {
-            Event::ClientRead(read) => {
-                if read? == 0 {
-                    return finish(attached, pool, to_server.is_empty());
-                }
+            Event::Client(Ok(ClientIo::Read(0))) => {
+                return finish(attached, pool, to_server.is_empty());
             }
-            Event::ClientWrote(written) => {
-                let n = written?;
+            Event::Client(Ok(ClientIo::Read(n))) => pending.extend_from_slice(&from_client[..n]),
+            Event::Client(Ok(ClientIo::Wrote(n))) => {
                 stats.bytes_sent(n as u64);
                 to_client.advance(n);
             }
+            Event::Client(Err(error)) => return Err(error),
             Event::Server(Ok(ServerIo::Read(n))) if n > 0 => {
                 if let Some(server) = attached.as_mut() {
                     server.progress.server_sent(&scratch[..n]);
@@ -332,20 +364,7 @@ pub async fn serve(
     }
 }
 
-/// Writes what is buffered for either side.
-async fn flush(
-    client: &TcpStream,
-    to_client: &[u8],
-    server: Option<&TcpStream>,
-    to_server: &[u8],
-) -> io::Result<()> {
-    write_all(client, to_client).await?;
-    if let Some(server) = server {
-        write_all(server, to_server).await?;
-    }
-    Ok(())
-}
-
+/// Writes all of `bytes` to a server connection shared by reference.
 async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
     while !bytes.is_empty() {
         stream.writable().await?;
@@ -370,13 +389,16 @@ fn finish(attached: Option<Attached>, pool: &Pool, written: bool) -> io::Result<
 }
 
 /// Ends the client's session with a FATAL error.
-async fn refuse(
-    client: &mut TcpStream,
+async fn refuse<S>(
+    client: &mut S,
     attached: Option<Attached>,
     pool: &Pool,
     sqlstate: &str,
     message: &str,
-) -> io::Result<()> {
+) -> io::Result<()>
+where
+    S: AsyncWrite + Unpin,
+{
     finish(attached, pool, false)?;
     client.write_all(&error_response(sqlstate, message)).await?;
     client.shutdown().await

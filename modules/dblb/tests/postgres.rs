@@ -512,3 +512,118 @@ async fn dead_servers_go_out_and_back_full_servers_queue_and_bad_startups_are_re
         1.0
     );
 }
+
+#[tokio::test]
+async fn tls_ends_at_the_dblb_when_certificates_are_configured() {
+    marchproxy_testkit::external::require(
+        "openssl",
+        "openssl version",
+        "sudo apt-get install -y openssl",
+    );
+    let server = Postgres::start(&[]).await;
+    server.psql("postgres", "CREATE DATABASE pooled").await;
+    let address = format!("127.0.0.1:{}", server.port);
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=dblb.test"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .unwrap();
+    assert!(made.success(), "openssl made a certificate");
+    let config = [
+        route("main", "postgres", &address, &[("database", "postgres")]),
+        route(
+            "pooled",
+            "postgres",
+            &address,
+            &[("database", "pooled"), ("pool_mode", "transaction")],
+        ),
+    ]
+    .concat();
+    let secured = tempfile::tempdir().unwrap();
+    let dblb = Dblb::start(
+        secured.path(),
+        &config,
+        &["postgres"],
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let pg = dblb.listeners[0];
+
+    // psql insisting on SSL: TLS with the DBLB, in both pool modes.
+    let require = ("PGSSLMODE", "require");
+    let info = psql(&server, pg, "postgres", "\\conninfo", &[require])
+        .await
+        .unwrap();
+    assert!(info.contains("SSL connection (protocol: TLSv1.3"), "{info}");
+    assert_eq!(
+        psql(
+            &server,
+            pg,
+            "postgres",
+            "SELECT current_setting('port')",
+            &[require]
+        )
+        .await
+        .unwrap(),
+        server.port.to_string()
+    );
+    assert_eq!(
+        psql(
+            &server,
+            pg,
+            "pooled",
+            "SELECT current_database()",
+            &[require]
+        )
+        .await
+        .unwrap(),
+        "pooled"
+    );
+    // Plain clients still connect.
+    assert_eq!(
+        psql(
+            &server,
+            pg,
+            "postgres",
+            "SELECT 1",
+            &[("PGSSLMODE", "disable")]
+        )
+        .await
+        .unwrap(),
+        "1"
+    );
+
+    // Without certificates, SSL is declined, and a client that requires it says so.
+    let plain = tempfile::tempdir().unwrap();
+    let declined = Dblb::start(plain.path(), &config, &["postgres"], &[]).await;
+    let refused = psql(
+        &server,
+        declined.listeners[0],
+        "postgres",
+        "SELECT 1",
+        &[require],
+    )
+    .await
+    .unwrap_err();
+    assert!(refused.contains("server does not support SSL"), "{refused}");
+}

@@ -99,9 +99,9 @@ pub async fn serve_tls(
     Ok(())
 }
 
-/// TLS for `https=` listeners from PEM files (the certificate chain, then the private key),
-/// offering HTTP/2 and HTTP/1.1 by ALPN.
-pub fn tls_acceptor(certificate: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+/// TLS from PEM files (the certificate chain, then the private key), offering the `alpn`
+/// protocols (for `https=` listeners, HTTP/2 and HTTP/1.1).
+pub fn tls_acceptor(certificate: &Path, key: &Path, alpn: &[&[u8]]) -> Result<TlsAcceptor, String> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
     let chain = CertificateDer::pem_file_iter(certificate)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
@@ -121,7 +121,7 @@ pub fn tls_acceptor(certificate: &Path, key: &Path) -> Result<TlsAcceptor, Strin
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(|e| format!("certificate {}: {e}", certificate.display()))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 

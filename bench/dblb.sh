@@ -75,7 +75,7 @@ logfile = $work/pgbouncer-$pool_mode.log
 pidfile =
 INI
   [ "$(id -u)" = 0 ] && chown postgres: "$work/pgbouncer-$pool_mode.ini" "$work/users.txt"
-  as_owner "$pgbouncer" "$work/pgbouncer-$pool_mode.ini" 2>/dev/null & pids+=($!)
+  as_owner "$pgbouncer" "$work/pgbouncer-$pool_mode.ini" >/dev/null 2>&1 & pids+=($!)
   wait_port "$port"
 done
 

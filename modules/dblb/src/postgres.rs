@@ -460,7 +460,7 @@ async fn session<S>(
     listener_port: u16,
     stats: Arc<marchproxy_runtime::Stats>,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: ClientStream,
 {
     let mut stream = stream;
     let settings = dblb.settings();
@@ -579,16 +579,41 @@ async fn session<S>(
     request.finish(true);
 }
 
-async fn relay_session<S>(
+/// A client connection, plain or TLS, and how it splits into halves that move on their own.
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {
+    type Reader: AsyncRead + Unpin + Send;
+    type Writer: AsyncWrite + Unpin + Send;
+
+    fn halves(self) -> (Self::Reader, Self::Writer);
+}
+
+impl ClientStream for TcpStream {
+    type Reader = tokio::net::tcp::OwnedReadHalf;
+    type Writer = tokio::net::tcp::OwnedWriteHalf;
+
+    /// Lock-free owned halves, for the common plain case.
+    fn halves(self) -> (Self::Reader, Self::Writer) {
+        self.into_split()
+    }
+}
+
+impl ClientStream for marchproxy_runtime::http::TlsStream<TcpStream> {
+    type Reader = tokio::io::ReadHalf<Self>;
+    type Writer = tokio::io::WriteHalf<Self>;
+
+    /// One TLS session under both halves, so they share it through a lock.
+    fn halves(self) -> (Self::Reader, Self::Writer) {
+        tokio::io::split(self)
+    }
+}
+
+async fn relay_session<S: ClientStream>(
     dblb: &Dblb,
     client: S,
     server: TcpStream,
     stats: &marchproxy_runtime::Stats,
-) -> io::Result<()>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let (client_read, client_write) = tokio::io::split(client);
+) -> io::Result<()> {
+    let (client_read, client_write) = client.halves();
     let (server_read, server_write) = server.into_split();
     let protocol = Engine::Postgres.name();
     let upstream = relay::pump(

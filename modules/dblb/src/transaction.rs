@@ -15,7 +15,11 @@
 //! `LISTEN`, SQL `PREPARE`) stays on whichever connection ran it, as with PgBouncer's
 //! transaction mode.
 
-use std::{io, pin::Pin, task::Poll};
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll, Waker},
+};
 
 use bytes::{Buf, BytesMut};
 use marchproxy_runtime::Stats;
@@ -292,6 +296,17 @@ where
         if ready > 0 {
             stats.bytes_received(ready as u64);
             to_server.extend_from_slice(&pending.split_to(ready));
+            // Most of the time the socket takes it all at once: no turn of the loop needed.
+            if let Some(server) = attached.as_ref() {
+                match server.conn.stream.try_write(&to_server) {
+                    Ok(n) => to_server.advance(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        let message = "the server connection failed during the transaction";
+                        return refuse(&mut client, None, pool, "08006", message).await;
+                    }
+                }
+            }
         }
         match stop {
             Some(Stop::Terminate) => {
@@ -347,6 +362,11 @@ where
                     server.progress.server_sent(&scratch[..n]);
                 }
                 to_client.extend_from_slice(&scratch[..n]);
+                if let Some(written) = write_now(&mut client, &to_client) {
+                    let n = written?;
+                    stats.bytes_sent(n as u64);
+                    to_client.advance(n);
+                }
             }
             Event::Server(Ok(ServerIo::Wrote(n))) => to_server.advance(n),
             Event::Server(_) => {
@@ -361,6 +381,19 @@ where
                 ));
             }
         }
+    }
+}
+
+/// Writes to the client if it can take bytes right now, without waiting; None if it cannot.
+/// (The next `select!` polls it again with the task's waker before the task sleeps.)
+fn write_now<S>(client: &mut S, bytes: &[u8]) -> Option<io::Result<usize>>
+where
+    S: AsyncWrite + Unpin,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    match Pin::new(client).poll_write(&mut cx, bytes) {
+        Poll::Ready(written) => Some(written),
+        Poll::Pending => None,
     }
 }
 

@@ -29,8 +29,8 @@ use tokio::{
     net::TcpStream,
     task::JoinSet,
 };
-pub use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
+pub use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tower::ServiceExt;
 use tracing::debug;
 

@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
 mod common;
-use common::{Alb, DEADLINE};
+use common::{Alb, DEADLINE, ROOMY_CACHE};
 
 /// What the file server was asked, per path: requests and the headers of the last one.
 #[derive(Default)]
@@ -230,7 +230,12 @@ async fn one_download_feeds_many_devices_and_the_cache_recovers_from_failures() 
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     let cache_arg = cache.to_str().unwrap().to_owned();
-    let alb = start_proxy(dir.path(), "first", &["--cache-dir", &cache_arg]).await;
+    let alb = start_proxy(
+        dir.path(),
+        "first",
+        &["--cache-dir", &cache_arg, "--cache-max-bytes", ROOMY_CACHE],
+    )
+    .await;
 
     // 50 devices at once: one upstream request, the same bytes for all.
     let url = upstream.url("/big.bin");
@@ -417,7 +422,12 @@ async fn one_download_feeds_many_devices_and_the_cache_recovers_from_failures() 
 
     // A restart keeps the entries.
     drop(alb);
-    let alb = start_proxy(dir.path(), "second", &["--cache-dir", &cache_arg]).await;
+    let alb = start_proxy(
+        dir.path(),
+        "second",
+        &["--cache-dir", &cache_arg, "--cache-max-bytes", ROOMY_CACHE],
+    )
+    .await;
     let restarted = curl_via(
         alb.http,
         &upstream.url("/big.bin"),
@@ -464,6 +474,8 @@ async fn eviction_keeps_the_budget_and_a_chained_proxy_shares_its_cache() {
         &[
             "--cache-dir",
             edge_cache.to_str().unwrap(),
+            "--cache-max-bytes",
+            ROOMY_CACHE,
             "--upper-proxy",
             &upper_url,
         ],
@@ -511,7 +523,7 @@ async fn eviction_keeps_the_budget_and_a_chained_proxy_shares_its_cache() {
     assert_eq!(
         cached_files(&edge_cache).len(),
         5,
-        "the edge has no budget of its own"
+        "the edge's own budget is far above what it holds"
     );
     // Asked of the upper proxy directly: the evicted file is fetched anew, the newest is a hit.
     for (path, upstream_requests) in [("/f0.bin", 2), ("/f4.bin", 1)] {

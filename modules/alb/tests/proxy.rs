@@ -31,7 +31,7 @@ use tokio::{
 use tokio_tungstenite::tungstenite::Message;
 
 mod common;
-use common::{Alb, DEADLINE};
+use common::{Alb, DEADLINE, ROOMY_CACHE};
 
 const ANSWER: u8 = 0;
 const FAIL: u8 = 1;
@@ -361,6 +361,8 @@ async fn routes_weights_websocket_and_http2_through_the_nlb() {
             "1s",
             "--cache-dir",
             cache.to_str().unwrap(),
+            "--cache-max-bytes",
+            ROOMY_CACHE,
         ],
         None,
     )

@@ -16,6 +16,10 @@ use marchproxy_testkit::{
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
+/// A cache budget far above what a test stores: without one, the cache's limits are shares of
+/// the filesystem, and the tests would depend on how full this machine's disk is.
+pub const ROOMY_CACHE: &str = "1073741824";
+
 /// The ALB binary on free ports: `http+proxy=` when it sits behind the NLB, plain `http=`
 /// otherwise, and `https=` when certificates are given.
 pub struct Alb {

@@ -1,7 +1,8 @@
-//! The DBLB in front of real MariaDB servers, driven by the `mysql` client: a server per
-//! listener (one of them a read-only port), the server's own authentication, a connection cap
-//! that queues then answers "Too many connections", a server that dies taken out and brought
-//! back, and MySQL through the NLB beside PostgreSQL on one DBLB.
+//! The DBLB in front of real MariaDB servers, driven by the `mysql` client and the
+//! `mysql_async` driver: a server per listener (one of them a read-only port), the server's own
+//! authentication, a connection cap that queues then answers "Too many connections", a server
+//! that dies taken out and brought back, and MySQL through the NLB beside PostgreSQL on one
+//! DBLB.
 
 mod common;
 
@@ -93,6 +94,25 @@ async fn listeners_limits_and_a_dead_server_through_the_dblb_and_the_nlb() {
     )
     .await
     .unwrap();
+    // A Rust driver, with a prepared statement, the same way.
+    let options = mysql_async::OptsBuilder::default()
+        .ip_or_hostname("127.0.0.1")
+        .tcp_port(reads.port())
+        .user(Some("app"))
+        .pass(Some(PASSWORD))
+        .db_name(Some("shop"));
+    let mut driver = mysql_async::Conn::new(options).await.unwrap();
+    let port: Option<u16> =
+        mysql_async::prelude::Queryable::query_first(&mut driver, "SELECT @@port")
+            .await
+            .unwrap();
+    assert_eq!(port, Some(reports.port));
+    let sum: Option<i64> =
+        mysql_async::prelude::Queryable::exec_first(&mut driver, "SELECT ? + ?", (40, 2))
+            .await
+            .unwrap();
+    assert_eq!(sum, Some(42));
+    driver.disconnect().await.unwrap();
     let denied = mysql(writes, "wrong", "SELECT 1").await.unwrap_err();
     assert!(denied.contains("Access denied"), "{denied}");
 

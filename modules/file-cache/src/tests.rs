@@ -11,11 +11,17 @@ fn metrics() -> crate::CacheMetrics {
     crate::CacheMetrics::new("test", |opts| opts)
 }
 
-fn open(dir: &std::path::Path, max_bytes: Option<u64>) -> FileCache {
+/// A cache whose limits never depend on how full this machine's disk is.
+fn roomy(dir: &std::path::Path) -> Config {
     let mut config = Config::new(dir);
-    config.max_bytes = max_bytes;
     config.soft_limit_percent = 100;
     config.hard_limit_percent = 100;
+    config
+}
+
+fn open(dir: &std::path::Path, max_bytes: Option<u64>) -> FileCache {
+    let mut config = roomy(dir);
+    config.max_bytes = max_bytes;
     FileCache::open(&config, metrics()).unwrap()
 }
 
@@ -242,7 +248,7 @@ async fn entries_survive_a_restart_and_strays_do_not() {
         0
     );
     drop(cache);
-    let mut config = Config::new(dir.path());
+    let mut config = roomy(dir.path());
     config.wipe = true;
     let wiped = FileCache::open(&config, metrics()).unwrap();
     assert_eq!(wiped.usage(), (0, 0));
@@ -269,7 +275,7 @@ async fn refetch_drops_the_entry_and_read_checks_the_digest() {
 #[tokio::test]
 async fn a_stalled_upstream_is_given_up() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::new(dir.path());
+    let mut config = roomy(dir.path());
     config.stall_timeout = Duration::from_millis(200);
     let cache = FileCache::open(&config, metrics()).unwrap();
     let key = Key::url("http://x/stalled");

@@ -224,11 +224,13 @@ impl Module for Dblb {
         self.metrics.register(&plane.stats.module_registry)?;
         let checks = tokio::spawn(health::run(Arc::clone(&self)));
         let metrics = Arc::clone(&self.metrics);
+        let tls = self.tls.clone();
         let served = marchproxy_runtime::tcp::serve_refusing(
             plane,
             move |accepted| Arc::clone(&self).connection(accepted),
             move |accepted, retry_after| {
                 let metrics = Arc::clone(&metrics);
+                let tls = tls.clone();
                 async move {
                     match accepted.listener.protocol {
                         Some(pb::Protocol::Mysql) => {
@@ -237,7 +239,7 @@ impl Module for Dblb {
                         }
                         _ => {
                             metrics.session(Engine::Postgres.name(), Outcome::RateLimited);
-                            postgres::refuse_rate_limited(accepted, retry_after).await;
+                            postgres::refuse_rate_limited(accepted, retry_after, tls).await;
                         }
                     }
                 }

@@ -11,7 +11,7 @@ use std::{io, sync::Arc};
 use bytes::BytesMut;
 use dashmap::DashMap;
 use marchproxy::names::Endpoint;
-use marchproxy_runtime::tcp::Accepted;
+use marchproxy_runtime::{http::TlsAcceptor, tcp::Accepted};
 use rand::Rng;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
@@ -415,24 +415,19 @@ pub async fn serve(dblb: Arc<Dblb>, accepted: Accepted) {
     let _ = stream.set_nodelay(true);
     let settings = dblb.settings();
     let offer_tls = dblb.tls.is_some();
-    let first = tokio::time::timeout(
-        settings.startup_timeout(),
-        read_startup(&mut stream, offer_tls),
-    )
-    .await;
+    // One deadline for the whole start: the request, a TLS handshake, the startup packet.
+    let deadline = tokio::time::Instant::now() + settings.startup_timeout();
+    let first = tokio::time::timeout_at(deadline, read_startup(&mut stream, offer_tls)).await;
     match (first, &dblb.tls) {
         (Ok(Ok(Startup::Tls)), Some(tls)) => {
             let handshake = async {
                 stream.write_all(b"S").await?;
                 tls.accept(stream).await
             };
-            match tokio::time::timeout(settings.startup_timeout(), handshake).await {
+            match tokio::time::timeout_at(deadline, handshake).await {
                 Ok(Ok(mut secured)) => {
-                    let startup = tokio::time::timeout(
-                        settings.startup_timeout(),
-                        read_startup(&mut secured, false),
-                    )
-                    .await;
+                    let startup =
+                        tokio::time::timeout_at(deadline, read_startup(&mut secured, false)).await;
                     session(dblb, secured, startup, client, listener.addr.port(), stats).await;
                 }
                 Ok(Err(error)) => {
@@ -703,9 +698,11 @@ where
                         message[5..9].copy_from_slice(&key.pid.to_be_bytes());
                         message[9..13].copy_from_slice(&key.secret.to_be_bytes());
                     }
-                    client.write_all(&message).await?;
-                                        if message[0] == b'Z' {
+                                        client.write_all(&message).await?;
+                    client.flush().await?;
+                                                            if message[0] == b'Z' {
                         client.write_all(&from_server).await?;
+                        client.flush().await?;
                         return Ok(Some(LoggedIn { server_key, early: from_client }));
                     }
                 }
@@ -738,20 +735,37 @@ where
 }
 
 /// Answers a client over its rate limit: its startup packet is read, then refused in words.
-pub async fn refuse_rate_limited(accepted: Accepted, retry_after: std::time::Duration) {
+pub async fn refuse_rate_limited(
+    accepted: Accepted,
+    retry_after: std::time::Duration,
+    tls: Option<TlsAcceptor>,
+) {
+    let message = format!(
+        "too many connections from {}: over the rate limit; retry in {} s",
+        accepted.client.ip(),
+        retry_after.as_secs().max(1)
+    );
+    let refusal = error_response("53300", &message);
     let mut stream = accepted.stream;
-    let startup = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        read_startup(&mut stream, false),
-    )
-    .await;
-    if let Ok(Ok(Startup::Session(_))) = startup {
-        let message = format!(
-            "too many connections from {}: over the rate limit; retry in {} s",
-            accepted.client.ip(),
-            retry_after.as_secs().max(1)
-        );
-        refuse(stream, &error_response("53300", &message)).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let startup = tokio::time::timeout_at(deadline, read_startup(&mut stream, tls.is_some())).await;
+    match (startup, tls) {
+        (Ok(Ok(Startup::Session(_))), _) => refuse(stream, &refusal).await,
+        // A client that requires SSL reads the refusal over TLS, not "no SSL support".
+        (Ok(Ok(Startup::Tls)), Some(tls)) => {
+            let secured = async {
+                stream.write_all(b"S").await?;
+                let mut secured = tls.accept(stream).await?;
+                let startup = read_startup(&mut secured, false).await;
+                io::Result::Ok((secured, startup))
+            };
+            if let Ok(Ok((secured, Ok(Startup::Session(_))))) =
+                tokio::time::timeout_at(deadline, secured).await
+            {
+                refuse(secured, &refusal).await;
+            }
+        }
+        _ => {}
     }
 }
 

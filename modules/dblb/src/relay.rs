@@ -161,6 +161,8 @@ where
         }
         let queries = counter.as_mut().map_or(0, |c| c.feed(&buffer[..n]));
         to.write_all(&buffer[..n]).await?;
+        // TLS holds records back until flushed; plain TCP's flush is free.
+        to.flush().await?;
         on_chunk(n as u64, queries);
     }
 }

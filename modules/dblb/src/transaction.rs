@@ -146,14 +146,17 @@ enum Event {
 enum ClientIo {
     Read(usize),
     Wrote(usize),
+    Flushed,
 }
 
-/// Reads from or writes to the client (plain TCP or TLS), whichever it is ready for first.
+/// Reads from, writes to or flushes the client (plain TCP or TLS), whichever it is ready for
+/// first. A flush is owed after writes: TLS holds records back until flushed.
 async fn client_io<S>(
     client: &mut S,
     scratch: &mut [u8],
     may_read: bool,
     out: &[u8],
+    flush: bool,
 ) -> io::Result<ClientIo>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -162,6 +165,10 @@ where
         if !out.is_empty() {
             if let Poll::Ready(written) = Pin::new(&mut *client).poll_write(cx, out) {
                 return Poll::Ready(written.map(ClientIo::Wrote));
+            }
+        } else if flush {
+            if let Poll::Ready(flushed) = Pin::new(&mut *client).poll_flush(cx) {
+                return Poll::Ready(flushed.map(|()| ClientIo::Flushed));
             }
         }
         if may_read {
@@ -232,6 +239,7 @@ where
     let mut to_client = BytesMut::with_capacity(32 * 1024);
     let mut scratch = vec![0u8; 32 * 1024];
     let mut from_client = vec![0u8; 16 * 1024];
+    let mut flush_owed = false;
     let mut attached: Option<Attached> = None;
     // Body bytes of the client's current message not yet scanned.
     let mut body_left: usize = 0;
@@ -311,6 +319,7 @@ where
         match stop {
             Some(Stop::Terminate) => {
                 client.write_all(&to_client).await?;
+                client.flush().await?;
                 if let Some(server) = attached.as_ref() {
                     write_all(&server.conn.stream, &to_server).await?;
                 }
@@ -340,9 +349,9 @@ where
         let event = {
             let server = attached.as_ref().map(|a| &a.conn.stream);
             let server_busy = server.is_some() && (may_read_server || !to_server.is_empty());
-            let client_busy = may_read_client || !to_client.is_empty();
+            let client_busy = may_read_client || !to_client.is_empty() || flush_owed;
             tokio::select! {
-                io = client_io(&mut client, &mut from_client, may_read_client, &to_client), if client_busy => Event::Client(io),
+                io = client_io(&mut client, &mut from_client, may_read_client, &to_client, flush_owed), if client_busy => Event::Client(io),
                 io = server_io(server, &mut scratch, &to_server, may_read_server), if server_busy => Event::Server(io),
                 else => Event::Stalled,
             }
@@ -355,7 +364,9 @@ where
             Event::Client(Ok(ClientIo::Wrote(n))) => {
                 stats.bytes_sent(n as u64);
                 to_client.advance(n);
+                flush_owed = !flush_now(&mut client)?;
             }
+            Event::Client(Ok(ClientIo::Flushed)) => flush_owed = false,
             Event::Client(Err(error)) => return Err(error),
             Event::Server(Ok(ServerIo::Read(n))) if n > 0 => {
                 if let Some(server) = attached.as_mut() {
@@ -366,6 +377,7 @@ where
                     let n = written?;
                     stats.bytes_sent(n as u64);
                     to_client.advance(n);
+                    flush_owed = !flush_now(&mut client)?;
                 }
             }
             Event::Server(Ok(ServerIo::Wrote(n))) => to_server.advance(n),
@@ -394,6 +406,18 @@ where
     match Pin::new(client).poll_write(&mut cx, bytes) {
         Poll::Ready(written) => Some(written),
         Poll::Pending => None,
+    }
+}
+
+/// Flushes the client if that needs no waiting (always, for plain TCP); false if it must wait.
+fn flush_now<S>(client: &mut S) -> io::Result<bool>
+where
+    S: AsyncWrite + Unpin,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    match Pin::new(client).poll_flush(&mut cx) {
+        Poll::Ready(flushed) => flushed.map(|()| true),
+        Poll::Pending => Ok(false),
     }
 }
 

@@ -599,6 +599,17 @@ async fn tls_ends_at_the_dblb_when_certificates_are_configured() {
         .unwrap(),
         "pooled"
     );
+    // A large result over TLS, through the pooled route, arrives whole.
+    let rows = psql(
+        &server,
+        pg,
+        "pooled",
+        "SELECT repeat('x', 100) FROM generate_series(1, 50000)",
+        &[require],
+    )
+    .await
+    .unwrap();
+    assert_eq!(rows.lines().count(), 50_000);
     // Plain clients still connect.
     assert_eq!(
         psql(
@@ -626,4 +637,14 @@ async fn tls_ends_at_the_dblb_when_certificates_are_configured() {
     .await
     .unwrap_err();
     assert!(refused.contains("server does not support SSL"), "{refused}");
+
+    // Over a rate limit, a client that requires SSL reads the refusal over TLS.
+    dblb.limit_clients(1).await;
+    psql(&server, pg, "postgres", "SELECT 1", &[require])
+        .await
+        .unwrap();
+    let limited = psql(&server, pg, "postgres", "SELECT 1", &[require])
+        .await
+        .unwrap_err();
+    assert!(limited.contains("over the rate limit"), "{limited}");
 }

@@ -4,7 +4,7 @@
 //! runtime's `marchproxy_module_*` figures (connections, bytes, rate-limited clients).
 
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 pub struct Metrics {
@@ -130,12 +130,6 @@ impl Metrics {
             .inc();
     }
 
-    pub fn queries(&self, protocol: &str, count: u64) {
-        if count > 0 {
-            self.queries.with_label_values(&[protocol]).inc_by(count);
-        }
-    }
-
     pub fn waited(&self, protocol: &str, seconds: f64) {
         self.wait.with_label_values(&[protocol]).observe(seconds);
     }
@@ -168,8 +162,13 @@ impl Metrics {
         self.pool_idle.with_label_values(&[route])
     }
 
-    pub fn checkout(&self, route: &str) {
-        self.checkouts.with_label_values(&[route]).inc();
+    pub fn checkouts(&self, route: &str) -> IntCounter {
+        self.checkouts.with_label_values(&[route])
+    }
+
+    /// The queries counter of `protocol`, for a session to count into without lookups.
+    pub fn query_counter(&self, protocol: &str) -> IntCounter {
+        self.queries.with_label_values(&[protocol])
     }
 
     pub fn register(&self, registry: &Registry) -> Result<(), prometheus::Error> {

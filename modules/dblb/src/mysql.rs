@@ -85,14 +85,14 @@ pub async fn serve(dblb: Arc<Dblb>, accepted: Accepted) {
     let _ = server.set_nodelay(true);
     let (client_read, client_write) = stream.into_split();
     let (server_read, server_write) = server.into_split();
-    let protocol = Engine::Mysql.name();
+    let counted = dblb.metrics.query_counter(Engine::Mysql.name());
     let upstream = relay::pump(
         client_read,
         server_write,
         Some(QueryCounter::new(Framing::Mysql)),
         |bytes, queries| {
             stats.bytes_received(bytes);
-            dblb.metrics.queries(protocol, queries);
+            counted.inc_by(queries);
         },
     );
     let downstream = relay::pump(server_read, client_write, None, |bytes, _| {

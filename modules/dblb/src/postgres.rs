@@ -610,14 +610,14 @@ async fn relay_session<S: ClientStream>(
 ) -> io::Result<()> {
     let (client_read, client_write) = client.halves();
     let (server_read, server_write) = server.into_split();
-    let protocol = Engine::Postgres.name();
+    let counted = dblb.metrics.query_counter(Engine::Postgres.name());
     let upstream = relay::pump(
         client_read,
         server_write,
         Some(QueryCounter::new(Framing::Postgres)),
         |bytes, queries| {
             stats.bytes_received(bytes);
-            dblb.metrics.queries(protocol, queries);
+            counted.inc_by(queries);
         },
     );
     let downstream = relay::pump(server_read, client_write, None, |bytes, _| {

@@ -234,7 +234,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let wait = dblb.settings().queue_timeout();
-    let protocol = Engine::Postgres.name();
+    let queries = dblb.metrics.query_counter(Engine::Postgres.name());
+    let checkouts = dblb.metrics.checkouts(&pool.route_id);
     let mut to_server = BytesMut::new();
     let mut to_client = BytesMut::with_capacity(32 * 1024);
     let mut scratch = vec![0u8; 32 * 1024];
@@ -285,7 +286,7 @@ where
                         return refuse(&mut client, None, pool, "53300", &error.to_string()).await;
                     }
                 };
-                dblb.metrics.checkout(&pool.route_id);
+                checkouts.inc();
                 key.point(&conn.address, conn.key);
                 attached = Some(Attached {
                     conn,
@@ -296,7 +297,7 @@ where
                 server.progress.client_sends(kind);
             }
             if matches!(kind, b'Q' | b'E') {
-                dblb.metrics.queries(protocol, 1);
+                queries.inc();
             }
             ready += 5;
             body_left = length as usize - 4;

@@ -12,7 +12,7 @@ use tracing::{debug, info};
 use crate::{
     Dblb, Refusal,
     metrics::Outcome,
-    relay::{self, Framing, QueryCounter},
+    relay::{self, Framing},
     table::{Engine, Want},
 };
 
@@ -83,23 +83,16 @@ pub async fn serve(dblb: Arc<Dblb>, accepted: Accepted) {
     };
     debug!(%client, backend = %lease.backend.address, route = %lease.route_id, "MySQL session");
     let _ = server.set_nodelay(true);
-    let (client_read, client_write) = stream.into_split();
-    let (server_read, server_write) = server.into_split();
-    let counted = dblb.metrics.query_counter(Engine::Mysql.name());
-    let upstream = relay::pump(
-        client_read,
-        server_write,
-        Some(QueryCounter::new(Framing::Mysql)),
-        |bytes, queries| {
-            stats.bytes_received(bytes);
-            counted.inc_by(queries);
-        },
-    );
-    let downstream = relay::pump(server_read, client_write, None, |bytes, _| {
-        stats.bytes_sent(bytes)
-    });
-    let (up, down) = tokio::join!(upstream, downstream);
-    if let Err(error) = up.and(down) {
+    let queries = dblb.metrics.query_counter(Engine::Mysql.name());
+    let relayed = relay::session(
+        stream.into_split(),
+        server,
+        Framing::Mysql,
+        &queries,
+        &stats,
+    )
+    .await;
+    if let Err(error) = relayed {
         debug!(%client, %error, "MySQL session ended with an error");
     }
     drop(lease);

@@ -23,7 +23,7 @@ use crate::{
     Dblb, Refusal,
     metrics::Outcome,
     pool::PoolKey,
-    relay::{self, Framing, QueryCounter},
+    relay::{self, Framing},
     table::{Engine, PoolMode, Want},
     transaction,
 };
@@ -544,7 +544,8 @@ async fn session<S>(
         match lease.pool_mode {
             PoolMode::Session => {
                 server.write_all(&early).await?;
-                relay_session(&dblb, stream, server, &stats).await
+                let queries = dblb.metrics.query_counter(Engine::Postgres.name());
+                relay::session(stream.halves(), server, Framing::Postgres, &queries, &stats).await
             }
             PoolMode::Transaction => {
                 let pool = dblb.pools.join(
@@ -600,31 +601,6 @@ impl ClientStream for marchproxy_runtime::http::TlsStream<TcpStream> {
     fn halves(self) -> (Self::Reader, Self::Writer) {
         tokio::io::split(self)
     }
-}
-
-async fn relay_session<S: ClientStream>(
-    dblb: &Dblb,
-    client: S,
-    server: TcpStream,
-    stats: &marchproxy_runtime::Stats,
-) -> io::Result<()> {
-    let (client_read, client_write) = client.halves();
-    let (server_read, server_write) = server.into_split();
-    let counted = dblb.metrics.query_counter(Engine::Postgres.name());
-    let upstream = relay::pump(
-        client_read,
-        server_write,
-        Some(QueryCounter::new(Framing::Postgres)),
-        |bytes, queries| {
-            stats.bytes_received(bytes);
-            counted.inc_by(queries);
-        },
-    );
-    let downstream = relay::pump(server_read, client_write, None, |bytes, _| {
-        stats.bytes_sent(bytes)
-    });
-    let (up, down) = tokio::join!(upstream, downstream);
-    up.and(down)
 }
 
 /// A server connection past its login.

@@ -139,6 +139,36 @@ impl QueryCounter {
     }
 }
 
+/// Relays a session both ways until each side has closed: the client's bytes, its queries
+/// counted by `framing` into `queries`, to the server, and the server's back; bytes into `stats`.
+pub async fn session<R, W>(
+    (client_read, client_write): (R, W),
+    server: tokio::net::TcpStream,
+    framing: Framing,
+    queries: &prometheus::IntCounter,
+    stats: &marchproxy_runtime::Stats,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (server_read, server_write) = server.into_split();
+    let upstream = pump(
+        client_read,
+        server_write,
+        Some(QueryCounter::new(framing)),
+        |bytes, counted| {
+            stats.bytes_received(bytes);
+            queries.inc_by(counted);
+        },
+    );
+    let downstream = pump(server_read, client_write, None, |bytes, _| {
+        stats.bytes_sent(bytes)
+    });
+    let (up, down) = tokio::join!(upstream, downstream);
+    up.and(down)
+}
+
 /// Copies `from` to `to` until `from` ends, then half-closes `to`; `on_chunk(bytes, queries)`
 /// sees every chunk, queries counted when a counter is given.
 pub async fn pump<R, W>(

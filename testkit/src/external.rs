@@ -34,6 +34,37 @@ pub fn require(what: &str, check: &str, install: &str) {
     );
 }
 
+/// A self-signed P-256 certificate for `name` (also its DNS subject name) and its private key,
+/// PEM files made by openssl in `dir`: (certificate, key).
+pub fn self_signed_certificate(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    require(
+        "openssl",
+        "openssl version",
+        "sudo apt-get install -y openssl",
+    );
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", &format!("/CN={name}")])
+        .args(["-addext", &format!("subjectAltName=DNS:{name}")])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(made, "openssl could not make a certificate for {name}");
+    (cert, key)
+}
+
 /// A child process killed (and reaped) on drop.
 pub struct Process {
     pub child: Child,

@@ -7,7 +7,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    process::{Command, Stdio},
+    process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering},
@@ -626,33 +626,9 @@ async fn failures_are_retried_ejected_health_checked_and_timed_out() {
 #[tokio::test]
 async fn http2_over_tls_by_alpn_and_h2c() {
     require_curl();
-    require(
-        "openssl",
-        "openssl version",
-        "sudo apt-get install -y openssl",
-    );
     let upstream = Upstream::start("a").await;
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let made = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args(["-nodes", "-days", "1", "-subj", "/CN=alb.test"])
-        .args(["-addext", "subjectAltName=DNS:alb.test"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(made.success(), "openssl made a certificate");
+    let (cert, key) = marchproxy_testkit::external::self_signed_certificate(dir.path(), "alb.test");
     let config = route("web", "*", "/", &upstream.addr.to_string(), "");
     let alb = Alb::start(dir.path(), &config, &[], Some((&cert, &key))).await;
     let https = alb.https.unwrap();

@@ -6,25 +6,15 @@
 
 mod common;
 
-use std::{net::SocketAddr, process::Stdio};
+use std::process::Stdio;
 
-use common::{DEADLINE, Dblb, module, route};
+use common::{DEADLINE, Dblb, connect, module, route};
 use marchproxy_testkit::{
     databases::{PASSWORD, Postgres},
     eventually,
 };
 use tokio::process::Command;
 use tokio_postgres::{NoTls, types::Type};
-
-async fn connect(addr: SocketAddr) -> tokio_postgres::Client {
-    let config = format!(
-        "host=127.0.0.1 port={} user=postgres password={PASSWORD} dbname=app connect_timeout=10",
-        addr.port()
-    );
-    let (client, connection) = tokio_postgres::connect(&config, NoTls).await.unwrap();
-    tokio::spawn(connection);
-    client
-}
 
 /// Server connections to `app` that clients (through the DBLB) hold now.
 async fn server_connections(server: &Postgres) -> u32 {
@@ -83,7 +73,7 @@ async fn many_clients_share_few_server_connections_one_transaction_at_a_time() {
     // all at once: simple-protocol transactions and unnamed extended-protocol queries.
     let mut clients = Vec::new();
     for _ in 0..10 {
-        clients.push(connect(pg).await);
+        clients.push(connect(pg, "app", "").await.unwrap());
     }
     // Logins make room: the pool stays at 2 (a closed connection's server process may take
     // a moment to leave pg_stat_activity).
@@ -144,7 +134,7 @@ async fn many_clients_share_few_server_connections_one_transaction_at_a_time() {
     assert_eq!(count_rows(reader).await, 401);
 
     // Cancel reaches the transaction running now.
-    let sleeper = connect(pg).await;
+    let sleeper = connect(pg, "app", "").await.unwrap();
     let token = sleeper.cancel_token();
     let sleeping = tokio::spawn(async move {
         sleeper
@@ -174,7 +164,7 @@ async fn many_clients_share_few_server_connections_one_transaction_at_a_time() {
     );
 
     // A client that leaves mid-transaction: rolled back, and the others go on.
-    let quitter = connect(pg).await;
+    let quitter = connect(pg, "app", "").await.unwrap();
     quitter
         .simple_query("BEGIN; INSERT INTO ledger VALUES (98, 1)")
         .await
@@ -197,7 +187,7 @@ async fn many_clients_share_few_server_connections_one_transaction_at_a_time() {
     .await;
 
     // Named prepared statements would be lost between connections: refused in words.
-    let preparer = connect(pg).await;
+    let preparer = connect(pg, "app", "").await.unwrap();
     let refused = preparer.prepare("SELECT 1").await.unwrap_err();
     let refused = refused.as_db_error().expect("a PostgreSQL error");
     assert_eq!(
@@ -240,9 +230,9 @@ async fn many_clients_share_few_server_connections_one_transaction_at_a_time() {
 
     // A client between transactions has nothing to cancel: its key reaches no one else's
     // query, even one running on the connection it logged in with.
-    let idle_client = connect(pg).await;
+    let idle_client = connect(pg, "app", "").await.unwrap();
     let idle_token = idle_client.cancel_token();
-    let busy = connect(pg).await;
+    let busy = connect(pg, "app", "").await.unwrap();
     let sleeping =
         tokio::spawn(async move { busy.simple_query("SELECT pg_sleep(1)").await.map(|_| ()) });
     idle_token.cancel_query(NoTls).await.unwrap();

@@ -8,7 +8,7 @@ mod common;
 
 use std::{net::SocketAddr, process::Stdio};
 
-use common::{DEADLINE, Dblb, module, route};
+use common::{DEADLINE, Dblb, connect, module, route};
 use marchproxy::pb;
 use marchproxy_testkit::{
     databases::{PASSWORD, Postgres},
@@ -53,20 +53,6 @@ async fn psql(
     } else {
         Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
     }
-}
-
-async fn connect(
-    addr: SocketAddr,
-    database: &str,
-    extra: &str,
-) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let config = format!(
-        "host=127.0.0.1 port={} user=postgres password={PASSWORD} dbname={database} connect_timeout=10 {extra}",
-        addr.port()
-    );
-    let (client, connection) = tokio_postgres::connect(&config, NoTls).await?;
-    tokio::spawn(connection);
-    Ok(client)
 }
 
 async fn server_port(client: &tokio_postgres::Client) -> u16 {
@@ -515,35 +501,12 @@ async fn dead_servers_go_out_and_back_full_servers_queue_and_bad_startups_are_re
 
 #[tokio::test]
 async fn tls_ends_at_the_dblb_when_certificates_are_configured() {
-    marchproxy_testkit::external::require(
-        "openssl",
-        "openssl version",
-        "sudo apt-get install -y openssl",
-    );
     let server = Postgres::start(&[]).await;
     server.psql("postgres", "CREATE DATABASE pooled").await;
     let address = format!("127.0.0.1:{}", server.port);
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let made = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args(["-nodes", "-days", "1", "-subj", "/CN=dblb.test"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(Stdio::null())
-        .status()
-        .await
-        .unwrap();
-    assert!(made.success(), "openssl made a certificate");
+    let (cert, key) =
+        marchproxy_testkit::external::self_signed_certificate(dir.path(), "dblb.test");
     let config = [
         route("main", "postgres", &address, &[("database", "postgres")]),
         route(

@@ -32,6 +32,23 @@ pub struct Dblb {
     _process: Process,
 }
 
+/// A tokio-postgres client of `database` through `addr` as `postgres`; `extra` adds
+/// connection settings (`options='...'`).
+pub async fn connect(
+    addr: SocketAddr,
+    database: &str,
+    extra: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let config = format!(
+        "host=127.0.0.1 port={} user=postgres password={} dbname={database} connect_timeout=10 {extra}",
+        addr.port(),
+        marchproxy_testkit::databases::PASSWORD
+    );
+    let (client, connection) = tokio_postgres::connect(&config, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
 /// A `[[routes]]` entry: `servers` as destination_pattern, `metadata` as pairs.
 pub fn route(id: &str, protocol: &str, servers: &str, metadata: &[(&str, &str)]) -> String {
     let mut toml = format!(

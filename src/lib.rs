@@ -4,6 +4,7 @@
 //!   messages), wire-compatible with MarchProxy's interface.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz` for every server.
 //! - [`auth`]: the cluster API key, checked by servers and attached by clients.
+//! - `http_client` (feature `http-client`): the outbound HTTP/HTTPS client.
 //! - [`proxy_protocol`]: the PROXY v2 header the NLB writes and modules read.
 //! - [`query`]: the `Query` message (filters, sort, pagination) applied to any listing.
 //! - [`status`]: errors that travel both as a gRPC status and as the response body.
@@ -13,6 +14,8 @@ pub mod admin;
 pub mod auth;
 pub mod checksum;
 pub mod config_file;
+#[cfg(feature = "http-client")]
+pub mod http_client;
 pub mod limiter;
 pub mod listen;
 pub mod mqtt_topic;

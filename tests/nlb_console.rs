@@ -446,7 +446,10 @@ async fn a_promotion_started_in_the_console_that_rolls_back_by_itself_says_why()
         api_key: Some(KEY.into()),
         ..Config::local()
     };
-    config.settings.rollout.step_interval_ms = 200;
+    config.settings.rollout = marchproxy_nlb::policy::RolloutSettings::from_json(
+        json!({"step_interval_ms": 200, "failed_checks_tolerated": 0}),
+    )
+    .unwrap();
     let nlb = start_with(config).await;
     let mut client = nlb.client().await;
     let mut green_registration = String::new();
@@ -476,7 +479,7 @@ async fn a_promotion_started_in_the_console_that_rolls_back_by_itself_says_why()
         json_of(&body)["message"]
             .as_str()
             .unwrap()
-            .contains("promoting v2 by 10%"),
+            .contains("promoting v2 from 10 % by 10 %"),
         "{body}"
     );
     let (_, _, body) = exchange(nlb.admin, "GET", "/ui/api/state", &acting, None).await;
@@ -525,7 +528,7 @@ async fn a_promotion_started_in_the_console_that_rolls_back_by_itself_says_why()
         end["reason"]
             .as_str()
             .unwrap_or_default()
-            .contains("error ratio 0.333"),
+            .contains("success ratio 0.667 (100 of 300 failed)"),
         "{end}"
     );
     assert!(last_state["kinds"][0]["promotion"].is_null());

@@ -1,6 +1,6 @@
 //! Blue/green traffic shifting: per module kind, the split of new connections between versions,
-//! set by operators (`SetTrafficWeight`), moved all at once or step by step (`PromoteVersion`),
-//! and undone (`Rollback`, or by itself when a gradual promotion sees the new version fail).
+//! set by operators (`SetTrafficWeight`), moved all at once or step by step (`PromoteVersion`,
+//! stepped by [`crate::rollout`]), and undone (`Rollback`).
 //!
 //! The weight arithmetic is plain functions over a version -> percent map; [`State`] keeps the
 //! maps, the running promotions and the previous active version per kind.
@@ -11,9 +11,14 @@ use std::{
 };
 
 use marchproxy::{names::ModuleKind, pb};
-use serde::{Deserialize, Serialize};
 
-use crate::{error::NlbError, state::State};
+use crate::{
+    analysis,
+    error::NlbError,
+    policy::HookType,
+    rollout::{Phase, Promotion, RolloutEnd},
+    state::State,
+};
 
 /// Weights per version; they add up to 100 when any version exists.
 pub type Weights = BTreeMap<String, u32>;
@@ -67,92 +72,6 @@ pub fn with_weight(
     next
 }
 
-/// Rollout settings (config section `rollout`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RolloutSettings {
-    /// Time between two steps of a gradual promotion.
-    pub step_interval_ms: u64,
-    /// Percent added per step when PromoteVersion gives no `promotion_rate`.
-    pub default_step_percent: u32,
-    /// Above this failed/total request ratio of the new version (from its heartbeats), roll back.
-    pub max_error_ratio: f64,
-    /// Requests the new version must have served before its error ratio counts.
-    pub min_requests: i64,
-    /// Failed connects from the NLB to the new version during one step that roll back.
-    pub max_connect_failures: u64,
-}
-
-impl Default for RolloutSettings {
-    fn default() -> Self {
-        RolloutSettings {
-            step_interval_ms: 30_000,
-            default_step_percent: 10,
-            max_error_ratio: 0.05,
-            min_requests: 20,
-            max_connect_failures: 3,
-        }
-    }
-}
-
-impl RolloutSettings {
-    pub fn check(&self, errors: &mut Vec<String>) {
-        if !(100..=3_600_000).contains(&self.step_interval_ms) {
-            errors.push(format!(
-                "rollout.step_interval_ms must be from 100 to 3600000 (got {})",
-                self.step_interval_ms
-            ));
-        }
-        if !(1..=100).contains(&self.default_step_percent) {
-            errors.push(format!(
-                "rollout.default_step_percent must be from 1 to 100 (got {})",
-                self.default_step_percent
-            ));
-        }
-        if !(0.0..=1.0).contains(&self.max_error_ratio) {
-            errors.push(format!(
-                "rollout.max_error_ratio must be from 0 to 1 (got {})",
-                self.max_error_ratio
-            ));
-        }
-        if self.min_requests < 0 {
-            errors.push("rollout.min_requests must not be negative".into());
-        }
-    }
-}
-
-/// A gradual promotion under way.
-#[derive(Clone, Debug)]
-pub struct Promotion {
-    pub version: String,
-    pub step_percent: u32,
-    /// The split before it began, restored by a rollback.
-    pub before: Weights,
-    pub started: SystemTime,
-    pub last_step: Instant,
-    /// Connect failures to the version when the current step began.
-    pub failures_at_step: u64,
-}
-
-/// What a promotion step decided.
-#[derive(Debug, PartialEq)]
-pub enum Step {
-    Advanced {
-        kind: ModuleKind,
-        version: String,
-        weight: u32,
-    },
-    Completed {
-        kind: ModuleKind,
-        version: String,
-    },
-    RolledBack {
-        kind: ModuleKind,
-        version: String,
-        reason: String,
-    },
-}
-
 impl State {
     /// The module kind an `instance_id` field names: a kind (`alb`) or a registered instance.
     pub fn kind_named(&self, id: &str) -> Result<ModuleKind, NlbError> {
@@ -200,7 +119,7 @@ impl State {
         }
     }
 
-    fn replace_weights(&mut self, kind: ModuleKind, next: Weights) {
+    pub(crate) fn replace_weights(&mut self, kind: ModuleKind, next: Weights) {
         let before = self
             .weights
             .get(&kind)
@@ -241,8 +160,36 @@ impl State {
             .cloned()
             .or_else(|| current.keys().find(|v| *v != version).cloned());
         let next = with_weight(&current, version, weight, fallback.as_deref());
-        self.promotions.remove(&kind);
+        if let Some(promotion) = self.end_promotion(kind) {
+            self.record_event(
+                kind,
+                &promotion.version,
+                format!("ended by the operator: {version} set to {weight} %"),
+            );
+        }
         self.replace_weights(kind, next);
+        Ok(())
+    }
+
+    /// Whether `PromoteVersion` would be accepted, before the pre-rollout webhooks are asked.
+    pub fn check_promote(
+        &self,
+        kind: ModuleKind,
+        version: &str,
+        immediate: bool,
+        rate: i32,
+    ) -> Result<(), NlbError> {
+        self.check_version(kind, version)?;
+        if !(0..=100).contains(&rate) {
+            return Err(NlbError::Invalid(format!(
+                "promotion_rate must be from 0 (the rollout default) to 100 (got {rate})"
+            )));
+        }
+        if !immediate && self.weight_of(kind, version) == 100 {
+            return Err(NlbError::Invalid(format!(
+                "`{version}` already carries all of {kind}'s traffic"
+            )));
+        }
         Ok(())
     }
 
@@ -256,39 +203,57 @@ impl State {
         now: Instant,
         wall: SystemTime,
     ) -> Result<(), NlbError> {
-        self.check_version(kind, version)?;
-        if !(0..=100).contains(&rate) {
-            return Err(NlbError::Invalid(format!(
-                "promotion_rate must be from 0 (the rollout default) to 100 (got {rate})"
-            )));
-        }
+        self.check_promote(kind, version, immediate, rate)?;
         let current = self.weights.get(&kind).cloned().unwrap_or_default();
         if immediate {
-            self.promotions.remove(&kind);
+            self.end_promotion(kind);
             self.replace_weights(kind, with_weight(&current, version, 100, None));
+            self.record_event(kind, version, "promoted at once by the operator".into());
             return Ok(());
         }
-        if current.get(version) == Some(&100) {
-            return Err(NlbError::Invalid(format!(
-                "`{version}` already carries all of {kind}'s traffic"
-            )));
-        }
+        let policy = self.policy(kind);
         let step_percent = if rate == 0 {
-            self.settings.rollout.default_step_percent
+            policy.step_percent
         } else {
             rate as u32
         };
-        let promotion = Promotion {
-            version: version.to_owned(),
-            step_percent,
-            before: current.clone(),
-            started: wall,
-            last_step: now,
-            failures_at_step: self.connect_failures_of(kind, version),
-        };
-        let first = (current.get(version).copied().unwrap_or(0) + step_percent).min(100);
-        self.promotions.insert(kind, promotion);
+        let first = (current.get(version).copied().unwrap_or(0) + step_percent)
+            .min(policy.max_weight.max(step_percent))
+            .min(100);
+        let stable = active(&current)
+            .filter(|v| *v != version)
+            .map(str::to_owned)
+            .or_else(|| current.keys().find(|v| *v != version).cloned())
+            .unwrap_or_default();
+        let window = analysis::baseline(
+            self.instances
+                .values()
+                .filter(|i| i.kind == kind && i.version == version),
+        );
+        self.end_promotion(kind);
+        self.promotions.insert(
+            kind,
+            Promotion {
+                version: version.to_owned(),
+                stable: stable.clone(),
+                step_percent,
+                before: current.clone(),
+                started: wall,
+                step: 1,
+                failed_checks: 0,
+                phase: Phase::Progressing,
+                last_check: now,
+                held_since: None,
+                window: Some(window),
+                last_analysis: None,
+            },
+        );
         self.replace_weights(kind, with_weight(&current, version, first, None));
+        self.record_event(
+            kind,
+            version,
+            format!("started from {stable}: step 1, {version} at {first} %, +{step_percent} % per passing analysis"),
+        );
         Ok(())
     }
 
@@ -301,10 +266,9 @@ impl State {
     ) -> Result<(String, String), NlbError> {
         let current = self.weights.get(&kind).cloned().unwrap_or_default();
         let was = active(&current).unwrap_or_default().to_owned();
-        let next =
-            if let Some(promotion) = self.promotions.remove(&kind).filter(|_| target.is_empty()) {
-                promotion.before
-            } else {
+        let next = match self.promotions.get(&kind).filter(|_| target.is_empty()) {
+            Some(promotion) => promotion.before.clone(),
+            None => {
                 let target = if target.is_empty() {
                     self.previous_active.get(&kind).cloned().ok_or_else(|| {
                         NlbError::Invalid(format!(
@@ -315,9 +279,15 @@ impl State {
                     target.to_owned()
                 };
                 self.check_version(kind, &target)?;
-                self.promotions.remove(&kind);
                 with_weight(&current, &target, 100, None)
-            };
+            }
+        };
+        if let Some(version) = self.promotions.get(&kind).map(|p| p.version.clone()) {
+            let reason = "rolled back by the operator";
+            self.record_end(kind, &version, RolloutEnd::RolledBack, reason.into());
+            self.notify(HookType::RolledBack, kind, &version, Some(reason));
+            self.end_promotion(kind);
+        }
         self.replace_weights(kind, next);
         let now_active = self
             .weights
@@ -336,133 +306,27 @@ impl State {
             .unwrap_or_default()
     }
 
-    fn connect_failures_of(&self, kind: ModuleKind, version: &str) -> u64 {
-        self.instances
-            .values()
-            .filter(|i| i.kind == kind && i.version == version)
-            .map(|i| i.connect_failures_total)
-            .sum()
-    }
-
-    /// Moves every promotion whose step interval has passed: forward when the new version is
-    /// healthy, back to where it began when it fails.
-    pub fn step_promotions(&mut self, now: Instant) -> Vec<Step> {
-        let interval = std::time::Duration::from_millis(self.settings.rollout.step_interval_ms);
-        let due: Vec<ModuleKind> = self
-            .promotions
-            .iter()
-            .filter(|(_, p)| now.duration_since(p.last_step) >= interval)
-            .map(|(k, _)| *k)
-            .collect();
-        let mut steps = Vec::new();
-        for kind in due {
-            let Some(promotion) = self.promotions.get(&kind).cloned() else {
-                continue;
-            };
-            let version = promotion.version.clone();
-            // No instance of the version is registered (the NLB just restarted and the modules
-            // are still coming back): hold for another step instead of judging.
-            if !self
-                .instances
-                .values()
-                .any(|i| i.kind == kind && i.version == version)
-            {
-                if let Some(p) = self.promotions.get_mut(&kind) {
-                    p.last_step = now;
-                }
-                continue;
-            }
-            if let Some(reason) = self.failing(kind, &promotion, now) {
-                self.promotions.remove(&kind);
-                self.replace_weights(kind, promotion.before);
-                steps.push(Step::RolledBack {
-                    kind,
-                    version,
-                    reason,
-                });
-                continue;
-            }
-            let current = self.weights.get(&kind).cloned().unwrap_or_default();
-            let weight =
-                (current.get(&version).copied().unwrap_or(0) + promotion.step_percent).min(100);
-            self.replace_weights(kind, with_weight(&current, &version, weight, None));
-            if weight == 100 {
-                self.promotions.remove(&kind);
-                steps.push(Step::Completed { kind, version });
-            } else {
-                let failures = self.connect_failures_of(kind, &version);
-                if let Some(p) = self.promotions.get_mut(&kind) {
-                    p.last_step = now;
-                    p.failures_at_step = failures;
-                }
-                steps.push(Step::Advanced {
-                    kind,
-                    version,
-                    weight,
-                });
-            }
-        }
-        steps
-    }
-
-    /// Why the promoted version should not get more traffic, if it should not.
-    fn failing(&self, kind: ModuleKind, promotion: &Promotion, now: Instant) -> Option<String> {
-        let members: Vec<_> = self
-            .instances
-            .values()
-            .filter(|i| i.kind == kind && i.version == promotion.version)
-            .collect();
-        let healthy = |i: &&crate::state::Instance| {
-            matches!(
-                i.health(now, &self.settings),
-                pb::HealthStatus::Healthy | pb::HealthStatus::Degraded
-            )
-        };
-        if !members.iter().any(healthy) {
-            return Some(format!("no healthy instance of {}", promotion.version));
-        }
-        let failures = self
-            .connect_failures_of(kind, &promotion.version)
-            .saturating_sub(promotion.failures_at_step);
-        if failures >= self.settings.rollout.max_connect_failures.max(1) {
-            return Some(format!(
-                "{failures} failed connects from the NLB during the last step"
-            ));
-        }
-        let (total, failed) =
-            members
-                .iter()
-                .filter_map(|i| i.stats.as_ref())
-                .fold((0i64, 0i64), |(t, f), s| {
-                    (
-                        t.saturating_add(s.total_requests),
-                        f.saturating_add(s.failed_requests),
-                    )
-                });
-        if total >= self.settings.rollout.min_requests.max(1) {
-            let ratio = failed as f64 / total as f64;
-            if ratio > self.settings.rollout.max_error_ratio {
-                return Some(format!(
-                    "error ratio {ratio:.3} ({failed} of {total} requests) is above {}",
-                    self.settings.rollout.max_error_ratio
-                ));
-            }
-        }
-        None
-    }
-
-    /// The running promotion of a kind, for status answers.
+    /// The running promotion of a kind.
     pub fn promotion(&self, kind: ModuleKind) -> Option<&Promotion> {
         self.promotions.get(&kind)
     }
 }
 
-/// The `BlueGreenConfig` with the promotion's start when one runs.
+/// The `BlueGreenConfig` of a kind: during a rollout the stable version is blue and the new
+/// one green (the canary, with its weight and the rollout's start); otherwise the serving
+/// version is blue and the next one green.
 pub fn deployment(state: &State, kind: ModuleKind) -> pb::BlueGreenConfig {
     let mut config = state.deployment(kind);
-    config.deployment_started = state
-        .promotion(kind)
-        .map(|p| marchproxy::time::timestamp(p.started));
+    if let Some(p) = state.promotion(kind) {
+        let green_weight = state.weight_of(kind, &p.version) as i32;
+        config.blue_version = p.stable.clone();
+        config.blue_weight = state.weight_of(kind, &p.stable) as i32;
+        config.green_version = p.version.clone();
+        config.green_weight = green_weight;
+        config.canary_enabled = true;
+        config.canary_percent = green_weight;
+        config.deployment_started = Some(marchproxy::time::timestamp(p.started));
+    }
     config
 }
 

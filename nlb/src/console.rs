@@ -31,7 +31,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tonic::Request;
 
-use crate::{module_gateway::ModuleGateway, nlb::Nlb, service::NlbGrpc};
+use crate::{
+    module_gateway::ModuleGateway, nlb::Nlb, rollout::RolloutEnd, service::NlbGrpc, state::unix_ms,
+};
 
 const PAGE: &str = include_str!("console.html");
 const COOKIE: &str = "marchproxy_console";
@@ -179,35 +181,35 @@ impl Console {
         let mut kinds: Vec<ModuleKind> = state.instances.values().map(|i| i.kind).collect();
         kinds.sort_by_key(|k| k.name());
         kinds.dedup();
-        let ends = self.nlb.promotion_ends();
+
         let kinds: Vec<Value> = kinds
             .into_iter()
             .map(|kind| {
                 let mut weights: Vec<(String, i32)> =
                     state.version_weights(kind).into_iter().collect();
                 weights.sort();
-                let promotion = state.promotion(kind).map(|p| {
-                    json!({
-                        "version": p.version,
-                        "step_percent": p.step_percent,
-                        "weight": state.weight_of(kind, &p.version),
-                        "started_unix_ms": unix_ms(p.started),
-                    })
-                });
-                let last_end = ends.iter().rev().find(|e| e.kind == kind).map(|e| {
-                    json!({
-                        "version": e.version,
-                        "at_unix_ms": unix_ms(e.at),
-                        "outcome": if e.rolled_back.is_some() { "rolled_back" } else { "completed" },
-                        "reason": e.rolled_back,
-                    })
-                });
+                let status = state.rollout_status(kind, now);
+                let last_end = state
+                    .events(kind)
+                    .rev()
+                    .find_map(|e| {
+                        let outcome = match e.end? {
+                            RolloutEnd::Promoted => "completed",
+                            RolloutEnd::RolledBack => "rolled_back",
+                        };
+                        Some(json!({
+                            "version": e.version,
+                            "at_unix_ms": e.at_unix_ms,
+                            "outcome": outcome,
+                            "reason": (outcome == "rolled_back").then_some(&e.message),
+                        }))
+                    });
                 json!({
                     "kind": kind.name(),
                     "active_version": state.deployment(kind).active_version,
                     "previous_version": state.previous_active.get(&kind),
                     "weights": weights.into_iter().map(|(v, w)| json!({"version": v, "weight": w})).collect::<Vec<_>>(),
-                    "promotion": promotion,
+                    "promotion": status["rollout"],
                     "last_promotion_end": last_end,
                 })
             })
@@ -273,11 +275,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn unix_ms(at: SystemTime) -> u64 {
-    at.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Whether the page was opened by IP address or as localhost (the Host header says).

@@ -19,6 +19,9 @@ pub enum NlbError {
     /// Something the NLB depends on failed (the state directory, a module).
     #[error("{0}")]
     Unavailable(String),
+    /// Valid, but something the operator configured says no (a pre-rollout webhook).
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl NlbError {
@@ -29,6 +32,7 @@ impl NlbError {
             NlbError::Denied(_) => Code::PermissionDenied,
             NlbError::Exhausted(_) => Code::ResourceExhausted,
             NlbError::Unavailable(_) => Code::Unavailable,
+            NlbError::Refused(_) => Code::FailedPrecondition,
         }
     }
 

@@ -9,6 +9,8 @@
 //! [`Server::bind`] then [`Server::run`] start it; [`run`] does both.
 
 pub mod admin;
+mod affinity;
+pub mod analysis;
 pub mod bluegreen;
 pub mod config;
 pub mod console;
@@ -19,6 +21,8 @@ pub mod metrics;
 mod module_client;
 pub mod module_gateway;
 pub mod nlb;
+pub mod policy;
+pub mod rollout;
 mod scaler;
 pub mod service;
 pub mod settings;
@@ -26,6 +30,7 @@ pub mod sniff;
 pub mod state;
 pub mod store;
 mod target;
+mod webhook;
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
@@ -154,7 +159,7 @@ impl Server {
         );
 
         let sweeper = tokio::spawn(Arc::clone(&nlb).run_sweeper());
-        let promoter = tokio::spawn(Arc::clone(&nlb).run_promotions());
+        let promoter = tokio::spawn(Arc::clone(&nlb).run_rollouts());
         let mut stopped = nlb.shutdown.clone();
         let admin_stopped = nlb.shutdown.clone();
         let console = console::Console::new(Arc::clone(&nlb));

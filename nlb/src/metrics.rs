@@ -17,7 +17,10 @@ pub struct NlbMetrics {
     pub route_decisions: IntCounterVec,
     pub scaling_decisions: IntCounterVec,
     pub config_updates: IntCounterVec,
-    pub promotions: IntCounterVec,
+    pub rollouts: IntCounterVec,
+    pub rollout_steps: IntCounterVec,
+    pub rollout_analyses: IntCounterVec,
+    rollout_step: IntGaugeVec,
     /// Data plane.
     pub accepted: IntCounterVec,
     pub routed: IntCounterVec,
@@ -65,11 +68,29 @@ impl Default for NlbMetrics {
             metric
         };
         NlbMetrics {
-            promotions: counter(
+            rollouts: counter(
                 r,
-                "nlb_promotions_total",
-                "Blue/green promotion events, by kind and result (step, completed, rolled_back, rolled_back_by_operator)",
+                "nlb_rollouts_total",
+                "Gradual promotions by kind and result (started, blocked, promoted, rolled_back, rolled_back_by_operator)",
                 &["module_type", "result"],
+            ),
+            rollout_steps: counter(
+                r,
+                "nlb_rollout_steps_total",
+                "Steps taken by gradual promotions, by kind",
+                &["module_type"],
+            ),
+            rollout_analyses: counter(
+                r,
+                "nlb_rollout_analyses_total",
+                "Rollout analyses by kind and result (pass, fail, hold)",
+                &["module_type", "result"],
+            ),
+            rollout_step: gauge(
+                r,
+                "nlb_rollout_step",
+                "The step a kind's running rollout is at (absent when none runs)",
+                &["module_type", "version"],
             ),
             accepted: counter(
                 r,
@@ -239,6 +260,12 @@ impl NlbMetrics {
             self.desired_instances
                 .with_label_values(&[kind.name()])
                 .set(i64::from(desired.count));
+        }
+        self.rollout_step.reset();
+        for (kind, promotion) in &state.promotions {
+            self.rollout_step
+                .with_label_values(&[kind.name(), &promotion.version])
+                .set(i64::from(promotion.step));
         }
         self.version_weight.reset();
         for (kind, versions) in &state.weights {

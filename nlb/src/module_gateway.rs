@@ -14,11 +14,12 @@ use marchproxy::{
     pb::{self, module_service_server::ModuleService},
     status::{self, FailureBody},
 };
+use serde_json::json;
 use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
-use tracing::info;
+use tracing::{info, warn};
 
-use crate::{bluegreen, error::NlbError, module_client, nlb::Nlb};
+use crate::{bluegreen, error::NlbError, module_client, nlb::Nlb, policy::HookType};
 
 pub struct ModuleGateway {
     nlb: Arc<Nlb>,
@@ -124,7 +125,7 @@ impl ModuleService for ModuleGateway {
         info!(module_type = %kind, from = %previous, to = %current, "rolled back");
         self.nlb
             .metrics
-            .promotions
+            .rollouts
             .with_label_values(&[kind.name(), "rolled_back_by_operator"])
             .inc();
         self.changed().await.map_err(fail)?;
@@ -143,9 +144,52 @@ impl ModuleService for ModuleGateway {
     ) -> Reply<pb::PromoteVersionResponse> {
         let request = request.into_inner();
         let fail = reject::<pb::PromoteVersionResponse>;
-        let (kind, message) = {
-            let mut state = self.nlb.state();
+        let (kind, pre_rollout) = {
+            let state = self.nlb.state();
             let kind = state.kind_named(&request.instance_id).map_err(fail)?;
+            state
+                .check_promote(
+                    kind,
+                    &request.version,
+                    request.immediate,
+                    request.promotion_rate,
+                )
+                .map_err(fail)?;
+            let hooks: Vec<_> = state
+                .policy(kind)
+                .hooks(HookType::PreRollout)
+                .cloned()
+                .collect();
+            let payload =
+                state.hook_payload(HookType::PreRollout, kind, &request.version, json!({}));
+            (kind, (!request.immediate).then_some((hooks, payload)))
+        };
+        if let Some((hooks, payload)) = pre_rollout {
+            if let Err(reason) = self.nlb.ask_webhooks(&hooks, &payload).await {
+                warn!(module_type = %kind, version = %request.version, %reason, "rollout blocked by a pre-rollout webhook");
+                {
+                    let mut state = self.nlb.state();
+                    state.record_event(
+                        kind,
+                        &request.version,
+                        format!("blocked by a pre-rollout webhook: {reason}"),
+                    );
+                }
+                self.nlb
+                    .metrics
+                    .rollouts
+                    .with_label_values(&[kind.name(), "blocked"])
+                    .inc();
+                // The event is kept even though nothing else changed.
+                let _ = self.nlb.persist().await;
+                return Err(fail(NlbError::Refused(format!(
+                    "{kind}: the rollout of {} did not start: {reason}",
+                    request.version
+                ))));
+            }
+        }
+        let message = {
+            let mut state = self.nlb.state();
             state
                 .promote(
                     kind,
@@ -156,16 +200,25 @@ impl ModuleService for ModuleGateway {
                     SystemTime::now(),
                 )
                 .map_err(fail)?;
-            let message = match state.promotion(kind) {
+            match state.promotion(kind) {
                 Some(p) => format!(
-                    "{kind}: promoting {} by {}% every {} ms, watching its errors",
-                    p.version, p.step_percent, state.settings.rollout.step_interval_ms
+                    "{kind}: promoting {} from {} % by {} % per passing analysis every {} ms",
+                    p.version,
+                    state.weight_of(kind, &p.version),
+                    p.step_percent,
+                    state.policy(kind).step_interval_ms
                 ),
                 None => format!("{kind}: {} now takes all new connections", request.version),
-            };
-            (kind, message)
+            }
         };
         info!(module_type = %kind, version = %request.version, immediate = request.immediate, "promotion started");
+        if !request.immediate {
+            self.nlb
+                .metrics
+                .rollouts
+                .with_label_values(&[kind.name(), "started"])
+                .inc();
+        }
         self.changed().await.map_err(fail)?;
         Ok(Response::new(pb::PromoteVersionResponse {
             success: true,

@@ -2,7 +2,6 @@
 //! several front doors need (gRPC, the admin server, the liveness sweeper).
 
 use std::{
-    collections::VecDeque,
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, Ordering},
@@ -40,22 +39,9 @@ pub struct Nlb {
     pub source_limiter: Arc<marchproxy::limiter::RateLimiter>,
     /// Flips to true when the NLB shuts down; streams and drains end early.
     pub shutdown: watch::Receiver<bool>,
-    /// How recent gradual promotions ended, newest last, for the console.
-    promotion_ends: Mutex<VecDeque<PromotionEnd>>,
+    /// Calls rollout webhooks; None when the machine has no TLS root certificates.
+    webhooks: Option<marchproxy::http_client::Client>,
 }
-
-/// A gradual promotion that completed or rolled back by itself.
-#[derive(Clone, Debug)]
-pub struct PromotionEnd {
-    pub at: SystemTime,
-    pub kind: ModuleKind,
-    pub version: String,
-    /// None when it completed; why otherwise.
-    pub rolled_back: Option<String>,
-}
-
-/// Promotion ends kept for the console.
-const PROMOTION_ENDS_KEPT: usize = 20;
 
 impl Nlb {
     pub fn new(
@@ -74,33 +60,21 @@ impl Nlb {
             ready: AtomicBool::new(false),
             source_limiter: marchproxy::limiter::RateLimiter::new(),
             shutdown,
-            promotion_ends: Mutex::new(VecDeque::new()),
+            webhooks: marchproxy::http_client::client()
+                .inspect_err(|error| {
+                    warn!(%error, "no HTTP client for rollout webhooks (install ca-certificates)");
+                })
+                .ok(),
         }
     }
 
-    /// Recent promotion ends, oldest first.
-    pub fn promotion_ends(&self) -> Vec<PromotionEnd> {
-        let ends = self
-            .promotion_ends
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        ends.iter().cloned().collect()
-    }
-
-    fn record_promotion_end(&self, kind: ModuleKind, version: &str, rolled_back: Option<&str>) {
-        let mut ends = self
-            .promotion_ends
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if ends.len() == PROMOTION_ENDS_KEPT {
-            ends.pop_front();
-        }
-        ends.push_back(PromotionEnd {
-            at: SystemTime::now(),
-            kind,
-            version: version.to_owned(),
-            rolled_back: rolled_back.map(str::to_owned),
-        });
+    /// Asks webhooks in turn (pre-rollout, gates); the first that does not answer 2xx says no.
+    pub async fn ask_webhooks(
+        &self,
+        hooks: &[crate::policy::Webhook],
+        payload: &serde_json::Value,
+    ) -> Result<(), String> {
+        crate::webhook::all_agree(self.webhooks.as_ref(), hooks, payload).await
     }
 
     /// The state. Callers hold the guard briefly and never across an `.await`.
@@ -250,60 +224,114 @@ impl Nlb {
         ))
     }
 
-    /// Advances gradual promotions as their steps fall due, until shutdown.
-    pub async fn run_promotions(self: Arc<Self>) {
+    /// Runs the rollouts' analyses and steps as they fall due, until shutdown.
+    pub async fn run_rollouts(self: Arc<Self>) {
         let mut shutdown = self.shutdown.clone();
         loop {
+            // Checks are due per kind; looking ten times per the shortest interval keeps each
+            // within a tenth of its interval of when it is due.
             let period = {
                 let state = self.state();
-                (Duration::from_millis(state.settings.rollout.step_interval_ms) / 10)
+                let shortest = state
+                    .promotions
+                    .keys()
+                    .map(|kind| state.policy(*kind).step_interval_ms)
+                    .min()
+                    .unwrap_or(1_000);
+                (Duration::from_millis(shortest) / 10)
                     .clamp(Duration::from_millis(20), Duration::from_secs(1))
             };
             tokio::select! {
                 () = tokio::time::sleep(period) => {}
                 () = stopped(&mut shutdown) => return,
             }
-            let steps = self.state().step_promotions(Instant::now());
-            if steps.is_empty() {
+            let (mut outcomes, gates, notifications) = {
+                let mut state = self.state();
+                let (outcomes, gates) = state.check_rollouts(Instant::now(), SystemTime::now());
+                (outcomes, gates, state.take_notifications())
+            };
+            for call in gates {
+                let refusal = self.ask_webhooks(&call.hooks, &call.payload).await.err();
+                let mut state = self.state();
+                outcomes.extend(state.gate_answered(&call, refusal, Instant::now()));
+            }
+            let notifications = notifications
+                .into_iter()
+                .chain(self.state().take_notifications());
+            for notification in notifications {
+                let client = self.webhooks.clone();
+                tokio::spawn(async move {
+                    crate::webhook::notify(
+                        client.as_ref(),
+                        &notification.hooks,
+                        &notification.payload,
+                    )
+                    .await;
+                });
+            }
+            if outcomes.is_empty() {
                 continue;
             }
-            for step in &steps {
-                match step {
-                    crate::bluegreen::Step::Advanced {
-                        kind,
-                        version,
-                        weight,
-                    } => {
-                        info!(module_type = %kind, %version, weight, "promotion step");
-                        self.metrics
-                            .promotions
-                            .with_label_values(&[kind.name(), "step"])
-                            .inc();
-                    }
-                    crate::bluegreen::Step::Completed { kind, version } => {
-                        info!(module_type = %kind, %version, "promotion complete: all new connections go to it");
-                        self.record_promotion_end(*kind, version, None);
-                        self.metrics
-                            .promotions
-                            .with_label_values(&[kind.name(), "completed"])
-                            .inc();
-                    }
-                    crate::bluegreen::Step::RolledBack {
-                        kind,
-                        version,
-                        reason,
-                    } => {
-                        warn!(module_type = %kind, %version, %reason, "promotion rolled back by itself");
-                        self.record_promotion_end(*kind, version, Some(reason));
-                        self.metrics
-                            .promotions
-                            .with_label_values(&[kind.name(), "rolled_back"])
-                            .inc();
-                    }
-                }
+            for outcome in &outcomes {
+                self.account(outcome);
             }
-            // A failure is logged inside; the next step persists again.
+            // A failure is logged inside; the next change persists again.
             let _ = self.persist().await;
+        }
+    }
+
+    /// Logs and counts what a rollout did.
+    fn account(&self, outcome: &crate::rollout::Outcome) {
+        use crate::{analysis::Verdict, rollout::Outcome};
+        let m = &self.metrics;
+        match outcome {
+            Outcome::Analysed {
+                kind,
+                version,
+                verdict,
+            } => {
+                let result = match verdict {
+                    Verdict::Pass => "pass",
+                    Verdict::Fail(reason) => {
+                        warn!(module_type = %kind, %version, %reason, "rollout analysis failed");
+                        "fail"
+                    }
+                    Verdict::Hold(_) => "hold",
+                };
+                m.rollout_analyses
+                    .with_label_values(&[kind.name(), result])
+                    .inc();
+            }
+            Outcome::Stepped {
+                kind,
+                version,
+                step,
+                weight,
+            } => {
+                info!(module_type = %kind, %version, step, weight, "rollout step");
+                m.rollout_steps.with_label_values(&[kind.name()]).inc();
+            }
+            Outcome::Held {
+                kind,
+                version,
+                reason,
+            } => info!(module_type = %kind, %version, %reason, "rollout step held"),
+            Outcome::Promoted { kind, version } => {
+                info!(module_type = %kind, %version, "rollout complete: all new connections go to it");
+                m.rollouts
+                    .with_label_values(&[kind.name(), "promoted"])
+                    .inc();
+            }
+            Outcome::RolledBack {
+                kind,
+                version,
+                reason,
+            } => {
+                warn!(module_type = %kind, %version, %reason, "rollout rolled back by itself");
+                m.rollouts
+                    .with_label_values(&[kind.name(), "rolled_back"])
+                    .inc();
+            }
         }
     }
 
@@ -347,7 +375,7 @@ impl Nlb {
         let uptime = SystemTime::now()
             .duration_since(self.started_at)
             .unwrap_or_default();
-        let details = [
+        let mut details: std::collections::HashMap<String, String> = [
             ("uptime_seconds", uptime.as_secs().to_string()),
             ("healthy_modules", healthy.to_string()),
             ("operator_routes", state.operator_routes.len().to_string()),
@@ -374,6 +402,20 @@ impl Nlb {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
+        // Each kind with a split or a rollout history: `rollout.<kind>`, JSON (marchctl rollout
+        // status reads it).
+        let kinds: std::collections::BTreeSet<_> = state
+            .weights
+            .keys()
+            .chain(state.rollout_events.keys())
+            .copied()
+            .collect();
+        for kind in kinds {
+            details.insert(
+                format!("rollout.{kind}"),
+                state.rollout_status(kind, now).to_string(),
+            );
+        }
         pb::GetNlbStatusResponse {
             status: pb::HealthStatus::Healthy as i32,
             version: env!("CARGO_PKG_VERSION").to_owned(),

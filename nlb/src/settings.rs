@@ -103,7 +103,7 @@ pub struct Settings {
     pub heartbeat: HeartbeatSettings,
     pub scaling: ScalingSettings,
     pub balancing: BalancingSettings,
-    pub rollout: crate::bluegreen::RolloutSettings,
+    pub rollout: crate::policy::RolloutSettings,
 }
 
 impl Default for Settings {
@@ -120,7 +120,7 @@ impl Default for Settings {
                 cooldown_seconds: 0,
             },
             balancing: BalancingSettings::default(),
-            rollout: crate::bluegreen::RolloutSettings::default(),
+            rollout: crate::policy::RolloutSettings::default(),
         }
     }
 }
@@ -160,7 +160,7 @@ impl Settings {
             "heartbeat" => serde_json::to_value(&self.heartbeat).ok(),
             "scaling" => serde_json::to_value(&self.scaling).ok(),
             "balancing" => serde_json::to_value(&self.balancing).ok(),
-            "rollout" => serde_json::to_value(&self.rollout).ok(),
+            "rollout" => Some(self.rollout.to_json()),
             _ => None,
         }
     }
@@ -178,32 +178,45 @@ impl Settings {
                 SECTIONS.join(", ")
             )]);
         };
-        let Some(fields) = update.as_object() else {
+        if !update.is_object() {
             return Err(vec![format!(
                 "config_data for `{name}` must be a JSON object"
             )]);
-        };
-        if let Some(target) = merged.as_object_mut() {
-            for (key, value) in fields {
-                target.insert(key.clone(), value.clone());
-            }
         }
+        merge(&mut merged, update);
         let mut next = self.clone();
         let mut errors = Vec::new();
         match name {
             "heartbeat" => next.heartbeat = parse(name, merged)?,
             "scaling" => next.scaling = parse(name, merged)?,
             "balancing" => next.balancing = parse(name, merged)?,
-            _ => next.rollout = parse(name, merged)?,
+            _ => next.rollout = crate::policy::RolloutSettings::from_json(merged)?,
         }
         next.heartbeat.check(&mut errors);
         next.scaling.check(&mut errors);
-        next.rollout.check(&mut errors);
         if errors.is_empty() {
             Ok(next)
         } else {
             Err(errors)
         }
+    }
+}
+
+/// Merges `update` over `target`: objects key by key, all the way down (so `{"kinds": {"alb":
+/// {"paused": true}}}` leaves alb's other keys alone); anything else replaces what was there.
+pub fn merge(target: &mut serde_json::Value, update: &serde_json::Value) {
+    match (target, update) {
+        (serde_json::Value::Object(target), serde_json::Value::Object(update)) => {
+            for (key, value) in update {
+                match target.get_mut(key) {
+                    Some(existing) => merge(existing, value),
+                    None => {
+                        target.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+        }
+        (target, update) => *target = update.clone(),
     }
 }
 

@@ -310,14 +310,20 @@ pub struct State {
     pub weights: BTreeMap<ModuleKind, BTreeMap<String, u32>>,
     /// The version that was active before the last change of each kind's split.
     pub previous_active: BTreeMap<ModuleKind, String>,
-    pub promotions: BTreeMap<ModuleKind, crate::bluegreen::Promotion>,
+    pub promotions: BTreeMap<ModuleKind, crate::rollout::Promotion>,
+    /// What each kind's rollouts did lately, oldest first.
+    pub rollout_events: BTreeMap<ModuleKind, VecDeque<crate::rollout::RolloutEvent>>,
+    /// Notification webhook calls the stepper has yet to make.
+    pub outbox: Vec<crate::rollout::Notification>,
+    /// Clients pinned to a version during rollouts with affinity.
+    pub affinity: crate::affinity::Affinity,
     pub route_requests: u64,
     cursor: u64,
     /// Bumped on every change that must reach disk.
     pub generation: u64,
 }
 
-fn unix_ms(at: SystemTime) -> u64 {
+pub(crate) fn unix_ms(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
@@ -449,17 +455,36 @@ impl State {
         }
         let mut promotions = BTreeMap::new();
         for (name, p) in persisted.promotions {
+            let stable = if p.stable.is_empty() {
+                crate::bluegreen::active(&p.before)
+                    .unwrap_or_default()
+                    .to_owned()
+            } else {
+                p.stable
+            };
             promotions.insert(
                 kind(&name)?,
-                crate::bluegreen::Promotion {
+                crate::rollout::Promotion {
                     version: p.version,
+                    stable,
                     step_percent: p.step_percent.clamp(1, 100),
                     before: p.before,
                     started: from_unix_ms(p.started_at_ms),
-                    last_step: now,
-                    failures_at_step: 0,
+                    step: p.step.max(1),
+                    failed_checks: p.failed_checks,
+                    phase: crate::rollout::Phase::Progressing,
+                    // The modules are not back yet: the first check opens a window, the
+                    // next judges it.
+                    last_check: now,
+                    held_since: None,
+                    window: None,
+                    last_analysis: None,
                 },
             );
+        }
+        let mut rollout_events = BTreeMap::new();
+        for (name, events) in persisted.rollout_events {
+            rollout_events.insert(kind(&name)?, events.into_iter().collect());
         }
         Ok(State {
             instances: BTreeMap::new(),
@@ -470,6 +495,9 @@ impl State {
             weights,
             previous_active,
             promotions,
+            rollout_events,
+            outbox: Vec::new(),
+            affinity: crate::affinity::Affinity::default(),
             route_requests: 0,
             cursor: 0,
             generation: 0,
@@ -526,9 +554,17 @@ impl State {
                             step_percent: p.step_percent,
                             before: p.before.clone(),
                             started_at_ms: unix_ms(p.started),
+                            stable: p.stable.clone(),
+                            step: p.step,
+                            failed_checks: p.failed_checks,
                         },
                     )
                 })
+                .collect(),
+            rollout_events: self
+                .rollout_events
+                .iter()
+                .map(|(kind, events)| (kind.name().to_owned(), events.iter().cloned().collect()))
                 .collect(),
         }
     }
@@ -991,11 +1027,11 @@ impl State {
 
     /// Instances an operator route sends to.
     fn operator_targets<'a>(
-        &'a self,
+        instances: &'a BTreeMap<String, Instance>,
         spec: &'a RouteSpec,
     ) -> impl Iterator<Item = &'a Instance> + 'a {
         let target = OperatorTarget::of(spec).ok();
-        self.instances.values().filter(move |i| match &target {
+        instances.values().filter(move |i| match &target {
             Some(OperatorTarget::Kind(kind)) => i.kind == *kind,
             Some(OperatorTarget::Instance(id)) => &i.id == id,
             None => false,
@@ -1006,7 +1042,7 @@ impl State {
     pub fn table(&self) -> Vec<(&TableRoute, RouteOwner, Option<&Instance>)> {
         let mut rows = Vec::new();
         for route in self.operator_routes.values() {
-            let mut targets = self.operator_targets(&route.spec).peekable();
+            let mut targets = Self::operator_targets(&self.instances, &route.spec).peekable();
             if targets.peek().is_none() {
                 rows.push((route, RouteOwner::Operator, None));
             }
@@ -1067,8 +1103,7 @@ impl State {
             .values()
             .filter(|r| r.spec.matches(flow))
         {
-            let targets = self
-                .operator_targets(&route.spec)
+            let targets = Self::operator_targets(&self.instances, &route.spec)
                 .map(|i| (i, &route.spec))
                 .collect();
             candidates.push((route.spec.clone(), RouteOwner::Operator, targets));
@@ -1114,8 +1149,22 @@ impl State {
                 continue;
             }
             let instances: Vec<&Instance> = usable.iter().map(|(i, _)| *i).collect();
-            let (instance, target_address) =
-                &usable[pick(&instances, &self.weights, strategy, self.cursor)];
+            let preferred = affine_version(
+                &mut self.affinity,
+                &self.promotions,
+                &self.settings,
+                &self.weights,
+                &instances,
+                flow.client_ip,
+                now,
+            );
+            let (instance, target_address) = &usable[pick(
+                &instances,
+                &self.weights,
+                strategy,
+                self.cursor,
+                preferred.as_deref(),
+            )];
             let route = match &owner {
                 RouteOwner::Operator => spec,
                 RouteOwner::Module(_) => instance
@@ -1246,8 +1295,10 @@ impl State {
                 keys: serde_json::Map::new(),
                 set_at: wall,
             });
-        if let Some(keys) = update.as_object() {
-            set.keys.extend(keys.clone());
+        let mut keys = serde_json::Value::Object(std::mem::take(&mut set.keys));
+        crate::settings::merge(&mut keys, update);
+        if let serde_json::Value::Object(keys) = keys {
+            set.keys = keys;
         }
         set.set_at = wall;
         self.changed();
@@ -1255,13 +1306,56 @@ impl State {
     }
 }
 
-/// Picks among usable instances: a version by weight (versions whose weight is 0 only when no
-/// weighted version has a usable instance), then an instance by strategy. Returns an index.
+/// The version a client keeps during its kind's rollout, when the policy asks for affinity.
+fn affine_version(
+    affinity: &mut crate::affinity::Affinity,
+    promotions: &BTreeMap<ModuleKind, crate::rollout::Promotion>,
+    settings: &Settings,
+    weights: &BTreeMap<ModuleKind, BTreeMap<String, u32>>,
+    usable: &[&Instance],
+    client: Option<std::net::IpAddr>,
+    now: Instant,
+) -> Option<String> {
+    let client = client?;
+    let kind = usable.first()?.kind;
+    let promotion = promotions.get(&kind)?;
+    let policy = settings.rollout.policy(kind);
+    if !policy.affinity {
+        return None;
+    }
+    let split = weights.get(&kind)?;
+    let mut versions: Vec<&str> = usable
+        .iter()
+        .filter(|i| i.kind == kind)
+        .map(|i| i.version.as_str())
+        .collect();
+    versions.sort_unstable();
+    versions.dedup();
+    // The new version first: as its weight grows, the clients it takes are the same plus more.
+    versions.sort_by_key(|v| *v != promotion.version);
+    let versions: Vec<(&str, u32)> = versions
+        .into_iter()
+        .map(|v| (v, split.get(v).copied().unwrap_or(0)))
+        .collect();
+    affinity.version_for(
+        kind,
+        client,
+        &versions,
+        Duration::from_millis(policy.affinity_idle_ms),
+        unix_ms(promotion.started),
+        now,
+    )
+}
+
+/// Picks among usable instances: the `preferred` version when it has one, else a version by
+/// weight (versions whose weight is 0 only when no weighted version has a usable instance),
+/// then an instance by strategy. Returns an index.
 fn pick(
     usable: &[&Instance],
     weights: &BTreeMap<ModuleKind, BTreeMap<String, u32>>,
     strategy: Strategy,
     cursor: u64,
+    preferred: Option<&str>,
 ) -> usize {
     let weight = |i: &Instance| {
         weights
@@ -1275,7 +1369,9 @@ fn pick(
         versions.insert(instance.version.as_str(), weight(instance));
     }
     let total: u32 = versions.values().sum();
-    let version = if total == 0 {
+    let version = if let Some(preferred) = preferred.filter(|p| versions.contains_key(p)) {
+        Some(preferred)
+    } else if total == 0 {
         // No weighted version is up: any healthy instance beats failing the client.
         None
     } else {

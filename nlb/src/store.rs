@@ -45,6 +45,9 @@ pub struct PersistedState {
     /// Gradual promotions under way, per module kind name: they go on after a restart.
     #[serde(default)]
     pub promotions: BTreeMap<String, PersistedPromotion>,
+    /// Recent rollout events per module kind name, for status after a restart.
+    #[serde(default)]
+    pub rollout_events: BTreeMap<String, Vec<crate::rollout::RolloutEvent>>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -54,6 +57,14 @@ pub struct PersistedPromotion {
     /// The split before the promotion began, where a rollback returns.
     pub before: BTreeMap<String, u32>,
     pub started_at_ms: u64,
+    /// The version it is compared with (empty in files from before it was kept).
+    #[serde(default)]
+    pub stable: String,
+    /// Steps taken, so a restart resumes at the same step.
+    #[serde(default)]
+    pub step: u32,
+    #[serde(default)]
+    pub failed_checks: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -1,6 +1,9 @@
 //! The smallest module: a line-based TCP echo. The runtime's tests run it, and it shows what a
 //! module writes itself: its data plane (asking the rate limiter, counting connections,
 //! requests and bytes) and its own config section. Nothing of ModuleService is here.
+//!
+//! Its config can also make it fail a share of its lines or answer slowly, so the NLB's
+//! rollout tests have a stand-in version that goes bad on cue, with real heartbeat stats.
 
 use std::{
     collections::HashMap,
@@ -26,6 +29,12 @@ struct EchoConfig {
     /// Written before every echoed line.
     #[serde(default)]
     prefix: String,
+    /// Share of lines answered `ERR` and counted as failed requests (0 to 1).
+    #[serde(default)]
+    fail_ratio: f64,
+    /// Wait before each answer.
+    #[serde(default)]
+    delay_ms: u64,
 }
 
 pub struct EchoModule {
@@ -44,11 +53,8 @@ impl EchoModule {
         })
     }
 
-    fn prefix(&self) -> String {
-        self.config
-            .read()
-            .map(|c| c.prefix.clone())
-            .unwrap_or_default()
+    fn config(&self) -> EchoConfig {
+        self.config.read().map(|c| c.clone()).unwrap_or_default()
     }
 
     async fn serve_connection(self: Arc<Self>, stream: TcpStream, stats: Arc<Stats>) {
@@ -57,13 +63,24 @@ impl EchoModule {
         while let Ok(Some(line)) = lines.next_line().await {
             let request = stats.request();
             stats.bytes_received(line.len() as u64 + 1);
-            let reply = format!("{}{line}\n", self.prefix());
+            let config = self.config();
+            if config.delay_ms > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(config.delay_ms)).await;
+            }
+            // Exactly `fail_ratio` of the lines fail, spread evenly: line n fails when the
+            // running count of failures owed goes up by one.
+            let n = self.lines.fetch_add(1, Ordering::Relaxed) as f64;
+            let fail = ((n + 1.0) * config.fail_ratio).floor() > (n * config.fail_ratio).floor();
+            let reply = if fail {
+                format!("{}ERR\n", config.prefix)
+            } else {
+                format!("{}{line}\n", config.prefix)
+            };
             let sent = writer.write_all(reply.as_bytes()).await.is_ok();
             if sent {
                 stats.bytes_sent(reply.len() as u64);
-                self.lines.fetch_add(1, Ordering::Relaxed);
             }
-            request.finish(sent);
+            request.finish(sent && !fail);
             if !sent {
                 break;
             }
@@ -95,13 +112,30 @@ impl Module for EchoModule {
     ) -> Result<(), Vec<String>> {
         let parsed: EchoConfig =
             serde_json::from_value(config.clone()).map_err(|e| vec![format!("module: {e}")])?;
+        let mut errors = Vec::new();
         if parsed.prefix.len() > 64 {
-            return Err(vec![format!(
+            errors.push(format!(
                 "module.prefix must be at most 64 bytes (got {})",
                 parsed.prefix.len()
-            )]);
+            ));
         }
-        Ok(())
+        if !(0.0..=1.0).contains(&parsed.fail_ratio) {
+            errors.push(format!(
+                "module.fail_ratio must be from 0 to 1 (got {})",
+                parsed.fail_ratio
+            ));
+        }
+        if parsed.delay_ms > 60_000 {
+            errors.push(format!(
+                "module.delay_ms must be at most 60000 (got {})",
+                parsed.delay_ms
+            ));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
     }
 
     fn apply_config(&self, _config_type: &str, config: &serde_json::Value) {

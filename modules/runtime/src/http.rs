@@ -21,8 +21,11 @@ use axum::{
     http::{HeaderValue, Request, Response, StatusCode, header::RETRY_AFTER},
     response::IntoResponse,
 };
-pub use hyper_rustls::HttpsConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+pub use marchproxy::http_client::{
+    CONNECT_TIMEOUT, Client, Connector, HttpsConnector, client, connector, https_over,
+    tcp_connector,
+};
 use marchproxy::pb;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -280,14 +283,6 @@ pub fn too_many_requests(limit_id: &str, retry_after: Duration) -> Response<Body
     response
 }
 
-/// An outbound HTTP/1.1 client for http:// and https:// (the system's root certificates).
-pub type Client =
-    hyper_util::client::legacy::Client<Connector, http_body_util::Full<hyper::body::Bytes>>;
-
-/// How long a connection attempt may take: an unreachable host fails in this time instead of
-/// the system's TCP timeout (minutes), so callers can move on to another server.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Percent-encoding of a URL query or form value (RFC 3986 unreserved characters stay).
 pub fn percent_encode(value: &str) -> String {
     value
@@ -299,43 +294,4 @@ pub fn percent_encode(value: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
-}
-
-/// What outbound HTTP clients dial with: plain TCP for http://, TLS with the system's root
-/// certificates for https://, each connection attempt within `connect_timeout`.
-pub type Connector = HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
-
-/// Builds a [`Connector`]; fails only when the system has no root certificates at all.
-pub fn connector(connect_timeout: Duration) -> Result<Connector, std::io::Error> {
-    https_over(tcp_connector(connect_timeout))
-}
-
-/// The plain TCP half of [`connector`], for connectors that dial somewhere else first (a
-/// proxy) before TLS.
-pub fn tcp_connector(
-    connect_timeout: Duration,
-) -> hyper_util::client::legacy::connect::HttpConnector {
-    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect_timeout));
-    http
-}
-
-/// TLS with the system's root certificates for https:// over `connector`; http:// passes
-/// through it as is.
-pub fn https_over<C>(connector: C) -> Result<HttpsConnector<C>, std::io::Error> {
-    Ok(hyper_rustls::HttpsConnectorBuilder::new()
-        .with_native_roots()?
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(connector))
-}
-
-/// Builds a [`Client`]; fails only when the system has no root certificates at all.
-pub fn client() -> Result<Client, std::io::Error> {
-    Ok(
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build(connector(CONNECT_TIMEOUT)?),
-    )
 }

@@ -42,6 +42,11 @@ pub fn state_dir() -> tempfile::TempDir {
 pub async fn start_with(mut config: Config) -> TestNlb {
     config.grpc_listen = "127.0.0.1:0".parse().unwrap();
     config.admin_listen = "127.0.0.1:0".parse().unwrap();
+    start_bound(config).await
+}
+
+/// Starts an NLB on exactly the addresses `config` names (a restart on the same ports).
+pub async fn start_bound(config: Config) -> TestNlb {
     let api_key = config.api_key.clone();
     let state_dir = config.state_dir.clone().unwrap_or_default();
     let server = Server::bind(config).await.expect("the NLB binds");

@@ -1,0 +1,813 @@
+//! Progressive delivery at the NLB, end to end: stand-in modules (the runtime's echo module, so
+//! registration, heartbeats and their request/latency stats are the real ones) serve two
+//! versions behind the NLB while clients keep connecting through it. A healthy version is
+//! promoted in steps; one that starts failing 30 % of its requests, a slow one and one that gets
+//! no traffic are rolled back by themselves; webhooks block a start and hold a step; affinity
+//! keeps every client on one version; a restart resumes at the same step; pause holds. No
+//! client connection fails in any of it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use marchproxy::{auth::AttachApiKey, listen::ListenSpec, names::ModuleKind, pb};
+use marchproxy_nlb::Config;
+use marchproxy_runtime::{Runtime, RuntimeConfig, echo::EchoModule};
+use marchproxy_testkit::{external::free_port, *};
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::TcpSocket,
+    sync::oneshot,
+};
+use tonic::{Code, service::interceptor::InterceptedService, transport::Channel};
+
+type ModuleClient =
+    pb::module_service_client::ModuleServiceClient<InterceptedService<Channel, AttachApiKey>>;
+
+const DEADLINE: Duration = Duration::from_secs(40);
+
+/// An echo module of one kind and version, answering `<version>:<line>`.
+struct Standin {
+    grpc: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Standin {
+    async fn start(nlb_url: &str, kind: ModuleKind, version: &str, priority: i32) -> Standin {
+        let id = format!("{kind}-{version}");
+        let mut config = RuntimeConfig::local(kind, &id);
+        config.nlb = Some(nlb_url.to_owned());
+        config.version = version.to_owned();
+        config.heartbeat_interval = Duration::from_millis(100);
+        config.listen = vec![marchproxy_runtime::ListenSpec::parse("tcp=127.0.0.1:0").unwrap()];
+        config.module_section = json!({ "prefix": format!("{version}:") });
+        config.routes = vec![
+            serde_json::from_value(
+                json!({"route_id": "echo", "protocol": "tcp", "priority": priority}),
+            )
+            .unwrap(),
+        ];
+        let runtime = Runtime::bind(EchoModule::new(kind), config)
+            .await
+            .expect("the stand-in module binds");
+        let grpc = runtime.grpc_addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(runtime.run(async move {
+            let _ = stopped.await;
+        }));
+        Standin {
+            grpc,
+            stop: Some(stop),
+        }
+    }
+
+    async fn client(&self) -> ModuleClient {
+        let channel = Channel::from_shared(format!("http://{}", self.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        pb::module_service_client::ModuleServiceClient::with_interceptor(
+            channel,
+            AttachApiKey::new(None).unwrap(),
+        )
+    }
+
+    /// Changes the echo's behaviour (`fail_ratio`, `delay_ms`) through its ModuleService.
+    async fn configure(&self, module: Value) {
+        let answer = self
+            .client()
+            .await
+            .update_config(pb::UpdateConfigRequest {
+                instance_id: String::new(),
+                config: Some(pb::ConfigUpdate {
+                    config_type: "module".into(),
+                    config_data: module.to_string().into_bytes(),
+                    ..Default::default()
+                }),
+                validate_only: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(answer.success, "{}", answer.message);
+    }
+}
+
+impl Drop for Standin {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The NLB with a TCP listener, on fixed ports so a restart keeps them.
+fn nlb_config(dir: &tempfile::TempDir, grpc: u16, data: u16) -> Config {
+    Config {
+        grpc_listen: SocketAddr::from(([127, 0, 0, 1], grpc)),
+        state_dir: Some(dir.path().to_owned()),
+        listen: vec![ListenSpec::parse(&format!("tcp=127.0.0.1:{data}")).unwrap()],
+        ..Config::local()
+    }
+}
+
+async fn start_nlb(dir: &tempfile::TempDir) -> TestNlb {
+    start_bound(nlb_config(dir, free_port(), free_port())).await
+}
+
+/// What the clients saw.
+#[derive(Default)]
+struct Seen {
+    answered: u64,
+    errors: u64,
+    failed: Vec<String>,
+    /// Versions each client reached, per epoch (the test moves the epoch on).
+    versions: BTreeMap<(u64, u8), BTreeSet<String>>,
+}
+
+/// Clients, each from its own loopback address, connecting through the NLB in a loop: one line
+/// per connection.
+struct Load {
+    stop: Arc<AtomicBool>,
+    epoch: Arc<AtomicU64>,
+    seen: Arc<Mutex<Seen>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(target: SocketAddr, clients: u8) -> Load {
+        let (stop, epoch, seen) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(Mutex::new(Seen::default())),
+        );
+        let tasks = (0..clients)
+            .map(|client| {
+                let (stop, epoch, seen) =
+                    (Arc::clone(&stop), Arc::clone(&epoch), Arc::clone(&seen));
+                tokio::spawn(async move {
+                    let source = Ipv4Addr::new(127, 0, 0, 10 + client);
+                    while !stop.load(Ordering::Relaxed) {
+                        let at = epoch.load(Ordering::SeqCst);
+                        let answer = round_trip(source, target).await;
+                        {
+                            let mut seen = seen.lock().unwrap();
+                            match answer {
+                                Ok((version, ok)) => {
+                                    seen.answered += 1;
+                                    seen.errors += u64::from(!ok);
+                                    seen.versions
+                                        .entry((at, client))
+                                        .or_default()
+                                        .insert(version);
+                                }
+                                Err(why) => seen.failed.push(why),
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            epoch,
+            seen,
+            tasks,
+        }
+    }
+
+    fn answered(&self) -> u64 {
+        self.seen.lock().unwrap().answered
+    }
+
+    /// Requests started from now on are counted in a new epoch.
+    fn next_epoch(&self) -> u64 {
+        self.epoch.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Stops the clients; asserts none of their connections failed.
+    async fn finish(self) -> Seen {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+        let seen = Arc::try_unwrap(self.seen)
+            .ok()
+            .expect("the clients are done")
+            .into_inner()
+            .unwrap();
+        assert!(
+            seen.failed.is_empty(),
+            "{} of {} client connections failed, e.g. {:?}",
+            seen.failed.len(),
+            seen.answered + seen.failed.len() as u64,
+            seen.failed.first()
+        );
+        assert!(
+            seen.answered > 50,
+            "the clients did run ({})",
+            seen.answered
+        );
+        seen
+    }
+}
+
+/// One connection from `source`: a line out, the answer back. Ok((version, not an error)).
+async fn round_trip(source: Ipv4Addr, target: SocketAddr) -> Result<(String, bool), String> {
+    let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
+    socket
+        .bind(SocketAddr::from((source, 0)))
+        .map_err(|e| format!("bind {source}: {e}"))?;
+    let stream = socket
+        .connect(target)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (reader, mut writer) = stream.into_split();
+    writer
+        .write_all(b"hello\n")
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut line = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        BufReader::new(reader).read_line(&mut line),
+    )
+    .await
+    .map_err(|_| "no answer within 5 s".to_owned())?
+    .map_err(|e| format!("read: {e}"))?;
+    let (version, text) = line
+        .trim_end()
+        .split_once(':')
+        .ok_or_else(|| format!("closed without an answer ({line:?})"))?;
+    Ok((version.to_owned(), text != "ERR"))
+}
+
+async fn set_policy(nlb: &TestNlb, policy: Value) {
+    let answer = nlb
+        .client()
+        .await
+        .update_nlb_config(pb::UpdateNlbConfigRequest {
+            config: Some(pb::ConfigUpdate {
+                config_type: "rollout".into(),
+                config_data: policy.to_string().into_bytes(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.success, "{:?}", answer.validation_errors);
+}
+
+async fn promote(nlb: &TestNlb, kind: &str, version: &str) -> Result<String, tonic::Status> {
+    let mut gateway = pb::module_service_client::ModuleServiceClient::with_interceptor(
+        nlb.channel().await,
+        AttachApiKey::new(None).unwrap(),
+    );
+    gateway
+        .promote_version(pb::PromoteVersionRequest {
+            instance_id: kind.into(),
+            version: version.into(),
+            immediate: false,
+            promotion_rate: 0,
+        })
+        .await
+        .map(|r| r.into_inner().message)
+}
+
+async fn active_version(nlb: &TestNlb, kind: &str) -> pb::GetActiveVersionResponse {
+    let mut gateway = pb::module_service_client::ModuleServiceClient::with_interceptor(
+        nlb.channel().await,
+        AttachApiKey::new(None).unwrap(),
+    );
+    gateway
+        .get_active_version(pb::GetActiveVersionRequest {
+            instance_id: kind.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The kind's rollout status, as GetNLBStatus details carry it.
+async fn status(nlb: &TestNlb, kind: &str) -> Value {
+    let details = nlb
+        .client()
+        .await
+        .get_nlb_status(pb::GetNlbStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .details;
+    details
+        .get(&format!("rollout.{kind}"))
+        .map(|text| serde_json::from_str(text).unwrap())
+        .unwrap_or(Value::Null)
+}
+
+fn events(status: &Value) -> Vec<String> {
+    status["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| e["message"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+async fn wait_weight(nlb: &TestNlb, kind: &str, version: &str, weight: i32) {
+    eventually(
+        &format!("{kind} {version} at {weight} %"),
+        DEADLINE,
+        || async { active_version(nlb, kind).await.version_weights.get(version) == Some(&weight) },
+    )
+    .await;
+}
+
+/// Both versions of `kind` registered and healthy; v2 has no traffic yet.
+async fn two_versions(nlb: &TestNlb, kind: ModuleKind, priority: i32) -> (Standin, Standin) {
+    let v1 = Standin::start(&nlb.url(), kind, "v1", priority).await;
+    wait_weight(nlb, kind.name(), "v1", 100).await;
+    let v2 = Standin::start(&nlb.url(), kind, "v2", priority).await;
+    wait_weight(nlb, kind.name(), "v2", 0).await;
+    (v1, v2)
+}
+
+/// A webhook receiver: records every POST body and answers with the status it is set to.
+struct Hook {
+    url: String,
+    status: Arc<AtomicU16>,
+    calls: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Hook {
+    async fn start(status: u16) -> Hook {
+        let (answer, calls) = (
+            Arc::new(AtomicU16::new(status)),
+            Arc::new(Mutex::new(Vec::new())),
+        );
+        let app = {
+            let (answer, calls) = (Arc::clone(&answer), Arc::clone(&calls));
+            axum::Router::new().route(
+                "/hook",
+                axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+                    let (answer, calls) = (Arc::clone(&answer), Arc::clone(&calls));
+                    async move {
+                        calls.lock().unwrap().push(body);
+                        let status = answer.load(Ordering::SeqCst);
+                        (
+                            axum::http::StatusCode::from_u16(status).unwrap(),
+                            if status == 200 {
+                                "ok"
+                            } else {
+                                "change freeze until Monday"
+                            },
+                        )
+                    }
+                }),
+            )
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Hook {
+            url,
+            status: answer,
+            calls,
+        }
+    }
+
+    fn calls(&self, of_type: &str) -> Vec<Value> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c["type"] == of_type)
+            .cloned()
+            .collect()
+    }
+}
+
+async fn metrics(nlb: &TestNlb) -> String {
+    http_get(nlb.admin, "/metrics").await.1
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_healthy_version_is_promoted_step_by_step() {
+    let dir = state_dir();
+    let nlb = start_nlb(&dir).await;
+    let hook = Hook::start(200).await;
+    set_policy(
+        &nlb,
+        json!({"step_interval_ms": 300, "step_percent": 20, "max_weight": 60, "min_requests": 5,
+               "webhooks": [{"name": "chat", "type": "promoted", "url": hook.url}]}),
+    )
+    .await;
+    let (_v1, _v2) = two_versions(&nlb, ModuleKind::Alb, 1).await;
+    let load = Load::start(nlb.listen[0], 6);
+    eventually("the clients are served", DEADLINE, || async {
+        load.answered() > 20
+    })
+    .await;
+
+    let message = promote(&nlb, "alb", "v2").await.unwrap();
+    assert!(
+        message.contains("promoting v2 from 20 % by 20 %"),
+        "{message}"
+    );
+    let during = active_version(&nlb, "alb").await.config.unwrap();
+    assert_eq!(
+        (during.blue_version.as_str(), during.green_version.as_str()),
+        ("v1", "v2")
+    );
+    assert!(
+        during.canary_enabled && during.deployment_started.is_some(),
+        "{during:?}"
+    );
+    assert!(
+        [20, 40, 60].contains(&during.canary_percent)
+            && during.green_weight == during.canary_percent,
+        "{during:?}"
+    );
+    eventually("a step is analysed and shown", DEADLINE, || async {
+        status(&nlb, "alb").await["rollout"]["last_analysis"]["result"] == "pass"
+    })
+    .await;
+    let shown = status(&nlb, "alb").await;
+    assert_eq!(shown["rollout"]["stable_version"], "v1", "{shown}");
+    assert!(
+        shown["rollout"]["last_analysis"]["requests"].as_u64() >= Some(5),
+        "{shown}"
+    );
+    assert_eq!(
+        shown["rollout"]["last_analysis"]["success_ratio"], 1.0,
+        "{shown}"
+    );
+
+    wait_weight(&nlb, "alb", "v2", 100).await;
+    let seen = load.finish().await;
+    assert_eq!(seen.errors, 0);
+    let log = events(&status(&nlb, "alb").await);
+    let steps: Vec<&String> = log
+        .iter()
+        .filter(|e| e.starts_with("step ") || e.starts_with("started"))
+        .collect();
+    assert_eq!(
+        steps.len(),
+        3,
+        "started at 20 %, then steps at 40 % and 60 %: {log:?}"
+    );
+    assert!(log[log.len() - 1].starts_with("promoted"), "{log:?}");
+    assert!(log.iter().any(|e| e == "step 3: v2 at 60 %"), "{log:?}");
+    let after = active_version(&nlb, "alb").await;
+    assert_eq!(after.active_version, "v2");
+    assert!(!after.config.unwrap().canary_enabled);
+    eventually("the promoted webhook is told", DEADLINE, || async {
+        hook.calls("promoted").len() == 1
+    })
+    .await;
+    let told = &hook.calls("promoted")[0];
+    assert_eq!(
+        (told["kind"].as_str(), told["version"].as_str()),
+        (Some("alb"), Some("v2"))
+    );
+    assert_eq!(told["weights"]["v2"], 100, "{told}");
+    let metrics = metrics(&nlb).await;
+    assert!(
+        metrics.contains("nlb_rollouts_total{module_type=\"alb\",result=\"promoted\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nlb_rollout_steps_total{module_type=\"alb\"} 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_version_whose_errors_rise_to_30_percent_is_rolled_back_within_the_threshold() {
+    let dir = state_dir();
+    let nlb = start_nlb(&dir).await;
+    let hook = Hook::start(200).await;
+    set_policy(
+        &nlb,
+        json!({"step_interval_ms": 300, "step_percent": 10, "min_requests": 5,
+               "failed_checks_tolerated": 1,
+               "webhooks": [{"name": "pager", "type": "rolled-back", "url": hook.url}]}),
+    )
+    .await;
+    let (_v1, v2) = two_versions(&nlb, ModuleKind::Alb, 1).await;
+    let load = Load::start(nlb.listen[0], 6);
+    promote(&nlb, "alb", "v2").await.unwrap();
+    wait_weight(&nlb, "alb", "v2", 20).await;
+
+    v2.configure(json!({"prefix": "v2:", "fail_ratio": 0.3}))
+        .await;
+    wait_weight(&nlb, "alb", "v2", 0).await;
+    let shown = status(&nlb, "alb").await;
+    let log = events(&shown);
+    let failed: Vec<&String> = log
+        .iter()
+        .filter(|e| e.starts_with("analysis failed"))
+        .collect();
+    assert_eq!(
+        failed.len(),
+        2,
+        "one tolerated, the second rolls back: {log:?}"
+    );
+    assert!(
+        failed.iter().all(|e| e.contains("success ratio 0.")),
+        "{log:?}"
+    );
+    let last = log.last().unwrap();
+    assert!(
+        last.starts_with("rolled back: 2 failed analyses") && last.contains("success ratio"),
+        "{log:?}"
+    );
+    assert!(shown["rollout"].is_null(), "{shown}");
+    assert_eq!(active_version(&nlb, "alb").await.version_weights["v1"], 100);
+    let seen = load.finish().await;
+    assert!(seen.errors > 0, "v2 did fail some requests");
+    eventually("the rolled-back webhook is told", DEADLINE, || async {
+        hook.calls("rolled-back").len() == 1
+    })
+    .await;
+    assert!(
+        hook.calls("rolled-back")[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("success ratio")
+    );
+    let metrics = metrics(&nlb).await;
+    assert!(
+        metrics.contains("nlb_rollouts_total{module_type=\"alb\",result=\"rolled_back\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nlb_rollout_analyses_total{module_type=\"alb\",result=\"fail\"} 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_version_is_rolled_back() {
+    let dir = state_dir();
+    let nlb = start_nlb(&dir).await;
+    set_policy(
+        &nlb,
+        json!({"step_interval_ms": 400, "step_percent": 20, "min_requests": 5,
+               "max_p99_latency_ratio": 5, "failed_checks_tolerated": 0}),
+    )
+    .await;
+    let (_v1, v2) = two_versions(&nlb, ModuleKind::Alb, 1).await;
+    v2.configure(json!({"prefix": "v2:", "delay_ms": 60})).await;
+    let load = Load::start(nlb.listen[0], 6);
+    eventually("the clients are served", DEADLINE, || async {
+        load.answered() > 20
+    })
+    .await;
+    promote(&nlb, "alb", "v2").await.unwrap();
+    wait_weight(&nlb, "alb", "v2", 0).await;
+    let log = events(&status(&nlb, "alb").await);
+    let last = log.last().unwrap();
+    assert!(
+        last.starts_with("rolled back")
+            && last.contains("p99 latency")
+            && last.contains("stable version"),
+        "{log:?}"
+    );
+    let seen = load.finish().await;
+    assert_eq!(seen.errors, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_version_without_traffic_holds_then_is_rolled_back_at_the_deadline() {
+    let dir = state_dir();
+    let nlb = start_nlb(&dir).await;
+    // Only the DBLB's policy is short; the clients all reach the ALB (its route ranks higher).
+    set_policy(
+        &nlb,
+        json!({"kinds": {"dblb": {"step_interval_ms": 300, "progress_deadline_ms": 1500}}}),
+    )
+    .await;
+    let _alb = Standin::start(&nlb.url(), ModuleKind::Alb, "v1", 5).await;
+    wait_weight(&nlb, "alb", "v1", 100).await;
+    let (_v1, _v2) = two_versions(&nlb, ModuleKind::Dblb, 1).await;
+    let load = Load::start(nlb.listen[0], 4);
+    promote(&nlb, "dblb", "v2").await.unwrap();
+    eventually("the step is held for want of traffic", DEADLINE, || async {
+        status(&nlb, "dblb").await["rollout"]["phase"] == "held_for_traffic"
+    })
+    .await;
+    assert_eq!(
+        active_version(&nlb, "dblb").await.version_weights["v2"],
+        10,
+        "never promoted on silence"
+    );
+    wait_weight(&nlb, "dblb", "v2", 0).await;
+    let log = events(&status(&nlb, "dblb").await);
+    assert!(
+        log.iter()
+            .any(|e| e.starts_with("holding: too little traffic")),
+        "{log:?}"
+    );
+    assert!(
+        log.last()
+            .unwrap()
+            .starts_with("rolled back: no progress within the deadline"),
+        "{log:?}"
+    );
+    let seen = load.finish().await;
+    assert!(seen.versions.values().flatten().all(|v| v == "v1"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_pre_rollout_webhook_blocks_the_start() {
+    let dir = state_dir();
+    let nlb = start_nlb(&dir).await;
+    let hook = Hook::start(503).await;
+    set_policy(
+        &nlb,
+        json!({"webhooks": [{"name": "freeze", "type": "pre-rollout", "url": hook.url}]}),
+    )
+    .await;
+    let (_v1, _v2) = two_versions(&nlb, ModuleKind::Alb, 1).await;
+    let refused = promote(&nlb, "alb", "v2").await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("change freeze until Monday"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(active_version(&nlb, "alb").await.version_weights["v2"], 0);
+    let asked = &hook.calls("pre-rollout")[0];
+    assert_eq!(
+        (asked["kind"].as_str(), asked["version"].as_str()),
+        (Some("alb"), Some("v2"))
+    );
+    assert!(events(&status(&nlb, "alb").await)[0].starts_with("blocked by a pre-rollout webhook"));
+
+    hook.status.store(200, Ordering::SeqCst);
+    promote(&nlb, "alb", "v2").await.unwrap();
+    assert_eq!(active_version(&nlb, "alb").await.version_weights["v2"], 10);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gate_holds_a_step_until_it_answers_2xx_and_a_pause_holds_everything() {
+    let dir = state_dir();
+    let nlb = start_nlb(&dir).await;
+    let gate = Hook::start(503).await;
+    set_policy(
+        &nlb,
+        json!({"step_interval_ms": 300, "step_percent": 20, "max_weight": 100, "min_requests": 5,
+               "webhooks": [{"name": "qa", "type": "gate", "url": gate.url}]}),
+    )
+    .await;
+    let (_v1, _v2) = two_versions(&nlb, ModuleKind::Alb, 1).await;
+    let load = Load::start(nlb.listen[0], 6);
+    promote(&nlb, "alb", "v2").await.unwrap();
+    eventually("the gate is asked three times", DEADLINE, || async {
+        gate.calls("gate").len() >= 3
+    })
+    .await;
+    assert_eq!(
+        active_version(&nlb, "alb").await.version_weights["v2"],
+        20,
+        "held at step 1"
+    );
+    let shown = status(&nlb, "alb").await;
+    assert_eq!(shown["rollout"]["step"], 1, "{shown}");
+    assert!(
+        events(&shown)
+            .iter()
+            .any(|e| e.starts_with("held by a gate: webhook `qa` answered 503"))
+    );
+    assert_eq!(gate.calls("gate")[0]["next_weight"], 40);
+
+    gate.status.store(200, Ordering::SeqCst);
+    wait_weight(&nlb, "alb", "v2", 40).await;
+    set_policy(&nlb, json!({"kinds": {"alb": {"paused": true}}})).await;
+    eventually("the rollout is paused", DEADLINE, || async {
+        status(&nlb, "alb").await["rollout"]["phase"] == "paused"
+    })
+    .await;
+    let paused_at = active_version(&nlb, "alb").await.version_weights["v2"];
+    let calls = gate.calls("gate").len();
+    // Four intervals: nothing may move while paused.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        active_version(&nlb, "alb").await.version_weights["v2"],
+        paused_at
+    );
+    assert_eq!(gate.calls("gate").len(), calls, "no analysis while paused");
+
+    set_policy(&nlb, json!({"kinds": {"alb": {"paused": false}}})).await;
+    wait_weight(&nlb, "alb", "v2", 100).await;
+    let log = events(&status(&nlb, "alb").await);
+    for expected in ["paused by the operator", "resumed by the operator"] {
+        assert!(
+            log.iter().any(|e| e == expected),
+            "{expected} missing: {log:?}"
+        );
+    }
+    load.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_affinity_every_client_stays_on_one_version_across_steps() {
+    let dir = state_dir();
+    let nlb = start_nlb(&dir).await;
+    set_policy(
+        &nlb,
+        json!({"step_interval_ms": 400, "step_percent": 30, "max_weight": 100, "min_requests": 3,
+               "affinity": true}),
+    )
+    .await;
+    let (_v1, _v2) = two_versions(&nlb, ModuleKind::Alb, 1).await;
+    let load = Load::start(nlb.listen[0], 32);
+    eventually("the clients are served", DEADLINE, || async {
+        load.answered() > 50
+    })
+    .await;
+    promote(&nlb, "alb", "v2").await.unwrap();
+    // Requests from here on were routed during the rollout.
+    let rollout = load.next_epoch();
+    wait_weight(&nlb, "alb", "v2", 90).await;
+    let seen = load.finish().await;
+    let during: Vec<(&u8, &BTreeSet<String>)> = seen
+        .versions
+        .iter()
+        .filter(|((epoch, _), _)| *epoch == rollout)
+        .map(|((_, client), versions)| (client, versions))
+        .collect();
+    assert_eq!(
+        during.len(),
+        32,
+        "every client connected during the rollout"
+    );
+    for (client, versions) in &during {
+        assert_eq!(versions.len(), 1, "client {client} reached {versions:?}");
+    }
+    let on_v2 = during.iter().filter(|(_, v)| v.contains("v2")).count();
+    assert!(
+        (1..32).contains(&on_v2),
+        "{on_v2} of 32 clients on v2: both versions served"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_nlb_resumes_the_rollout_at_the_same_step() {
+    let dir = state_dir();
+    let (grpc, data) = (free_port(), free_port());
+    let nlb = start_bound(nlb_config(&dir, grpc, data)).await;
+    set_policy(
+        &nlb,
+        json!({"step_interval_ms": 500, "step_percent": 20, "max_weight": 100, "min_requests": 5}),
+    )
+    .await;
+    let (_v1, _v2) = two_versions(&nlb, ModuleKind::Alb, 1).await;
+    let load = Load::start(nlb.listen[0], 6);
+    promote(&nlb, "alb", "v2").await.unwrap();
+    wait_weight(&nlb, "alb", "v2", 40).await;
+    set_policy(&nlb, json!({"kinds": {"alb": {"paused": true}}})).await;
+    eventually("the rollout is paused", DEADLINE, || async {
+        status(&nlb, "alb").await["rollout"]["phase"] == "paused"
+    })
+    .await;
+    load.finish().await;
+    nlb.stop().await;
+
+    let nlb = start_bound(nlb_config(&dir, grpc, data)).await;
+    let shown = status(&nlb, "alb").await;
+    assert_eq!(shown["rollout"]["step"], 2, "{shown}");
+    assert_eq!(shown["rollout"]["weight"], 40, "{shown}");
+    eventually("the modules are back", DEADLINE, || async {
+        let modules = nlb
+            .client()
+            .await
+            .list_modules(pb::ListModulesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .modules;
+        modules.len() == 2
+    })
+    .await;
+    let load = Load::start(nlb.listen[0], 6);
+    set_policy(&nlb, json!({"kinds": {"alb": {"paused": false}}})).await;
+    wait_weight(&nlb, "alb", "v2", 100).await;
+    let log = events(&status(&nlb, "alb").await);
+    assert!(
+        log.iter().any(|e| e == "step 3: v2 at 60 %"),
+        "went on from step 2: {log:?}"
+    );
+    load.finish().await;
+}

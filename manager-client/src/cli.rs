@@ -75,7 +75,7 @@ pub enum Command {
     },
     /// NLB and module metrics, once or continuously.
     Metrics(MetricsArgs),
-    /// Live config sections (heartbeat, scaling, balancing).
+    /// Live config sections (heartbeat, scaling, balancing, rollout).
     #[command(subcommand)]
     Config(ConfigCommand),
     /// Ask for more or fewer instances of a module kind.
@@ -92,6 +92,9 @@ pub enum Command {
     /// Blue/green: the split of a module kind's traffic between versions.
     #[command(subcommand)]
     Bluegreen(BluegreenCommand),
+    /// Gradual promotions: status (with --watch), pause and resume.
+    #[command(subcommand)]
+    Rollout(crate::rollout::RolloutCommand),
     /// Even out load: set the balancing strategy and ask overloaded instances to shed.
     Rebalance {
         /// least_connections, round_robin or random.
@@ -397,6 +400,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Metrics(args) => metrics(&mut client, &out, args).await,
         Command::Config(command) => config(&mut client, &out, command).await,
+        Command::Rollout(command) => crate::rollout::run(&mut client, &out, command).await,
         Command::Scale(args) => scale(&mut client, &out, args).await,
         Command::Load { kind, historical } => {
             let answer = call(
@@ -461,8 +465,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-struct Printer {
-    output: Output,
+pub(crate) struct Printer {
+    pub(crate) output: Output,
 }
 
 impl Printer {
@@ -485,7 +489,7 @@ impl Printer {
 }
 
 /// Awaits an RPC; a failure becomes an error that names the gRPC code and says what went wrong.
-async fn call<T>(
+pub(crate) async fn call<T>(
     future: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 ) -> anyhow::Result<T> {
     match future.await {

@@ -3,10 +3,12 @@
 //! - [`connect`]: an `NLBService` client that carries the cluster key.
 //! - [`json`]: any API message as canonical protobuf JSON (what `-o json` prints), and routes
 //!   read from JSON files.
-//! - [`cli`]: the `marchctl` commands; [`cli::run`] is the binary's entry point.
+//! - [`cli`]: the `marchctl` commands; [`cli::run`] is the binary's entry point; `rollout`
+//!   follows gradual promotions.
 
 pub mod cli;
 pub mod json;
+mod rollout;
 mod table;
 
 use marchproxy::{auth::AttachApiKey, pb};

@@ -318,6 +318,56 @@ async fn marchctl_operates_a_live_nlb() {
         refused.stderr
     );
 
+    // A rollout nobody sends traffic to: status shows it, pause and resume steer it, and
+    // `status --watch` follows it until the deadline rolls it back (exit status 1).
+    ctl.ok(&[
+        "config",
+        "set",
+        "rollout",
+        "--data",
+        r#"{"kinds": {"alb": {"step_interval_ms": 200, "progress_deadline_ms": 1500}}}"#,
+    ])
+    .await;
+    ctl.ok(&["bluegreen", "promote", "alb", "v2", "--rate", "10"])
+        .await;
+    let shown = ctl.ok(&["rollout", "status", "alb"]).await;
+    assert!(
+        shown.contains("alb: v1 90%, v2 10%") && shown.contains("rollout: v1 -> v2, step 1 at 10%"),
+        "{shown}"
+    );
+    let paused = ctl.ok(&["rollout", "pause", "alb"]).await;
+    assert!(paused.contains("alb rollouts paused"), "{paused}");
+    let config = ctl.ok(&["config", "get", "rollout"]).await;
+    assert!(config.contains(r#""alb":{"paused":true"#), "{config}");
+    ctl.ok(&["rollout", "resume", "alb"]).await;
+    let watched = ctl
+        .run(&["rollout", "status", "alb", "--watch", "--interval", "0.2"])
+        .await;
+    assert!(
+        !watched.ok,
+        "a rollback exits non-zero:\n{}",
+        watched.stdout
+    );
+    assert!(
+        watched.stdout.contains("holding: too little traffic")
+            && watched
+                .stdout
+                .contains("rolled back: no progress within the deadline")
+            && watched
+                .stderr
+                .contains("the rollout of alb was rolled back"),
+        "{}{}",
+        watched.stdout,
+        watched.stderr
+    );
+    let status = ctl.json(&["rollout", "status", "alb"]).await;
+    assert!(
+        status["rollout"].is_null() && status["weights"]["v1"] == 100,
+        "{status}"
+    );
+    let nothing = ctl.run(&["rollout", "status", "alb", "--watch"]).await;
+    assert!(!nothing.ok && nothing.stderr.contains("no rollout running"));
+
     // --watch streams until stopped.
     let mut watch = tokio::process::Command::new(env!("CARGO_BIN_EXE_marchctl"))
         .args([

@@ -3,8 +3,8 @@
 //! versions behind the NLB while clients keep connecting through it. A healthy version is
 //! promoted in steps; one that starts failing 30 % of its requests, a slow one and one that gets
 //! no traffic are rolled back by themselves; webhooks block a start and hold a step; affinity
-//! keeps every client on one version; a restart resumes at the same step; pause holds. No
-//! client connection fails in any of it.
+//! keeps every client on one version; pause holds; a new NLB process taking over mid-rollout
+//! resumes at the same step. No client connection fails in any of it, the takeover included.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -764,50 +764,69 @@ async fn with_affinity_every_client_stays_on_one_version_across_steps() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_restarted_nlb_resumes_the_rollout_at_the_same_step() {
+async fn a_restarted_nlb_resumes_the_rollout_at_the_same_step_without_failing_a_connection() {
     let dir = state_dir();
     let (grpc, data) = (free_port(), free_port());
-    let nlb = start_bound(nlb_config(&dir, grpc, data)).await;
+    let old = start_bound(nlb_config(&dir, grpc, data)).await;
     set_policy(
-        &nlb,
+        &old,
         json!({"step_interval_ms": 500, "step_percent": 20, "max_weight": 100, "min_requests": 5}),
     )
     .await;
-    let (_v1, _v2) = two_versions(&nlb, ModuleKind::Alb, 1).await;
-    let load = Load::start(nlb.listen[0], 6);
-    promote(&nlb, "alb", "v2").await.unwrap();
-    wait_weight(&nlb, "alb", "v2", 40).await;
-    set_policy(&nlb, json!({"kinds": {"alb": {"paused": true}}})).await;
+    let (_v1, _v2) = two_versions(&old, ModuleKind::Alb, 1).await;
+    let load = Load::start(old.listen[0], 6);
+    promote(&old, "alb", "v2").await.unwrap();
+    wait_weight(&old, "alb", "v2", 40).await;
+    // Paused, so the step cannot move on while the processes change places.
+    set_policy(&old, json!({"kinds": {"alb": {"paused": true}}})).await;
     eventually("the rollout is paused", DEADLINE, || async {
-        status(&nlb, "alb").await["rollout"]["phase"] == "paused"
+        status(&old, "alb").await["rollout"]["phase"] == "paused"
     })
     .await;
-    load.finish().await;
-    nlb.stop().await;
 
-    let nlb = start_bound(nlb_config(&dir, grpc, data)).await;
-    let shown = status(&nlb, "alb").await;
-    assert_eq!(shown["rollout"]["step"], 2, "{shown}");
-    assert_eq!(shown["rollout"]["weight"], 40, "{shown}");
-    eventually("the modules are back", DEADLINE, || async {
-        let modules = nlb
-            .client()
-            .await
-            .list_modules(pb::ListModulesRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .modules;
-        modules.len() == 2
+    // The new process takes the old one's sockets, state and registrations while the clients
+    // keep connecting; the old one drains and exits by itself.
+    let new = start_bound(Config {
+        takeover: true,
+        ..nlb_config(&dir, grpc, data)
     })
     .await;
-    let load = Load::start(nlb.listen[0], 6);
-    set_policy(&nlb, json!({"kinds": {"alb": {"paused": false}}})).await;
-    wait_weight(&nlb, "alb", "v2", 100).await;
-    let log = events(&status(&nlb, "alb").await);
-    assert!(
-        log.iter().any(|e| e == "step 3: v2 at 60 %"),
-        "went on from step 2: {log:?}"
+    let shown = status(&new, "alb").await;
+    assert_eq!(
+        (&shown["rollout"]["step"], &shown["rollout"]["weight"]),
+        (&json!(2), &json!(40)),
+        "{shown}"
     );
+    let modules = new
+        .client()
+        .await
+        .list_modules(pb::ListModulesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .modules;
+    assert_eq!(modules.len(), 2, "the registrations moved with the state");
+    old.stop().await;
+    set_policy(&new, json!({"kinds": {"alb": {"paused": false}}})).await;
+    let answered = load.answered();
+    eventually(
+        "the clients are served by the new process",
+        DEADLINE,
+        || async { load.answered() > answered + 50 },
+    )
+    .await;
+    wait_weight(&new, "alb", "v2", 100).await;
+    let log = events(&status(&new, "alb").await);
+    assert!(log.last().unwrap().starts_with("promoted"), "{log:?}");
     load.finish().await;
+    let beside = marchproxy_nlb::Server::bind(nlb_config(&dir, free_port(), free_port()))
+        .await
+        .err()
+        .map(|e| e.to_string());
+    assert!(
+        beside
+            .as_deref()
+            .is_some_and(|e| e.contains("another NLB is running")),
+        "a second NLB on the same state directory is refused: {beside:?}"
+    );
 }

@@ -75,6 +75,11 @@ pub struct Args {
     /// Log format [default: text]
     #[arg(long, env = "MARCHPROXY_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Take the place of the NLB running on the same --state-dir: its listening sockets,
+    /// state and module registrations move here, then it drains and exits (no connection is
+    /// refused). Without this flag, starting beside a running NLB is refused.
+    #[arg(long, env = "MARCHPROXY_TAKEOVER")]
+    pub takeover: bool,
 }
 
 /// The same settings in a TOML file.
@@ -123,6 +128,8 @@ pub struct Config {
     pub limits: Limits,
     pub drain_timeout: Duration,
     pub log_format: LogFormat,
+    /// Take over from the NLB running on the same state directory.
+    pub takeover: bool,
 }
 
 impl Default for Config {
@@ -137,6 +144,7 @@ impl Default for Config {
             limits: Limits::default(),
             drain_timeout: Duration::from_secs(30),
             log_format: LogFormat::Text,
+            takeover: false,
         }
     }
 }
@@ -242,6 +250,7 @@ impl Config {
             limits,
             drain_timeout,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            takeover: args.takeover,
         })
     }
 }

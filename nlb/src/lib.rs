@@ -17,6 +17,7 @@ pub mod console;
 pub mod dataplane;
 mod docker_scaler;
 pub mod error;
+pub mod handover;
 pub mod metrics;
 mod module_client;
 pub mod module_gateway;
@@ -32,7 +33,7 @@ pub mod store;
 mod target;
 mod webhook;
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, os::fd::AsRawFd, sync::Arc};
 
 use marchproxy::{auth::RequireApiKey, pb};
 use tokio::sync::watch;
@@ -55,6 +56,8 @@ pub enum StartError {
     Serve(#[from] tonic::transport::Error),
     #[error("admin server failed: {0}")]
     Admin(std::io::Error),
+    #[error(transparent)]
+    Handover(#[from] handover::HandoverError),
 }
 
 /// A bound NLB, not yet serving: its addresses are known (port 0 resolved).
@@ -66,31 +69,70 @@ pub struct Server {
     drain_timeout: std::time::Duration,
     nlb: Arc<nlb::Nlb>,
     stop: watch::Sender<bool>,
+    /// From the process this one replaces, told `ready` once this one serves.
+    inherited: Option<handover::Inherited>,
 }
 
 impl Server {
-    /// Restores state from the state directory and binds both listeners.
+    /// Restores state from the state directory (or, with `takeover`, from the NLB it replaces)
+    /// and binds the listeners (or takes the replaced NLB's).
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         let store = store::Store::open(config.state_dir.as_deref())?;
-        let persisted = store.load()?;
+        let mut inherited =
+            handover::before_bind(config.state_dir.as_deref(), config.takeover).await?;
+        let persisted = match inherited.as_mut() {
+            Some(from) => std::mem::take(&mut from.state),
+            None => store.load()?,
+        };
         let restored_routes = persisted.operator_routes.len();
-        let state = state::State::restore(persisted, config.settings.clone())
+        let mut state = state::State::restore(persisted, config.settings.clone())
             .map_err(StartError::Restore)?;
+        if let Some(from) = inherited.as_mut() {
+            let moved = state.restore_moved(
+                std::mem::take(&mut from.instances),
+                std::time::Instant::now(),
+                std::time::SystemTime::now(),
+            );
+            info!(
+                modules = moved,
+                "taking over from the running NLB: its state, registrations and listeners move here"
+            );
+        }
         match store.dir() {
             Some(dir) => {
                 info!(state_dir = %dir.display(), operator_routes = restored_routes, "operator state restored")
             }
             None => info!("no --state-dir: operator state lives in memory and is lost on restart"),
         }
-        let grpc = marchproxy::serve::bind(config.grpc_listen, "gRPC", "--grpc-listen").await?;
-        let admin =
-            marchproxy::serve::bind(config.admin_listen, "admin HTTP", "--admin-listen").await?;
+        let grpc = bind_or_inherit(
+            &mut inherited,
+            handover::Role::Grpc,
+            config.grpc_listen,
+            "gRPC",
+            "--grpc-listen",
+        )
+        .await?;
+        let admin = bind_or_inherit(
+            &mut inherited,
+            handover::Role::Admin,
+            config.admin_listen,
+            "admin HTTP",
+            "--admin-listen",
+        )
+        .await?;
         let mut listeners = Vec::with_capacity(config.listen.len());
         for spec in &config.listen {
             listeners.push(dataplane::Listener {
                 protocol: spec.protocol,
                 proxy_protocol: spec.proxy_protocol,
-                bound: marchproxy::serve::bind(spec.addr, "data plane", "--listen").await?,
+                bound: bind_or_inherit(
+                    &mut inherited,
+                    handover::Role::Data,
+                    spec.addr,
+                    "data plane",
+                    "--listen",
+                )
+                .await?,
             });
         }
         let (stop, stopped) = watch::channel(false);
@@ -103,6 +145,7 @@ impl Server {
             drain_timeout: config.drain_timeout,
             nlb,
             stop,
+            inherited,
         })
     }
 
@@ -138,7 +181,32 @@ impl Server {
             drain_timeout,
             nlb,
             stop,
+            inherited,
         } = self;
+        let stop = Arc::new(stop);
+        let handover_task = nlb.state_dir().map(|dir| {
+            let mut sockets = vec![
+                (handover::Role::Grpc, grpc.addr, grpc.listener.as_raw_fd()),
+                (
+                    handover::Role::Admin,
+                    admin.addr,
+                    admin.listener.as_raw_fd(),
+                ),
+            ];
+            sockets.extend(listeners.iter().map(|l| {
+                (
+                    handover::Role::Data,
+                    l.bound.addr,
+                    l.bound.listener.as_raw_fd(),
+                )
+            }));
+            tokio::spawn(handover::serve(
+                Arc::clone(&nlb),
+                dir.to_owned(),
+                sockets,
+                Arc::clone(&stop),
+            ))
+        });
         let data_plane = tokio::spawn(
             dataplane::DataPlane::new(Arc::clone(&nlb), limits).run(listeners, drain_timeout),
         );
@@ -179,6 +247,9 @@ impl Server {
         });
         nlb.mark_ready();
         info!(grpc = %grpc_addr, admin = %admin_addr, "NLB listening");
+        if let Some(from) = inherited {
+            from.ready();
+        }
         let served = tonic::transport::Server::builder()
             .add_routes(routes.add_service(nlb_service).add_service(module_service))
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc.listener), async move {
@@ -191,6 +262,9 @@ impl Server {
         let _ = data_plane.await;
         sweeper.abort();
         promoter.abort();
+        if let Some(task) = handover_task {
+            task.abort();
+        }
         sampler.abort();
         let admin_result = admin_task.await;
         served?;
@@ -199,6 +273,20 @@ impl Server {
             Ok(Err(error)) => Err(StartError::Admin(error)),
         }
     }
+}
+
+/// The listener the replaced NLB had at `addr` for `role`, or a fresh one.
+async fn bind_or_inherit(
+    inherited: &mut Option<handover::Inherited>,
+    role: handover::Role,
+    addr: SocketAddr,
+    what: &'static str,
+    flag: &'static str,
+) -> Result<marchproxy::serve::Bound, marchproxy::serve::BindError> {
+    if let Some(listener) = inherited.as_mut().and_then(|from| from.take(role, addr)) {
+        return Ok(marchproxy::serve::Bound { listener, addr });
+    }
+    marchproxy::serve::bind(addr, what, flag).await
 }
 
 /// Binds and serves until `shutdown` completes.

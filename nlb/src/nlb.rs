@@ -41,6 +41,8 @@ pub struct Nlb {
     pub shutdown: watch::Receiver<bool>,
     /// Calls rollout webhooks; None when the machine has no TLS root certificates.
     webhooks: Option<marchproxy::http_client::Client>,
+    /// Up while a new process takes over: state stays as saved for it (no step, no write).
+    pub handing_over: AtomicBool,
 }
 
 impl Nlb {
@@ -60,6 +62,7 @@ impl Nlb {
             ready: AtomicBool::new(false),
             source_limiter: marchproxy::limiter::RateLimiter::new(),
             shutdown,
+            handing_over: AtomicBool::new(false),
             webhooks: marchproxy::http_client::client()
                 .inspect_err(|error| {
                     warn!(%error, "no HTTP client for rollout webhooks (install ca-certificates)");
@@ -92,6 +95,16 @@ impl Nlb {
 
     /// Writes the state to disk if it changed since the last write.
     pub async fn persist(&self) -> Result<(), NlbError> {
+        if self.handing_over.load(Ordering::SeqCst) {
+            return Err(NlbError::Unavailable(
+                "this NLB is handing over to a new process and takes no changes; retry in a moment (the new one answers)".into(),
+            ));
+        }
+        self.persist_now().await
+    }
+
+    /// [`Nlb::persist`], also while handing over (the state the newcomer gets).
+    pub async fn persist_now(&self) -> Result<(), NlbError> {
         let (generation, snapshot) = {
             let state = self.state();
             (state.generation, state.persisted())
@@ -244,6 +257,9 @@ impl Nlb {
             tokio::select! {
                 () = tokio::time::sleep(period) => {}
                 () = stopped(&mut shutdown) => return,
+            }
+            if self.handing_over.load(Ordering::SeqCst) {
+                continue;
             }
             let (mut outcomes, gates, notifications) = {
                 let mut state = self.state();

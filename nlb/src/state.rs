@@ -21,6 +21,8 @@ use marchproxy::{
     time,
 };
 
+use tracing::warn;
+
 use crate::{
     error::NlbError,
     settings::{Settings, Strategy},
@@ -810,6 +812,79 @@ impl State {
             replaced,
             version_weight,
         })
+    }
+
+    /// The registrations that move to a new process at a takeover (not the ones leaving).
+    pub fn moving_instances(&self) -> Vec<crate::handover::MovedInstance> {
+        use prost::Message;
+        self.instances
+            .values()
+            .filter(|i| !i.draining)
+            .map(|i| {
+                let request = pb::RegisterModuleRequest {
+                    instance: Some(pb::ModuleInstance {
+                        instance_id: i.id.clone(),
+                        module_type: i.kind.module_type() as i32,
+                        address: i.address.to_string(),
+                        health_status: i.reported as i32,
+                        metadata: i.metadata.clone(),
+                        started_at: i.started_at,
+                        max_connections: i.max_connections,
+                        version: i.version.clone(),
+                        ..Default::default()
+                    }),
+                    initial_routes: i
+                        .routes
+                        .values()
+                        .map(|r| pb::Route::from(&r.spec))
+                        .collect(),
+                    health_config: i.health_config.clone(),
+                    capabilities: i.capabilities.clone(),
+                };
+                crate::handover::MovedInstance {
+                    registration: request.encode_to_vec(),
+                    registration_id: i.registration_id.clone(),
+                    registered_at_ms: unix_ms(i.registered_at),
+                }
+            })
+            .collect()
+    }
+
+    /// Registrations a takeover brought, as they were (their ids too, so the modules'
+    /// heartbeats carry on). Returns how many came back.
+    pub fn restore_moved(
+        &mut self,
+        moved: Vec<crate::handover::MovedInstance>,
+        now: Instant,
+        wall: SystemTime,
+    ) -> usize {
+        use prost::Message;
+        let mut restored = 0;
+        for m in moved {
+            let registered = pb::RegisterModuleRequest::decode(m.registration.as_slice())
+                .map_err(|e| NlbError::Invalid(e.to_string()))
+                .and_then(|request| {
+                    let id = request
+                        .instance
+                        .as_ref()
+                        .map(|i| i.instance_id.clone())
+                        .unwrap_or_default();
+                    self.register(request, now, wall).map(|_| id)
+                });
+            match registered {
+                Ok(id) => {
+                    if let Some(instance) = self.instances.get_mut(&id) {
+                        instance.registration_id = m.registration_id;
+                        instance.registered_at = from_unix_ms(m.registered_at_ms);
+                        restored += 1;
+                    }
+                }
+                Err(error) => {
+                    warn!(%error, "a registration from the old process is unusable; that module registers again");
+                }
+            }
+        }
+        restored
     }
 
     /// Checks the caller owns the registration, and returns its kind.

@@ -105,6 +105,9 @@ struct FileConfig {
     #[serde(default)]
     proxy_protocol: bool,
     log_format: Option<LogFormat>,
+    /// The `rollout` section's startup values (`[rollout]`, `[rollout.kinds.alb]`,
+    /// `[[rollout.webhooks]]`); keys set over the API win.
+    rollout: Option<serde_json::Value>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -205,6 +208,12 @@ impl Config {
                 "--scaler-command and --scaler-docker are two ways to scale: give one".into(),
             ));
         }
+        if let Some(rollout) = file.rollout {
+            settings.rollout =
+                crate::policy::RolloutSettings::from_json(rollout).map_err(|errors| {
+                    ConfigError::Invalid(format!("config file: {}", errors.join("; ")))
+                })?;
+        }
         let api_key = marchproxy::config_file::api_key(args.api_key, file.api_key)
             .map_err(|e| ConfigError::Invalid(format!("--api-key: {e}")))?;
         let listen = (if args.listen.is_empty() {
@@ -276,6 +285,49 @@ mod tests {
         assert_eq!(config.grpc_listen.port(), 7000);
         assert_eq!(config.admin_listen.port(), 6001);
         assert_eq!(config.settings.heartbeat.unhealthy_after_ms, 5000);
+    }
+
+    #[test]
+    fn the_file_sets_the_rollout_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nlb.toml");
+        std::fs::write(
+            &path,
+            "[rollout]\nstep_percent = 5\n[rollout.kinds.alb]\nstep_percent = 25\n[[rollout.webhooks]]\nname = \"qa\"\ntype = \"gate\"\nurl = \"http://qa.internal/approve\"\n",
+        )
+        .unwrap();
+        let config = Config::from_args(Args::parse_from([
+            "nlb",
+            "--config",
+            path.to_str().unwrap(),
+        ]))
+        .unwrap();
+        let rollout = &config.settings.rollout;
+        assert_eq!(
+            rollout
+                .policy(marchproxy::names::ModuleKind::Alb)
+                .step_percent,
+            25
+        );
+        assert_eq!(
+            rollout
+                .policy(marchproxy::names::ModuleKind::Dblb)
+                .step_percent,
+            5
+        );
+        assert_eq!(
+            rollout.policy(marchproxy::names::ModuleKind::Alb).webhooks[0].name,
+            "qa"
+        );
+        std::fs::write(&path, "[rollout.kinds.alb]\nstep_percent = 0\n").unwrap();
+        let error = Config::from_args(Args::parse_from([
+            "nlb",
+            "--config",
+            path.to_str().unwrap(),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("rollout.kinds.alb.step_percent"), "{error}");
     }
 
     #[test]

@@ -239,6 +239,8 @@ async fn a_failing_version_is_rolled_back_by_itself() {
     let (nlb, mut gateway) = bluegreen_nlb(&dir, 200).await;
     let (_blue, _green, _, green_reg) = two_versions(&nlb).await;
     let mut client = nlb.client().await;
+    // Modules report their counters from their first heartbeat on.
+    heartbeat_requests(&mut client, "alb-green", &green_reg, 0, 0).await;
     gateway
         .promote_version(pb::PromoteVersionRequest {
             instance_id: "alb".into(),
@@ -254,21 +256,7 @@ async fn a_failing_version_is_rolled_back_by_itself() {
         "the first step is taken at once"
     );
     // v2 reports that a third of its requests fail.
-    client
-        .heartbeat(pb::HeartbeatRequest {
-            instance_id: "alb-green".into(),
-            registration_id: green_reg,
-            status: pb::HealthStatus::Healthy as i32,
-            current_stats: Some(pb::ModuleStats {
-                total_requests: 300,
-                successful_requests: 200,
-                failed_requests: 100,
-                ..Default::default()
-            }),
-            timestamp: None,
-        })
-        .await
-        .unwrap();
+    heartbeat_requests(&mut client, "alb-green", &green_reg, 300, 100).await;
     eventually(
         "the promotion rolls back to where it began",
         Duration::from_secs(10),

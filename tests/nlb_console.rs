@@ -460,6 +460,8 @@ async fn a_promotion_started_in_the_console_that_rolls_back_by_itself_says_why()
             vec![route("web", pb::Protocol::Http, "*.example", "", 0)],
         )
         .await;
+        // Modules report their counters from their first heartbeat on.
+        heartbeat_requests(&mut client, id, &registration, 0, 0).await;
         if version == "v2" {
             green_registration = registration;
         }
@@ -494,27 +496,13 @@ async fn a_promotion_started_in_the_console_that_rolls_back_by_itself_says_why()
     );
 
     // v2 reports that a third of its requests fail: the NLB rolls the promotion back itself.
-    client
-        .heartbeat(pb::HeartbeatRequest {
-            instance_id: "alb-green".into(),
-            registration_id: green_registration,
-            status: pb::HealthStatus::Healthy as i32,
-            current_stats: Some(pb::ModuleStats {
-                total_requests: 300,
-                successful_requests: 200,
-                failed_requests: 100,
-                ..Default::default()
-            }),
-            timestamp: None,
-        })
-        .await
-        .unwrap();
+    heartbeat_requests(&mut client, "alb-green", &green_registration, 300, 100).await;
     let mut last_state = Value::Null;
     let rolled_back = tokio::time::timeout(DEADLINE, async {
         loop {
             let (_, _, body) = exchange(nlb.admin, "GET", "/ui/api/state", &acting, None).await;
             last_state = json_of(&body);
-            if last_state["kinds"][0]["last_promotion_end"]["outcome"] == "rolled_back" {
+            if last_state["kinds"][0]["last_promotion_end"]["end"] == "rolled_back" {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -525,7 +513,7 @@ async fn a_promotion_started_in_the_console_that_rolls_back_by_itself_says_why()
     let end = &last_state["kinds"][0]["last_promotion_end"];
     assert_eq!(end["version"], "v2");
     assert!(
-        end["reason"]
+        end["message"]
             .as_str()
             .unwrap_or_default()
             .contains("success ratio 0.667 (100 of 300 failed)"),

@@ -806,7 +806,7 @@ async fn a_restarted_nlb_resumes_the_rollout_at_the_same_step_without_failing_a_
         .into_inner()
         .modules;
     assert_eq!(modules.len(), 2, "the registrations moved with the state");
-    old.stop().await;
+    old.exits_by_itself(DEADLINE).await;
     set_policy(&new, json!({"kinds": {"alb": {"paused": false}}})).await;
     let answered = load.answered();
     eventually(
@@ -829,4 +829,69 @@ async fn a_restarted_nlb_resumes_the_rollout_at_the_same_step_without_failing_a_
             .is_some_and(|e| e.contains("another NLB is running")),
         "a second NLB on the same state directory is refused: {beside:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollout_resumes_from_disk_after_a_cold_restart() {
+    let dir = state_dir();
+    let (grpc, data) = (free_port(), free_port());
+    let nlb = start_bound(nlb_config(&dir, grpc, data)).await;
+    set_policy(
+        &nlb,
+        json!({"step_interval_ms": 400, "step_percent": 20, "max_weight": 100, "min_requests": 5}),
+    )
+    .await;
+    let (_v1, _v2) = two_versions(&nlb, ModuleKind::Alb, 1).await;
+    let load = Load::start(nlb.listen[0], 6);
+    promote(&nlb, "alb", "v2").await.unwrap();
+    wait_weight(&nlb, "alb", "v2", 40).await;
+    set_policy(&nlb, json!({"kinds": {"alb": {"paused": true}}})).await;
+    eventually("the rollout is paused", DEADLINE, || async {
+        status(&nlb, "alb").await["rollout"]["phase"] == "paused"
+    })
+    .await;
+    // A stop and a start (a crash would do the same): clients are turned away meanwhile, so
+    // they pause; what matters here is what the state directory brings back.
+    load.finish().await;
+    nlb.stop().await;
+
+    let nlb = start_bound(nlb_config(&dir, grpc, data)).await;
+    let shown = status(&nlb, "alb").await;
+    assert_eq!(
+        (
+            &shown["rollout"]["step"],
+            &shown["rollout"]["weight"],
+            &shown["rollout"]["phase"]
+        ),
+        (&json!(2), &json!(40), &json!("paused")),
+        "{shown}"
+    );
+    eventually("the modules register again", DEADLINE, || async {
+        let modules = nlb
+            .client()
+            .await
+            .list_modules(pb::ListModulesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .modules;
+        modules.len() == 2
+    })
+    .await;
+    let load = Load::start(nlb.listen[0], 6);
+    set_policy(&nlb, json!({"kinds": {"alb": {"paused": false}}})).await;
+    wait_weight(&nlb, "alb", "v2", 100).await;
+    let log = events(&status(&nlb, "alb").await);
+    assert!(
+        log.iter().any(|e| e == "step 3: v2 at 60 %"),
+        "went on from step 2: {log:?}"
+    );
+    assert_eq!(
+        log.iter()
+            .filter(|e| *e == "paused by the operator")
+            .count(),
+        1,
+        "the pause is not announced again after the restart: {log:?}"
+    );
+    load.finish().await;
 }

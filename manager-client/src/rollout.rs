@@ -23,7 +23,7 @@ pub enum RolloutCommand {
     Status {
         kind: ModuleKind,
         /// Print again every --interval until the rollout ends; exits 0 when the new version
-        /// was promoted, 1 when it was rolled back.
+        /// was promoted, 1 when it was rolled back or ended otherwise.
         #[arg(long)]
         watch: bool,
         /// Seconds between two prints with --watch.
@@ -50,24 +50,37 @@ pub async fn run(
             if !(0.1..=3600.0).contains(&interval) {
                 bail!("--interval must be from 0.1 to 3600 seconds");
             }
-            let mut seen_running = false;
+            // The rollout being watched: its version and start.
+            let mut watched: Option<(Value, u64)> = None;
             loop {
                 let status = fetch(client, kind).await?;
                 print(out, &status)?;
-                let running = !status["rollout"].is_null();
-                seen_running |= running;
                 if !watch {
                     return Ok(());
                 }
-                if !running {
-                    if !seen_running {
+                let rollout = &status["rollout"];
+                if !rollout.is_null() {
+                    watched = Some((
+                        rollout["version"].clone(),
+                        rollout["started_unix_ms"].as_u64().unwrap_or(0),
+                    ));
+                } else {
+                    let Some((version, started)) = watched else {
                         bail!(
                             "{kind} has no rollout running; start one with marchctl bluegreen promote"
                         );
-                    }
-                    return match last_end(&status) {
-                        Some("rolled_back") => bail!("the rollout of {kind} was rolled back"),
-                        _ => Ok(()),
+                    };
+                    let end = &status["last_end"];
+                    let ours = end["version"] == version
+                        && end["at_unix_ms"].as_u64().unwrap_or(0) >= started;
+                    let message = end["message"].as_str().unwrap_or("");
+                    return match (ours, end["end"].as_str()) {
+                        (true, Some("promoted")) => Ok(()),
+                        (true, Some("rolled_back")) => {
+                            bail!("the rollout of {kind} was rolled back: {message}")
+                        }
+                        (true, _) => bail!("the rollout of {kind} did not complete: {message}"),
+                        (false, _) => bail!("the rollout of {kind} ended without a word on how"),
                     };
                 }
                 if out.output == Output::Table {
@@ -88,15 +101,6 @@ async fn fetch(client: &mut NlbClient, kind: ModuleKind) -> anyhow::Result<Value
             .with_context(|| format!("the NLB's rollout.{kind} status is not JSON: {text}")),
         None => Ok(json!({"kind": kind.name(), "weights": {}, "rollout": null, "events": []})),
     }
-}
-
-/// How the last rollout ended (`promoted` / `rolled_back`), from the events.
-fn last_end(status: &Value) -> Option<&str> {
-    status["events"]
-        .as_array()?
-        .iter()
-        .rev()
-        .find_map(|e| e["end"].as_str())
 }
 
 async fn set_paused(client: &mut NlbClient, kind: ModuleKind, paused: bool) -> anyhow::Result<()> {

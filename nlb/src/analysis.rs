@@ -12,41 +12,61 @@ use serde::Serialize;
 
 use crate::{policy::RolloutPolicy, state::Instance};
 
-/// One instance's counters at a moment.
+/// One instance's counters at a moment: the module's own request counters (None before its
+/// first heartbeat with stats) and the NLB's.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Counters {
-    pub requests: u64,
-    pub failed_requests: u64,
+    pub requests: Option<(u64, u64)>,
     pub connections: u64,
     pub connect_failures: u64,
 }
 
+/// What happened in a window, summed over instances.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Window {
+    requests: u64,
+    failed_requests: u64,
+    connections: u64,
+    connect_failures: u64,
+}
+
 impl Counters {
     pub fn of(instance: &Instance) -> Self {
-        let stats = instance.stats.as_ref();
-        let count = |n: Option<i64>| n.map_or(0, |n| u64::try_from(n).unwrap_or(0));
+        let count = |n: i64| u64::try_from(n).unwrap_or(0);
         Counters {
-            requests: count(stats.map(|s| s.total_requests)),
-            failed_requests: count(stats.map(|s| s.failed_requests)),
+            requests: instance
+                .stats
+                .as_ref()
+                .map(|s| (count(s.total_requests), count(s.failed_requests))),
             connections: instance.routed_total,
             connect_failures: instance.connect_failures_total,
         }
     }
 
-    /// What happened since `before`; a counter that went down was reset (a module restart, an
-    /// operator's `reset_counters`), so all of it is new.
-    fn since(self, before: Counters) -> Counters {
+    /// What happened since `before`. A counter that went down was reset (a module restart, an
+    /// operator's `reset_counters`), so all of it is new; request counters that were unknown
+    /// when the window began (no heartbeat yet: they may go back to the module's start) count
+    /// from the next window.
+    fn since(self, before: Counters) -> Window {
         let delta = |now: u64, then: u64| if now >= then { now - then } else { now };
-        Counters {
-            requests: delta(self.requests, before.requests),
-            failed_requests: delta(self.failed_requests, before.failed_requests),
+        let (requests, failed_requests) = match (self.requests, before.requests) {
+            (Some((total, failed)), Some((total_then, failed_then))) => {
+                (delta(total, total_then), delta(failed, failed_then))
+            }
+            _ => (0, 0),
+        };
+        Window {
+            requests,
+            failed_requests,
             connections: delta(self.connections, before.connections),
             connect_failures: delta(self.connect_failures, before.connect_failures),
         }
     }
+}
 
-    fn add(self, other: Counters) -> Counters {
-        Counters {
+impl Window {
+    fn add(self, other: Window) -> Window {
+        Window {
             requests: self.requests + other.requests,
             failed_requests: self.failed_requests + other.failed_requests,
             connections: self.connections + other.connections,
@@ -119,7 +139,7 @@ pub fn analyse(
             let before = since.get(&(i.id.clone(), i.registration_id.clone()))?;
             Some(Counters::of(i).since(*before))
         })
-        .fold(Counters::default(), Counters::add);
+        .fold(Window::default(), Window::add);
     // Modules that count requests are judged by them (with the NLB's failed connects as
     // failures too); ones that count none by the NLB's connections alone.
     let (traffic, failures) = if window.requests > 0 {

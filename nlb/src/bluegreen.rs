@@ -160,14 +160,8 @@ impl State {
             .cloned()
             .or_else(|| current.keys().find(|v| *v != version).cloned());
         let next = with_weight(&current, version, weight, fallback.as_deref());
-        if let Some(promotion) = self.end_promotion(kind) {
-            self.record_event(
-                kind,
-                &promotion.version,
-                format!("ended by the operator: {version} set to {weight} %"),
-            );
-        }
         self.replace_weights(kind, next);
+        self.stop_rollout(kind, &format!("{version} set to {weight} %"));
         Ok(())
     }
 
@@ -206,9 +200,10 @@ impl State {
         self.check_promote(kind, version, immediate, rate)?;
         let current = self.weights.get(&kind).cloned().unwrap_or_default();
         if immediate {
-            self.end_promotion(kind);
             self.replace_weights(kind, with_weight(&current, version, 100, None));
-            self.record_event(kind, version, "promoted at once by the operator".into());
+            if !self.stop_rollout(kind, &format!("{version} promoted at once")) {
+                self.record_event(kind, version, "promoted at once by the operator".into());
+            }
             return Ok(());
         }
         let policy = self.policy(kind);
@@ -217,8 +212,10 @@ impl State {
         } else {
             rate as u32
         };
-        let first = (current.get(version).copied().unwrap_or(0) + step_percent)
-            .min(policy.max_weight.max(step_percent))
+        // One step up to the policy's cap, never below what the version already has.
+        let now_weight = current.get(version).copied().unwrap_or(0);
+        let first = (now_weight + step_percent)
+            .min(policy.max_weight.max(step_percent).max(now_weight))
             .min(100);
         let stable = active(&current)
             .filter(|v| *v != version)
@@ -230,7 +227,7 @@ impl State {
                 .values()
                 .filter(|i| i.kind == kind && i.version == version),
         );
-        self.end_promotion(kind);
+        self.stop_rollout(kind, &format!("a rollout of {version} started"));
         self.promotions.insert(
             kind,
             Promotion {
@@ -257,13 +254,29 @@ impl State {
         Ok(())
     }
 
+    /// Ends a running rollout of the kind that an operator's change overrides; false when none
+    /// ran.
+    fn stop_rollout(&mut self, kind: ModuleKind, why: &str) -> bool {
+        let Some(version) = self.promotions.get(&kind).map(|p| p.version.clone()) else {
+            return false;
+        };
+        self.record_end(
+            kind,
+            &version,
+            RolloutEnd::Stopped,
+            format!("ended by the operator: {why}"),
+        );
+        self.end_promotion(kind);
+        true
+    }
+
     /// `Rollback`: undoes a running promotion, or gives `target` (else the previous active
-    /// version) all traffic. Returns (previous active, now active).
+    /// version) all traffic. Returns (previous active, now active, whether a rollout ended).
     pub fn rollback(
         &mut self,
         kind: ModuleKind,
         target: &str,
-    ) -> Result<(String, String), NlbError> {
+    ) -> Result<(String, String, bool), NlbError> {
         let current = self.weights.get(&kind).cloned().unwrap_or_default();
         let was = active(&current).unwrap_or_default().to_owned();
         let next = match self.promotions.get(&kind).filter(|_| target.is_empty()) {
@@ -282,20 +295,21 @@ impl State {
                 with_weight(&current, &target, 100, None)
             }
         };
-        if let Some(version) = self.promotions.get(&kind).map(|p| p.version.clone()) {
+        self.replace_weights(kind, next);
+        let running = self.promotions.get(&kind).map(|p| p.version.clone());
+        if let Some(version) = &running {
             let reason = "rolled back by the operator";
-            self.record_end(kind, &version, RolloutEnd::RolledBack, reason.into());
-            self.notify(HookType::RolledBack, kind, &version, Some(reason));
+            self.record_end(kind, version, RolloutEnd::RolledBack, reason.into());
+            self.notify(HookType::RolledBack, kind, version, Some(reason));
             self.end_promotion(kind);
         }
-        self.replace_weights(kind, next);
         let now_active = self
             .weights
             .get(&kind)
             .and_then(|w| active(w))
             .unwrap_or_default()
             .to_owned();
-        Ok((was, now_active))
+        Ok((was, now_active, running.is_some()))
     }
 
     /// The split of a kind as `GetActiveVersion` reports it.

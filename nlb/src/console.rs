@@ -31,9 +31,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tonic::Request;
 
-use crate::{
-    module_gateway::ModuleGateway, nlb::Nlb, rollout::RolloutEnd, service::NlbGrpc, state::unix_ms,
-};
+use crate::{module_gateway::ModuleGateway, nlb::Nlb, service::NlbGrpc, state::unix_ms};
 
 const PAGE: &str = include_str!("console.html");
 const COOKIE: &str = "marchproxy_console";
@@ -189,28 +187,13 @@ impl Console {
                     state.version_weights(kind).into_iter().collect();
                 weights.sort();
                 let status = state.rollout_status(kind, now);
-                let last_end = state
-                    .events(kind)
-                    .rev()
-                    .find_map(|e| {
-                        let outcome = match e.end? {
-                            RolloutEnd::Promoted => "completed",
-                            RolloutEnd::RolledBack => "rolled_back",
-                        };
-                        Some(json!({
-                            "version": e.version,
-                            "at_unix_ms": e.at_unix_ms,
-                            "outcome": outcome,
-                            "reason": (outcome == "rolled_back").then_some(&e.message),
-                        }))
-                    });
                 json!({
                     "kind": kind.name(),
                     "active_version": state.deployment(kind).active_version,
                     "previous_version": state.previous_active.get(&kind),
                     "weights": weights.into_iter().map(|(v, w)| json!({"version": v, "weight": w})).collect::<Vec<_>>(),
                     "promotion": status["rollout"],
-                    "last_promotion_end": last_end,
+                    "last_promotion_end": status["last_end"],
                 })
             })
             .collect();

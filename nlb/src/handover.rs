@@ -18,12 +18,12 @@ use std::{
     io::{Read, Write},
     net::SocketAddr,
     os::{
-        fd::{FromRawFd, OwnedFd, RawFd},
+        fd::{AsFd, FromRawFd, OwnedFd, RawFd},
         unix::net::{UnixListener, UnixStream},
     },
     path::{Path, PathBuf},
     sync::{Arc, atomic::Ordering},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use sendfd::{RecvWithFd, SendWithFd};
@@ -36,10 +36,14 @@ use crate::{nlb::Nlb, store::PersistedState};
 const SOCKET: &str = "handover.sock";
 const ASK: &[u8] = b"take-over\n";
 const READY: &[u8] = b"ready\n";
+/// The old process's last word: it stops now.
+const BYE: &[u8] = b"bye\n";
 /// Listening sockets sent at most (gRPC, admin and the data listeners).
 const MAX_LISTENERS: usize = 64;
 /// How long the old process waits for the newcomer to serve.
 const READY_WITHIN: Duration = Duration::from_secs(60);
+/// Any other step of the exchange.
+const STEP_WITHIN: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {
@@ -51,6 +55,10 @@ pub enum HandoverError {
     NoStateDir,
     #[error("taking over from the NLB on {dir} failed: {reason}; it carries on serving")]
     Failed { dir: PathBuf, reason: String },
+    #[error(
+        "the NLB this one replaces did not confirm that it stops ({0}); this one exits so that only one serves"
+    )]
+    NotConfirmed(String),
 }
 
 /// Where a listening socket serves.
@@ -69,6 +77,19 @@ pub struct MovedInstance {
     pub registration: Vec<u8>,
     pub registration_id: String,
     pub registered_at_ms: u64,
+    /// Time since its last heartbeat, so a silent module stays as close to unhealthy.
+    pub silent_ms: u64,
+    /// Its last heartbeat's `ModuleStats` (protobuf), if any.
+    pub stats: Option<Vec<u8>>,
+}
+
+/// A client pinned to a version by rollout affinity.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MovedPin {
+    pub kind: String,
+    pub client: std::net::IpAddr,
+    pub version: String,
+    pub idle_ms: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -77,6 +98,7 @@ struct Offer {
     listeners: Vec<(Role, SocketAddr)>,
     state: PersistedState,
     instances: Vec<MovedInstance>,
+    pins: Vec<MovedPin>,
 }
 
 /// What a newcomer got from the process it replaces.
@@ -84,6 +106,7 @@ pub struct Inherited {
     listeners: Vec<(Role, SocketAddr, std::net::TcpListener)>,
     pub state: PersistedState,
     pub instances: Vec<MovedInstance>,
+    pub pins: Vec<MovedPin>,
     /// Told `ready` once the newcomer serves.
     old: UnixStream,
 }
@@ -105,16 +128,29 @@ impl Inherited {
             .ok()
     }
 
-    /// Tells the old process this one serves: it stops accepting and drains.
-    pub fn ready(mut self) {
-        if let Err(error) = self.old.write_all(READY) {
-            warn!(%error, "the old NLB did not hear that this one serves; it stops when its handover wait ends");
-        }
-        // Sockets nobody configured any more close here, in this process; the old one closes
-        // its copies as it stops.
+    /// Tells the old process this one serves, and waits for its word that it stops. Without
+    /// that word this process must not serve: the old one may carry on.
+    pub async fn ready(self) -> Result<(), HandoverError> {
         for (role, addr, _) in &self.listeners {
             info!(?role, %addr, "a listener of the old NLB is not configured here: closed");
         }
+        let mut old = self.old;
+        tokio::task::spawn_blocking(move || {
+            old.set_read_timeout(Some(STEP_WITHIN))
+                .and_then(|()| old.write_all(READY))
+                .map_err(|e| format!("telling it: {e}"))?;
+            let mut bye = [0u8; BYE.len()];
+            old.read_exact(&mut bye)
+                .map_err(|e| format!("waiting for its answer: {e}"))?;
+            if bye == BYE {
+                Ok(())
+            } else {
+                Err("it answered something else".to_owned())
+            }
+        })
+        .await
+        .map_err(|e| HandoverError::NotConfirmed(e.to_string()))?
+        .map_err(HandoverError::NotConfirmed)
     }
 }
 
@@ -135,8 +171,7 @@ pub async fn before_bind(
             Ok(None)
         };
     };
-    let path = socket_path(dir);
-    let Ok(old) = UnixStream::connect(&path) else {
+    let Ok(old) = UnixStream::connect(socket_path(dir)) else {
         // Nobody there (or a socket file left by a process that died).
         return Ok(None);
     };
@@ -151,24 +186,34 @@ pub async fn before_bind(
         .await
         .map_err(|e| failed(e.to_string()))?
         .map_err(failed)
+        .map(Some)
 }
 
 /// The newcomer's side of the exchange (blocking).
-fn ask(mut old: UnixStream) -> Result<Option<Inherited>, String> {
-    old.set_read_timeout(Some(Duration::from_secs(30)))
+fn ask(mut old: UnixStream) -> Result<Inherited, String> {
+    old.set_read_timeout(Some(READY_WITHIN))
+        .and_then(|()| old.set_write_timeout(Some(STEP_WITHIN)))
         .map_err(|e| e.to_string())?;
     old.write_all(ASK).map_err(|e| format!("asking: {e}"))?;
     let mut length = [0u8; 8];
-    let mut fds = [0 as RawFd; MAX_LISTENERS];
+    let mut fds = [-1 as RawFd; MAX_LISTENERS];
     let (got, fd_count) = old
         .recv_with_fd(&mut length, &mut fds)
         .map_err(|e| format!("receiving the sockets: {e}"))?;
-    // Owned at once, so they close on any failure below.
-    // SAFETY: the kernel just installed these descriptors in this process for us alone.
-    let owned: Vec<OwnedFd> = fds[..fd_count]
+    // SAFETY: the kernel just installed these descriptors in this process, for us alone; each
+    // is owned exactly once here and closed on any failure below.
+    let received: Vec<OwnedFd> = fds[..fd_count]
         .iter()
         .map(|fd| unsafe { OwnedFd::from_raw_fd(*fd) })
         .collect();
+    // recvmsg gave them without close-on-exec: duplicates with it, so a scaling hook's shell
+    // never inherits a listening socket.
+    let owned = received
+        .iter()
+        .map(|fd| fd.try_clone())
+        .collect::<Result<Vec<OwnedFd>, _>>()
+        .map_err(|e| format!("keeping the sockets: {e}"))?;
+    drop(received);
     if got == 0 {
         return Err("the old NLB closed the connection without an answer".into());
     }
@@ -196,13 +241,31 @@ fn ask(mut old: UnixStream) -> Result<Option<Inherited>, String> {
         .zip(owned)
         .map(|((role, addr), fd)| (role, addr, std::net::TcpListener::from(fd)))
         .collect();
-    old.set_read_timeout(None).map_err(|e| e.to_string())?;
-    Ok(Some(Inherited {
+    Ok(Inherited {
         listeners,
         state: offer.state,
         instances: offer.instances,
+        pins: offer.pins,
         old,
-    }))
+    })
+}
+
+/// A listening socket the handover offers: its role, address and a duplicate of its
+/// descriptor, open as long as the offer may be made.
+pub struct Offered {
+    pub role: Role,
+    pub addr: SocketAddr,
+    pub fd: OwnedFd,
+}
+
+impl Offered {
+    pub fn of(role: Role, addr: SocketAddr, listener: &impl AsFd) -> std::io::Result<Self> {
+        Ok(Offered {
+            role,
+            addr,
+            fd: listener.as_fd().try_clone_to_owned()?,
+        })
+    }
 }
 
 /// The running NLB's side: answers newcomers on `<dir>/handover.sock` until one takes over,
@@ -210,30 +273,24 @@ fn ask(mut old: UnixStream) -> Result<Option<Inherited>, String> {
 pub async fn serve(
     nlb: Arc<Nlb>,
     dir: PathBuf,
-    listeners: Vec<(Role, SocketAddr, RawFd)>,
+    listeners: Vec<Offered>,
     stop: Arc<watch::Sender<bool>>,
 ) {
     let path = socket_path(&dir);
-    // A newcomer that took over from another process left its own socket here: this process is
-    // that newcomer now, and binds a fresh one under the same name.
+    // This process just took over from another (whose socket file this is) or follows one that
+    // died: either way the name is this process's now.
     let _ = std::fs::remove_file(&path);
-    let listener = match UnixListener::bind(&path) {
+    let listener = match UnixListener::bind(&path)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .and_then(tokio::net::UnixListener::from_std)
+    {
         Ok(listener) => listener,
         Err(error) => {
             warn!(path = %path.display(), %error, "no handover socket: a restart with --takeover will not find this NLB");
             return;
         }
     };
-    let listener = match listener
-        .set_nonblocking(true)
-        .and_then(|()| tokio::net::UnixListener::from_std(listener))
-    {
-        Ok(listener) => listener,
-        Err(error) => {
-            warn!(%error, "no handover socket");
-            return;
-        }
-    };
+    let listeners = Arc::new(listeners);
     let mut shutdown = nlb.shutdown.clone();
     loop {
         let stream = tokio::select! {
@@ -247,10 +304,14 @@ pub async fn serve(
             },
             () = crate::nlb::stopped(&mut shutdown) => return,
         };
-        let Ok(stream) = stream.into_std() else {
+        // The exchange is a few blocking reads and writes, each with a timeout.
+        let Ok(stream) = stream
+            .into_std()
+            .and_then(|s| s.set_nonblocking(false).map(|()| s))
+        else {
             continue;
         };
-        if hand_over(&nlb, stream, &listeners).await {
+        if hand_over(&nlb, stream, Arc::clone(&listeners)).await {
             info!("a new NLB process took over the listeners: no new connections here; draining");
             let _ = stop.send(true);
             return;
@@ -258,31 +319,39 @@ pub async fn serve(
     }
 }
 
-/// One newcomer: true once it serves in this process's place.
-async fn hand_over(
-    nlb: &Arc<Nlb>,
-    stream: UnixStream,
-    listeners: &[(Role, SocketAddr, RawFd)],
-) -> bool {
+/// One caller of the handover socket: true once a newcomer serves in this process's place.
+async fn hand_over(nlb: &Arc<Nlb>, stream: UnixStream, listeners: Arc<Vec<Offered>>) -> bool {
+    let asked = tokio::task::spawn_blocking(move || {
+        let mut stream = stream;
+        stream.set_read_timeout(Some(STEP_WITHIN))?;
+        stream.set_write_timeout(Some(STEP_WITHIN))?;
+        let mut ask = [0u8; ASK.len()];
+        stream.read_exact(&mut ask)?;
+        Ok::<_, std::io::Error>((ask == ASK).then_some(stream))
+    })
+    .await;
+    // Anything but a takeover request (a starting NLB only checking that this one runs).
+    let Ok(Ok(Some(stream))) = asked else {
+        return false;
+    };
+    let started = Instant::now();
+    // No rollout step may be half taken when the state is saved.
+    let stepping = nlb.stepping.lock().await;
     nlb.handing_over.store(true, Ordering::SeqCst);
-    // What is on disk is what moves: a change made here from now on would be lost.
     if let Err(error) = nlb.persist_now().await {
         warn!(%error, "cannot save the state before handing over; the newcomer gets it in the offer anyway");
     }
     let offer = {
         let state = nlb.state();
         Offer {
-            listeners: listeners
-                .iter()
-                .map(|(role, addr, _)| (*role, *addr))
-                .collect(),
+            listeners: listeners.iter().map(|l| (l.role, l.addr)).collect(),
             state: state.persisted(),
-            instances: state.moving_instances(),
+            instances: state.moving_instances(Instant::now()),
+            pins: state.moving_pins(Instant::now()),
         }
     };
-    let fds: Vec<RawFd> = listeners.iter().map(|(_, _, fd)| *fd).collect();
-    let started = Instant::now();
-    let outcome = tokio::task::spawn_blocking(move || offer_and_wait(stream, &offer, &fds))
+    drop(stepping);
+    let outcome = tokio::task::spawn_blocking(move || offer_and_wait(stream, &offer, &listeners))
         .await
         .map_err(|e| e.to_string())
         .and_then(|r| r);
@@ -290,7 +359,6 @@ async fn hand_over(
         Ok(()) => {
             info!(
                 took_ms = started.elapsed().as_millis() as u64,
-                at = ?SystemTime::now(),
                 "handed over"
             );
             true
@@ -303,22 +371,20 @@ async fn hand_over(
     }
 }
 
-/// Sends the offer and waits for `ready` (blocking).
-fn offer_and_wait(mut stream: UnixStream, offer: &Offer, fds: &[RawFd]) -> Result<(), String> {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    let mut ask = [0u8; ASK.len()];
-    stream
-        .read_exact(&mut ask)
-        .map_err(|e| format!("reading the request: {e}"))?;
-    if ask != ASK {
-        return Err("not a takeover request".into());
-    }
+/// Sends the offer, waits for `ready` and confirms with `bye` (blocking).
+fn offer_and_wait(
+    mut stream: UnixStream,
+    offer: &Offer,
+    listeners: &[Offered],
+) -> Result<(), String> {
     let body = serde_json::to_vec(offer).map_err(|e| e.to_string())?;
     let length = (body.len() as u64).to_be_bytes();
+    let fds: Vec<RawFd> = listeners
+        .iter()
+        .map(|l| std::os::fd::AsRawFd::as_raw_fd(&l.fd))
+        .collect();
     let sent = stream
-        .send_with_fd(&length, fds)
+        .send_with_fd(&length, &fds)
         .map_err(|e| format!("sending the sockets: {e}"))?;
     stream
         .write_all(&length[sent..])
@@ -331,9 +397,10 @@ fn offer_and_wait(mut stream: UnixStream, offer: &Offer, fds: &[RawFd]) -> Resul
     stream
         .read_exact(&mut ready)
         .map_err(|e| format!("the newcomer did not say it serves: {e}"))?;
-    if ready == READY {
-        Ok(())
-    } else {
-        Err("the newcomer answered something else than ready".into())
+    if ready != READY {
+        return Err("the newcomer answered something else than ready".into());
     }
+    stream
+        .write_all(BYE)
+        .map_err(|e| format!("the newcomer is gone before the last word: {e}"))
 }

@@ -33,7 +33,7 @@ pub mod store;
 mod target;
 mod webhook;
 
-use std::{future::Future, net::SocketAddr, os::fd::AsRawFd, sync::Arc};
+use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use marchproxy::{auth::RequireApiKey, pb};
 use tokio::sync::watch;
@@ -88,11 +88,13 @@ impl Server {
         let mut state = state::State::restore(persisted, config.settings.clone())
             .map_err(StartError::Restore)?;
         if let Some(from) = inherited.as_mut() {
+            let now = std::time::Instant::now();
             let moved = state.restore_moved(
                 std::mem::take(&mut from.instances),
-                std::time::Instant::now(),
+                now,
                 std::time::SystemTime::now(),
             );
+            state.restore_pins(std::mem::take(&mut from.pins), now);
             info!(
                 modules = moved,
                 "taking over from the running NLB: its state, registrations and listeners move here"
@@ -184,29 +186,18 @@ impl Server {
             inherited,
         } = self;
         let stop = Arc::new(stop);
-        let handover_task = nlb.state_dir().map(|dir| {
-            let mut sockets = vec![
-                (handover::Role::Grpc, grpc.addr, grpc.listener.as_raw_fd()),
-                (
-                    handover::Role::Admin,
-                    admin.addr,
-                    admin.listener.as_raw_fd(),
-                ),
-            ];
-            sockets.extend(listeners.iter().map(|l| {
-                (
-                    handover::Role::Data,
-                    l.bound.addr,
-                    l.bound.listener.as_raw_fd(),
-                )
-            }));
-            tokio::spawn(handover::serve(
-                Arc::clone(&nlb),
-                dir.to_owned(),
-                sockets,
-                Arc::clone(&stop),
-            ))
-        });
+        // Duplicates of the listening sockets for a newcomer taking over, kept by the
+        // handover task for as long as it may offer them.
+        let offered: std::io::Result<Vec<handover::Offered>> =
+            [
+                handover::Offered::of(handover::Role::Grpc, grpc.addr, &grpc.listener),
+                handover::Offered::of(handover::Role::Admin, admin.addr, &admin.listener),
+            ]
+            .into_iter()
+            .chain(listeners.iter().map(|l| {
+                handover::Offered::of(handover::Role::Data, l.bound.addr, &l.bound.listener)
+            }))
+            .collect();
         let data_plane = tokio::spawn(
             dataplane::DataPlane::new(Arc::clone(&nlb), limits).run(listeners, drain_timeout),
         );
@@ -227,7 +218,7 @@ impl Server {
         );
 
         let sweeper = tokio::spawn(Arc::clone(&nlb).run_sweeper());
-        let promoter = tokio::spawn(Arc::clone(&nlb).run_rollouts());
+        let rollouts = tokio::spawn(Arc::clone(&nlb).run_rollouts());
         let mut stopped = nlb.shutdown.clone();
         let admin_stopped = nlb.shutdown.clone();
         let console = console::Console::new(Arc::clone(&nlb));
@@ -239,17 +230,37 @@ impl Server {
             });
         let admin_task = tokio::spawn(async move { admin_server.await });
 
+        let stopper = Arc::clone(&stop);
         tokio::spawn(async move {
             shutdown.await;
             info!("NLB shutting down");
             // Receivers live in `nlb`, which outlives this task's send.
-            let _ = stop.send(true);
+            let _ = stopper.send(true);
         });
         nlb.mark_ready();
         info!(grpc = %grpc_addr, admin = %admin_addr, "NLB listening");
+        let mut not_confirmed = None;
         if let Some(from) = inherited {
-            from.ready();
+            match from.ready().await {
+                Ok(()) => info!("took over: the old NLB drains and exits"),
+                Err(error) => {
+                    tracing::error!(%error, "takeover not confirmed: stopping");
+                    let _ = stop.send(true);
+                    not_confirmed = Some(error);
+                }
+            }
         }
+        // Started only now: until the old process confirmed, its handover socket is the one.
+        let handover_task = match (nlb.state_dir(), offered) {
+            (Some(dir), Ok(offered)) if not_confirmed.is_none() => Some(tokio::spawn(
+                handover::serve(Arc::clone(&nlb), dir.to_owned(), offered, Arc::clone(&stop)),
+            )),
+            (Some(_), Err(error)) => {
+                tracing::warn!(%error, "cannot keep the listening sockets for a takeover: --takeover will not find this NLB");
+                None
+            }
+            _ => None,
+        };
         let served = tonic::transport::Server::builder()
             .add_routes(routes.add_service(nlb_service).add_service(module_service))
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc.listener), async move {
@@ -261,12 +272,15 @@ impl Server {
             .await;
         let _ = data_plane.await;
         sweeper.abort();
-        promoter.abort();
+        rollouts.abort();
         if let Some(task) = handover_task {
             task.abort();
         }
         sampler.abort();
         let admin_result = admin_task.await;
+        if let Some(error) = not_confirmed {
+            return Err(error.into());
+        }
         served?;
         match admin_result {
             Ok(Ok(())) | Err(_) => Ok(()),

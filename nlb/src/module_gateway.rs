@@ -114,20 +114,22 @@ impl ModuleService for ModuleGateway {
     async fn rollback(&self, request: Request<pb::RollbackRequest>) -> Reply<pb::RollbackResponse> {
         let request = request.into_inner();
         let fail = reject::<pb::RollbackResponse>;
-        let (kind, previous, current) = {
+        let (kind, previous, current, ended_rollout) = {
             let mut state = self.nlb.state();
             let kind = state.kind_named(&request.instance_id).map_err(fail)?;
-            let (previous, current) = state
+            let (previous, current, ended_rollout) = state
                 .rollback(kind, request.target_version.trim())
                 .map_err(fail)?;
-            (kind, previous, current)
+            (kind, previous, current, ended_rollout)
         };
         info!(module_type = %kind, from = %previous, to = %current, "rolled back");
-        self.nlb
-            .metrics
-            .rollouts
-            .with_label_values(&[kind.name(), "rolled_back_by_operator"])
-            .inc();
+        if ended_rollout {
+            self.nlb
+                .metrics
+                .rollouts
+                .with_label_values(&[kind.name(), "rolled_back_by_operator"])
+                .inc();
+        }
         self.changed().await.map_err(fail)?;
         Ok(Response::new(pb::RollbackResponse {
             success: true,

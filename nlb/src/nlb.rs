@@ -43,6 +43,9 @@ pub struct Nlb {
     webhooks: Option<marchproxy::http_client::Client>,
     /// Up while a new process takes over: state stays as saved for it (no step, no write).
     pub handing_over: AtomicBool,
+    /// Held through each pass of the rollout stepper, and by a handover while it saves the
+    /// state, so no step is half taken in what moves.
+    pub stepping: tokio::sync::Mutex<()>,
 }
 
 impl Nlb {
@@ -63,6 +66,7 @@ impl Nlb {
             source_limiter: marchproxy::limiter::RateLimiter::new(),
             shutdown,
             handing_over: AtomicBool::new(false),
+            stepping: tokio::sync::Mutex::new(()),
             webhooks: marchproxy::http_client::client()
                 .inspect_err(|error| {
                     warn!(%error, "no HTTP client for rollout webhooks (install ca-certificates)");
@@ -105,6 +109,9 @@ impl Nlb {
 
     /// [`Nlb::persist`], also while handing over (the state the newcomer gets).
     pub async fn persist_now(&self) -> Result<(), NlbError> {
+        if self.store.is_saved(self.state().generation) {
+            return Ok(());
+        }
         let (generation, snapshot) = {
             let state = self.state();
             (state.generation, state.persisted())
@@ -258,41 +265,51 @@ impl Nlb {
                 () = tokio::time::sleep(period) => {}
                 () = stopped(&mut shutdown) => return,
             }
+            let pass = self.stepping.lock().await;
             if self.handing_over.load(Ordering::SeqCst) {
                 continue;
             }
-            let (mut outcomes, gates, notifications) = {
-                let mut state = self.state();
-                let (outcomes, gates) = state.check_rollouts(Instant::now(), SystemTime::now());
-                (outcomes, gates, state.take_notifications())
-            };
+            let (outcomes, gates) = self
+                .state()
+                .check_rollouts(Instant::now(), SystemTime::now());
+            // Gates answer in their own time; the rollout waits in AwaitingGate meanwhile.
             for call in gates {
-                let refusal = self.ask_webhooks(&call.hooks, &call.payload).await.err();
-                let mut state = self.state();
-                outcomes.extend(state.gate_answered(&call, refusal, Instant::now()));
-            }
-            let notifications = notifications
-                .into_iter()
-                .chain(self.state().take_notifications());
-            for notification in notifications {
-                let client = self.webhooks.clone();
-                tokio::spawn(async move {
-                    crate::webhook::notify(
-                        client.as_ref(),
-                        &notification.hooks,
-                        &notification.payload,
-                    )
-                    .await;
-                });
-            }
-            if outcomes.is_empty() {
-                continue;
+                tokio::spawn(Arc::clone(&self).answer_gate(call));
             }
             for outcome in &outcomes {
                 self.account(outcome);
             }
-            // A failure is logged inside; the next change persists again.
+            self.send_notifications();
+            // Also the events of a pause; nothing is written when nothing changed.
             let _ = self.persist().await;
+            drop(pass);
+        }
+    }
+
+    /// Asks a step's gate webhooks and takes (or holds) the step by their answer.
+    async fn answer_gate(self: Arc<Self>, call: crate::rollout::GateCall) {
+        let refusal = self.ask_webhooks(&call.hooks, &call.payload).await.err();
+        let _pass = self.stepping.lock().await;
+        // Handing over: the new process analyses and asks again.
+        if self.handing_over.load(Ordering::SeqCst) {
+            return;
+        }
+        let outcome = self.state().gate_answered(&call, refusal, Instant::now());
+        if let Some(outcome) = outcome {
+            self.account(&outcome);
+        }
+        self.send_notifications();
+        let _ = self.persist().await;
+    }
+
+    /// Makes the notification webhook calls the state has queued; nobody waits for them.
+    fn send_notifications(&self) {
+        for notification in self.state().take_notifications() {
+            let client = self.webhooks.clone();
+            tokio::spawn(async move {
+                crate::webhook::notify(client.as_ref(), &notification.hooks, &notification.payload)
+                    .await;
+            });
         }
     }
 

@@ -92,6 +92,9 @@ pub struct RolloutEvent {
 pub enum RolloutEnd {
     Promoted,
     RolledBack,
+    /// Ended by the operator some other way: a weight set, an immediate promotion, another
+    /// rollout started.
+    Stopped,
 }
 
 /// Events kept per kind.
@@ -251,11 +254,12 @@ impl State {
 
     /// Rolls a promotion back to the split before it, now.
     fn roll_back_by_itself(&mut self, kind: ModuleKind, reason: String) -> Outcome {
-        let promotion = self.promotions.get(&kind).cloned();
-        let version = promotion
-            .as_ref()
-            .map(|p| p.version.clone())
+        let (version, before) = self
+            .promotions
+            .get(&kind)
+            .map(|p| (p.version.clone(), p.before.clone()))
             .unwrap_or_default();
+        self.replace_weights(kind, before);
         self.record_end(
             kind,
             &version,
@@ -263,9 +267,7 @@ impl State {
             format!("rolled back: {reason}"),
         );
         self.notify(HookType::RolledBack, kind, &version, Some(&reason));
-        if let Some(promotion) = self.end_promotion(kind) {
-            self.replace_weights(kind, promotion.before);
-        }
+        self.end_promotion(kind);
         Outcome::RolledBack {
             kind,
             version,
@@ -295,10 +297,17 @@ impl State {
             self.end_promotion(kind);
             return Some(Outcome::Promoted { kind, version });
         }
+        // Traffic while a gate was asked came at the old weight: the next window starts here.
+        let window = analysis::baseline(
+            self.instances
+                .values()
+                .filter(|i| i.kind == kind && i.version == version),
+        );
         let promotion = self.promotions.get_mut(&kind)?;
         promotion.step += 1;
         promotion.phase = Phase::Progressing;
         promotion.last_check = now;
+        promotion.window = Some(window);
         let step = promotion.step;
         self.record_event(
             kind,
@@ -367,6 +376,8 @@ impl State {
                     p.phase = Phase::Paused;
                     p.last_check = now;
                     p.window = None;
+                    // A pause is the operator's: the progress deadline starts over after it.
+                    p.held_since = None;
                 }
                 if phase != Phase::Paused {
                     self.record_event(kind, &version, "paused by the operator".into());
@@ -397,6 +408,8 @@ impl State {
             });
             match verdict {
                 Verdict::Fail(reason) => {
+                    promotion.phase = Phase::Progressing;
+                    promotion.held_since = None;
                     promotion.failed_checks += 1;
                     let failed = promotion.failed_checks;
                     self.record_event(
@@ -474,10 +487,17 @@ impl State {
         refusal: Option<String>,
         now: Instant,
     ) -> Option<Outcome> {
+        let paused = self.policy(call.kind).paused;
         let promotion = self
             .promotions
             .get_mut(&call.kind)
             .filter(|p| p.token() == call.token && p.phase == Phase::AwaitingGate)?;
+        if paused {
+            // Paused while the gate was asked: the next check after the resume starts afresh.
+            promotion.phase = Phase::Progressing;
+            promotion.last_check = now;
+            return None;
+        }
         let Some(reason) = refusal else {
             return self.take_step(call.kind, now);
         };
@@ -516,6 +536,7 @@ impl State {
             "kind": kind.name(),
             "weights": self.weights.get(&kind).cloned().unwrap_or_default(),
             "rollout": rollout,
+            "last_end": self.events(kind).rev().find(|e| e.end.is_some()),
             "events": self.events(kind).collect::<VecDeque<_>>(),
         })
     }

@@ -464,8 +464,14 @@ impl State {
             } else {
                 p.stable
             };
+            let kind = kind(&name)?;
+            let phase = if settings.rollout.policy(kind).paused {
+                crate::rollout::Phase::Paused
+            } else {
+                crate::rollout::Phase::Progressing
+            };
             promotions.insert(
-                kind(&name)?,
+                kind,
                 crate::rollout::Promotion {
                     version: p.version,
                     stable,
@@ -474,11 +480,13 @@ impl State {
                     started: from_unix_ms(p.started_at_ms),
                     step: p.step.max(1),
                     failed_checks: p.failed_checks,
-                    phase: crate::rollout::Phase::Progressing,
+                    phase,
                     // The modules are not back yet: the first check opens a window, the
                     // next judges it.
                     last_check: now,
-                    held_since: None,
+                    held_since: p
+                        .held_for_ms
+                        .map(|ms| now.checked_sub(Duration::from_millis(ms)).unwrap_or(now)),
                     window: None,
                     last_analysis: None,
                 },
@@ -508,6 +516,7 @@ impl State {
 
     /// What goes to disk.
     pub fn persisted(&self) -> PersistedState {
+        let now = Instant::now();
         PersistedState {
             operator_routes: self
                 .operator_routes
@@ -559,6 +568,9 @@ impl State {
                             stable: p.stable.clone(),
                             step: p.step,
                             failed_checks: p.failed_checks,
+                            held_for_ms: p
+                                .held_since
+                                .map(|since| now.duration_since(since).as_millis() as u64),
                         },
                     )
                 })
@@ -815,7 +827,7 @@ impl State {
     }
 
     /// The registrations that move to a new process at a takeover (not the ones leaving).
-    pub fn moving_instances(&self) -> Vec<crate::handover::MovedInstance> {
+    pub fn moving_instances(&self, now: Instant) -> Vec<crate::handover::MovedInstance> {
         use prost::Message;
         self.instances
             .values()
@@ -845,6 +857,8 @@ impl State {
                     registration: request.encode_to_vec(),
                     registration_id: i.registration_id.clone(),
                     registered_at_ms: unix_ms(i.registered_at),
+                    silent_ms: now.duration_since(i.last_seen).as_millis() as u64,
+                    stats: i.stats.as_ref().map(Message::encode_to_vec),
                 }
             })
             .collect()
@@ -876,6 +890,12 @@ impl State {
                     if let Some(instance) = self.instances.get_mut(&id) {
                         instance.registration_id = m.registration_id;
                         instance.registered_at = from_unix_ms(m.registered_at_ms);
+                        instance.last_seen = now
+                            .checked_sub(Duration::from_millis(m.silent_ms))
+                            .unwrap_or(now);
+                        instance.stats = m
+                            .stats
+                            .and_then(|bytes| pb::ModuleStats::decode(bytes.as_slice()).ok());
                         restored += 1;
                     }
                 }
@@ -885,6 +905,16 @@ impl State {
             }
         }
         restored
+    }
+
+    /// Clients pinned by rollout affinity, for a takeover.
+    pub fn moving_pins(&self, now: Instant) -> Vec<crate::handover::MovedPin> {
+        self.affinity.pins(now)
+    }
+
+    /// Pins a takeover brought.
+    pub fn restore_pins(&mut self, pins: Vec<crate::handover::MovedPin>, now: Instant) {
+        self.affinity.restore(pins, now);
     }
 
     /// Checks the caller owns the registration, and returns its kind.
@@ -1226,6 +1256,7 @@ impl State {
             let instances: Vec<&Instance> = usable.iter().map(|(i, _)| *i).collect();
             let preferred = affine_version(
                 &mut self.affinity,
+                !dry_run,
                 &self.promotions,
                 &self.settings,
                 &self.weights,
@@ -1381,9 +1412,13 @@ impl State {
     }
 }
 
-/// The version a client keeps during its kind's rollout, when the policy asks for affinity.
+/// The version a client keeps during its kind's rollout, when the policy asks for affinity;
+/// `pin` is false for predictions (RouteRequest), which change nothing. (Fields of [`State`]
+/// one by one: the caller holds others borrowed.)
+#[allow(clippy::too_many_arguments)]
 fn affine_version(
     affinity: &mut crate::affinity::Affinity,
+    pin: bool,
     promotions: &BTreeMap<ModuleKind, crate::rollout::Promotion>,
     settings: &Settings,
     weights: &BTreeMap<ModuleKind, BTreeMap<String, u32>>,
@@ -1419,6 +1454,7 @@ fn affine_version(
         Duration::from_millis(policy.affinity_idle_ms),
         unix_ms(promotion.started),
         now,
+        pin,
     )
 }
 

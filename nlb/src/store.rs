@@ -65,6 +65,9 @@ pub struct PersistedPromotion {
     pub step: u32,
     #[serde(default)]
     pub failed_checks: u32,
+    /// How long the step had been held for want of traffic (the progress deadline goes on).
+    #[serde(default)]
+    pub held_for_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -159,6 +162,12 @@ impl Store {
         write().map_err(|source| StoreError::Write { path, source })?;
         *last = generation;
         Ok(())
+    }
+
+    /// Whether `generation` (or a newer one) is on disk already, or there is no disk.
+    pub fn is_saved(&self, generation: u64) -> bool {
+        self.dir.is_none()
+            || *self.last_written.lock().unwrap_or_else(|e| e.into_inner()) >= generation
     }
 
     /// Can the state directory take a write right now? (deep health checks)

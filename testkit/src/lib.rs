@@ -146,6 +146,17 @@ impl TestNlb {
         self.shutdown().await;
     }
 
+    /// Waits for the NLB to exit by itself (a takeover), cleanly, within `deadline`.
+    pub async fn exits_by_itself(mut self, deadline: Duration) {
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(deadline, task)
+                .await
+                .unwrap_or_else(|_| panic!("the NLB did not exit by itself within {deadline:?}"))
+                .expect("the NLB task did not panic")
+                .expect("the NLB exits without error");
+        }
+    }
+
     async fn shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -221,6 +232,32 @@ pub fn route(
         priority,
         ..Default::default()
     }
+}
+
+/// A healthy heartbeat reporting `total` requests of which `failed` failed (counters since the
+/// module started, as modules send them).
+pub async fn heartbeat_requests(
+    client: &mut NlbClient,
+    id: &str,
+    registration_id: &str,
+    total: i64,
+    failed: i64,
+) {
+    client
+        .heartbeat(pb::HeartbeatRequest {
+            instance_id: id.into(),
+            registration_id: registration_id.into(),
+            status: pb::HealthStatus::Healthy as i32,
+            current_stats: Some(pb::ModuleStats {
+                total_requests: total,
+                successful_requests: total - failed,
+                failed_requests: failed,
+                ..Default::default()
+            }),
+            timestamp: None,
+        })
+        .await
+        .expect("the heartbeat is taken");
 }
 
 /// Registers an instance; returns its registration id.

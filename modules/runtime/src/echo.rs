@@ -151,7 +151,7 @@ impl Module for EchoModule {
         vec![(
             "echo".to_owned(),
             Ok(format!(
-                "{} lines echoed",
+                "{} lines answered",
                 self.lines.load(Ordering::Relaxed)
             )),
         )]

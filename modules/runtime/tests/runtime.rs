@@ -582,7 +582,7 @@ async fn every_module_service_rpc_answers() {
         .unwrap()
         .into_inner();
     assert_eq!(health.status, pb::HealthStatus::Healthy as i32);
-    assert_eq!(health.checks["echo"], "1 lines echoed");
+    assert_eq!(health.checks["echo"], "1 lines answered");
 
     // Config: runtime and module sections, validate_only, bad input.
     let configs = client

@@ -101,7 +101,7 @@ impl Nlb {
     pub async fn persist(&self) -> Result<(), NlbError> {
         if self.handing_over.load(Ordering::SeqCst) {
             return Err(NlbError::Unavailable(
-                "this NLB is handing over to a new process and takes no changes; retry in a moment (the new one answers)".into(),
+                "this NLB is handing over to a new process: this change may not be kept; check and retry in a moment (the new process answers)".into(),
             ));
         }
         self.persist_now().await

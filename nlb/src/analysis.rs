@@ -202,3 +202,122 @@ pub fn analyse(
         verdict,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Instant, SystemTime};
+
+    use marchproxy::pb;
+
+    use super::*;
+    use crate::{settings::Settings, state::State, store::PersistedState};
+
+    /// A v1 and a v2 instance that have each reported `(requests, failed, p99)` once.
+    fn reported(v1: (i64, i64, f64), v2: (i64, i64, f64)) -> State {
+        let mut state = State::restore(PersistedState::default(), Settings::default()).unwrap();
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        for (id, version, (total, failed, p99)) in [("blue", "v1", v1), ("green", "v2", v2)] {
+            let registration = state
+                .register(
+                    pb::RegisterModuleRequest {
+                        instance: Some(pb::ModuleInstance {
+                            instance_id: id.into(),
+                            module_type: pb::ModuleType::Alb as i32,
+                            address: "127.0.0.1:50051".into(),
+                            version: version.into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                    now,
+                    wall,
+                )
+                .unwrap()
+                .registration_id;
+            state
+                .heartbeat(
+                    pb::HeartbeatRequest {
+                        instance_id: id.into(),
+                        registration_id: registration,
+                        status: pb::HealthStatus::Healthy as i32,
+                        current_stats: Some(pb::ModuleStats {
+                            total_requests: total,
+                            successful_requests: total - failed,
+                            failed_requests: failed,
+                            p99_latency_ms: p99,
+                            ..Default::default()
+                        }),
+                        timestamp: None,
+                    },
+                    now,
+                    wall,
+                )
+                .unwrap();
+        }
+        state
+    }
+
+    fn of<'a>(state: &'a State, version: &str) -> Vec<&'a Instance> {
+        state
+            .instances
+            .values()
+            .filter(|i| i.version == version)
+            .collect()
+    }
+
+    /// The verdict on v2 over a window that began when each had served `start` requests.
+    fn verdict(state: &State, start: (u64, u64), policy: &RolloutPolicy) -> Verdict {
+        let since: Baseline = of(state, "v2")
+            .iter()
+            .map(|i| {
+                (
+                    (i.id.clone(), i.registration_id.clone()),
+                    Counters {
+                        requests: Some(start),
+                        ..Counters::default()
+                    },
+                )
+            })
+            .collect();
+        analyse(&of(state, "v2"), true, &of(state, "v1"), &since, policy, 0).verdict
+    }
+
+    #[test]
+    fn verdicts_follow_the_policy() {
+        let policy = RolloutPolicy {
+            max_p99_latency_ms: 100.0,
+            max_p99_latency_ratio: 2.0,
+            ..RolloutPolicy::default()
+        };
+        let healthy = reported((1000, 0, 10.0), (500, 5, 12.0));
+        assert_eq!(verdict(&healthy, (0, 0), &policy), Verdict::Pass);
+        // The window is what changed since it began: 10 requests are too few to judge.
+        assert!(matches!(
+            verdict(&healthy, (490, 5), &policy),
+            Verdict::Hold(_)
+        ));
+        let failing = reported((1000, 0, 10.0), (500, 100, 12.0));
+        let Verdict::Fail(reason) = verdict(&failing, (0, 0), &policy) else {
+            panic!("20 % failed passed");
+        };
+        assert!(reason.contains("success ratio 0.800"), "{reason}");
+        let slow = reported((1000, 0, 10.0), (500, 0, 150.0));
+        let Verdict::Fail(reason) = verdict(&slow, (0, 0), &policy) else {
+            panic!("150 ms passed a 100 ms bound");
+        };
+        assert!(reason.contains("over 100 ms"), "{reason}");
+        let slower_than_stable = reported((1000, 0, 10.0), (500, 0, 30.0));
+        let Verdict::Fail(reason) = verdict(&slower_than_stable, (0, 0), &policy) else {
+            panic!("3x the stable p99 passed a 2x bound");
+        };
+        assert!(
+            reason.contains("2x the stable version's 10.0 ms"),
+            "{reason}"
+        );
+        // Counters that went down were reset: everything since is new.
+        assert!(matches!(
+            verdict(&failing, (10_000, 0), &policy),
+            Verdict::Fail(_)
+        ));
+    }
+}

@@ -31,10 +31,6 @@ use crate::{
     sniff::{self, Detected, MAX_SNIFF, Sniff},
 };
 
-/// Bytes copied per read in each direction: large enough that bulk transfers are not bound by
-/// system calls, small enough that short connections do not pay for zeroing big buffers
-/// (bench/run.sh: 8 KiB lost on bulk, 64 KiB on short connections, 16 KiB gave no clear gain).
-const RELAY_BUFFER: usize = 32 * 1024;
 /// Reads a client may take to show its protocol.
 const MAX_SNIFF_READS: usize = 64;
 /// Idle time before TCP keepalive probes start, so peers that vanished without a FIN free their
@@ -192,7 +188,7 @@ impl DataPlane {
 
     async fn accept(self: Arc<Self>, listener: Listener) {
         // Accepted sockets inherit these from the listener (Linux): set once, not per connection.
-        keep_alive(socket2::SockRef::from(&listener.bound.listener));
+        tune_listener(socket2::SockRef::from(&listener.bound.listener));
         let label = listener
             .protocol
             .map_or_else(|| "auto".to_owned(), names::protocol_name);
@@ -217,17 +213,16 @@ impl DataPlane {
             };
             accepted.inc();
             let plane = Arc::clone(&self);
-            // The address the client reached (not 0.0.0.0), and IPv4 clients of a dual-stack
-            // listener as plain IPv4, so PROXY headers and CIDR limits see what they expect.
-            let local = stream.local_addr().unwrap_or(listener.bound.addr);
-            let local = SocketAddr::new(local.ip().to_canonical(), local.port());
+            // IPv4 clients of a dual-stack listener as plain IPv4, so PROXY headers and CIDR
+            // limits see what they expect.
+            let bound = listener.bound.addr;
             let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
             let (protocol, proxy_protocol) = (listener.protocol, listener.proxy_protocol);
             tokio::spawn(async move {
                 plane.open.fetch_add(1, Ordering::AcqRel);
                 let _open = Open(&plane);
                 if let Err(refusal) = plane
-                    .serve(stream, peer, local, protocol, proxy_protocol)
+                    .serve(stream, peer, bound, protocol, proxy_protocol)
                     .await
                 {
                     plane
@@ -250,7 +245,7 @@ impl DataPlane {
         &self,
         mut client: TcpStream,
         peer: SocketAddr,
-        local: SocketAddr,
+        listener: SocketAddr,
         protocol: Option<pb::Protocol>,
         listener_proxy: bool,
     ) -> Result<(), Refusal> {
@@ -306,7 +301,7 @@ impl DataPlane {
         };
         let flow = Flow {
             protocol: Some(detected.protocol),
-            listener_port: local.port(),
+            listener_port: listener.port(),
             name: detected.name.clone(),
             client_ip: Some(peer.ip()),
         };
@@ -368,7 +363,8 @@ impl DataPlane {
             if decision.recovering {
                 self.nlb.state().connect_succeeded(&decision.instance_id);
             }
-            keep_alive(socket2::SockRef::from(&upstream));
+            // Small writes go out at once; keepalive comes later, for long connections only.
+            let _ = upstream.set_nodelay(true);
             self.nlb
                 .metrics
                 .routed
@@ -387,6 +383,13 @@ impl DataPlane {
                     .get("proxy_protocol")
                     .is_some_and(|v| v == "v2");
             let mut preamble = if proxy_header {
+                // The address the client reached (not 0.0.0.0), asked of the socket only here.
+                let local = if listener.ip().is_unspecified() {
+                    client.local_addr().unwrap_or(listener)
+                } else {
+                    listener
+                };
+                let local = SocketAddr::new(local.ip().to_canonical(), local.port());
                 marchproxy::proxy_protocol::header(peer, local)
             } else {
                 Vec::new()
@@ -396,14 +399,7 @@ impl DataPlane {
                 return Ok(());
             }
             let opened = Instant::now();
-            let (up, down) = tokio::io::copy_bidirectional_with_sizes(
-                &mut client,
-                &mut upstream,
-                RELAY_BUFFER,
-                RELAY_BUFFER,
-            )
-            .await
-            .unwrap_or((0, 0));
+            let (up, down) = crate::relay::relay(&mut client, &mut upstream, keep_alive).await;
             self.bytes_up.inc_by(up + head.len() as u64);
             self.bytes_down.inc_by(down);
             self.nlb
@@ -416,10 +412,16 @@ impl DataPlane {
     }
 }
 
-/// Small writes go out at once, and dead peers are found by keepalive probes. Both are
-/// best-effort: a socket that refuses them still works.
-fn keep_alive(socket: socket2::SockRef<'_>) {
+/// Set on listeners, which accepted sockets inherit them from: small writes go out at once, and
+/// dead peers are found by keepalive probes. Best-effort: a socket that refuses still works.
+fn tune_listener(socket: socket2::SockRef<'_>) {
     let _ = socket.set_tcp_nodelay(true);
+    keep_alive(socket);
+}
+
+/// Keepalive probes after [`KEEPALIVE_IDLE`], so a peer that vanished without a FIN frees its
+/// slot. Best-effort.
+fn keep_alive(socket: socket2::SockRef<'_>) {
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
         .with_interval(Duration::from_secs(10));
@@ -458,7 +460,7 @@ mod tests {
     #[tokio::test]
     async fn accepted_sockets_inherit_keepalive_and_nodelay_from_the_listener() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        keep_alive(socket2::SockRef::from(&listener));
+        tune_listener(socket2::SockRef::from(&listener));
         let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();

@@ -23,6 +23,7 @@ mod module_client;
 pub mod module_gateway;
 pub mod nlb;
 pub mod policy;
+mod relay;
 pub mod rollout;
 mod scaler;
 pub mod service;

@@ -346,24 +346,42 @@ async fn two_versions(nlb: &TestNlb, kind: ModuleKind, priority: i32) -> (Standi
 struct Hook {
     url: String,
     status: Arc<AtomicU16>,
+    /// Calls answered 503 before `status` applies.
+    refusals: Arc<AtomicU64>,
     calls: Arc<Mutex<Vec<Value>>>,
 }
 
 impl Hook {
     async fn start(status: u16) -> Hook {
-        let (answer, calls) = (
+        let (answer, refusals, calls) = (
             Arc::new(AtomicU16::new(status)),
+            Arc::new(AtomicU64::new(0)),
             Arc::new(Mutex::new(Vec::new())),
         );
         let app = {
-            let (answer, calls) = (Arc::clone(&answer), Arc::clone(&calls));
+            let (answer, refusals, calls) = (
+                Arc::clone(&answer),
+                Arc::clone(&refusals),
+                Arc::clone(&calls),
+            );
             axum::Router::new().route(
                 "/hook",
                 axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
-                    let (answer, calls) = (Arc::clone(&answer), Arc::clone(&calls));
+                    let (answer, refusals, calls) = (
+                        Arc::clone(&answer),
+                        Arc::clone(&refusals),
+                        Arc::clone(&calls),
+                    );
                     async move {
                         calls.lock().unwrap().push(body);
-                        let status = answer.load(Ordering::SeqCst);
+                        let refuse = refusals
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok();
+                        let status = if refuse {
+                            503
+                        } else {
+                            answer.load(Ordering::SeqCst)
+                        };
                         (
                             axum::http::StatusCode::from_u16(status).unwrap(),
                             if status == 200 {
@@ -382,6 +400,7 @@ impl Hook {
         Hook {
             url,
             status: answer,
+            refusals,
             calls,
         }
     }
@@ -505,6 +524,8 @@ async fn a_version_whose_errors_rise_to_30_percent_is_rolled_back_within_the_thr
                "webhooks": [{"name": "pager", "type": "rolled-back", "url": hook.url}]}),
     )
     .await;
+    // The pager is briefly down: the notification is tried again.
+    hook.refusals.store(2, Ordering::SeqCst);
     let (_v1, v2) = two_versions(&nlb, ModuleKind::Alb, 1).await;
     let load = Load::start(nlb.listen[0], 6);
     promote(&nlb, "alb", "v2").await.unwrap();
@@ -537,9 +558,13 @@ async fn a_version_whose_errors_rise_to_30_percent_is_rolled_back_within_the_thr
     assert_eq!(active_version(&nlb, "alb").await.version_weights["v1"], 100);
     let seen = load.finish().await;
     assert!(seen.errors > 0, "v2 did fail some requests");
-    eventually("the rolled-back webhook is told", DEADLINE, || async {
-        hook.calls("rolled-back").len() == 1
-    })
+    eventually(
+        "the rolled-back webhook is told, at the third attempt",
+        DEADLINE,
+        || async {
+            hook.calls("rolled-back").len() == 3 && hook.refusals.load(Ordering::SeqCst) == 0
+        },
+    )
     .await;
     assert!(
         hook.calls("rolled-back")[0]["reason"]

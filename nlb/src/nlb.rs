@@ -305,11 +305,11 @@ impl Nlb {
     /// Makes the notification webhook calls the state has queued; nobody waits for them.
     fn send_notifications(&self) {
         for notification in self.state().take_notifications() {
-            let client = self.webhooks.clone();
-            tokio::spawn(async move {
-                crate::webhook::notify(client.as_ref(), &notification.hooks, &notification.payload)
-                    .await;
-            });
+            crate::webhook::notify(
+                self.webhooks.as_ref(),
+                &notification.hooks,
+                &notification.payload,
+            );
         }
     }
 

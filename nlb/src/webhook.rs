@@ -81,16 +81,39 @@ pub async fn all_agree(
     Ok(())
 }
 
-/// Tells every hook, logging the ones that did not take it; nobody waits for this.
-pub async fn notify(client: Option<&Client>, hooks: &[Webhook], payload: &serde_json::Value) {
+/// Waits before each new attempt of a notification: a receiver that is restarting or briefly
+/// overloaded still hears of a rollback.
+const RETRY_AFTER: [Duration; 3] = [
+    Duration::from_millis(500),
+    Duration::from_secs(2),
+    Duration::from_secs(8),
+];
+
+/// Tells every hook, each in its own task, trying again a few times; logs the ones that never
+/// took it. Nobody waits for this.
+pub fn notify(client: Option<&Client>, hooks: &[Webhook], payload: &serde_json::Value) {
     for hook in hooks {
-        match call(client, hook, payload).await {
-            Ok(()) => {
-                info!(webhook = %hook.name, kind = %payload["kind"], "rollout notification sent")
+        let (client, hook, payload) = (client.cloned(), hook.clone(), payload.clone());
+        tokio::spawn(async move {
+            let mut waits = RETRY_AFTER.iter();
+            loop {
+                match call(client.as_ref(), &hook, &payload).await {
+                    Ok(()) => {
+                        info!(webhook = %hook.name, kind = %payload["kind"], "rollout notification sent");
+                        return;
+                    }
+                    Err(reason) => match waits.next() {
+                        Some(wait) => {
+                            info!(kind = %payload["kind"], %reason, retry_in_ms = wait.as_millis() as u64, "rollout notification not taken; trying again");
+                            tokio::time::sleep(*wait).await;
+                        }
+                        None => {
+                            warn!(kind = %payload["kind"], %reason, "rollout notification not delivered");
+                            return;
+                        }
+                    },
+                }
             }
-            Err(reason) => {
-                warn!(kind = %payload["kind"], %reason, "rollout notification not delivered")
-            }
-        }
+        });
     }
 }

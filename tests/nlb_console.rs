@@ -495,6 +495,34 @@ async fn a_promotion_started_in_the_console_that_rolls_back_by_itself_says_why()
         "{body}"
     );
 
+    // Paused and resumed from the console (the rollout policy's `paused`).
+    for paused in [true, false] {
+        let (status, _, body) = exchange(
+            nlb.admin,
+            "POST",
+            "/ui/api/pause",
+            &acting,
+            Some(json!({"kind": "alb", "paused": paused})),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let (_, _, body) = exchange(nlb.admin, "GET", "/ui/api/state", &acting, None).await;
+        assert_eq!(
+            json_of(&body)["kinds"][0]["promotion"]["paused"],
+            paused,
+            "{body}"
+        );
+    }
+    let (status, _, body) = exchange(
+        nlb.admin,
+        "POST",
+        "/ui/api/pause",
+        &acting,
+        Some(json!({"kind": "teapot", "paused": true})),
+    )
+    .await;
+    assert!(status == 400 && body.contains("teapot"), "{status} {body}");
+
     // v2 reports that a third of its requests fail: the NLB rolls the promotion back itself.
     heartbeat_requests(&mut client, "alb-green", &green_registration, 300, 100).await;
     let mut last_state = Value::Null;

@@ -87,6 +87,7 @@ impl Console {
             .route("/ui/api/promote", post(promote))
             .route("/ui/api/rollback", post(rollback))
             .route("/ui/api/drain", post(drain))
+            .route("/ui/api/pause", post(pause))
             .with_state(Arc::clone(self))
     }
 
@@ -485,6 +486,50 @@ async fn rollback(
         }))
         .await;
     answered(outcome, |r| r.message)
+}
+
+#[derive(Deserialize)]
+struct Pause {
+    kind: String,
+    paused: bool,
+}
+
+/// Pauses or resumes a kind's rollouts: the `paused` key of its `rollout` policy, set through
+/// UpdateNLBConfig like `marchctl rollout pause` does.
+async fn pause(
+    State(console): State<Arc<Console>>,
+    headers: HeaderMap,
+    Json(pause): Json<Pause>,
+) -> Answer {
+    console.check(&headers, true)?;
+    let update = json!({ "kinds": { pause.kind.as_str(): { "paused": pause.paused } } });
+    let outcome = console
+        .grpc
+        .update_nlb_config(Request::new(pb::UpdateNlbConfigRequest {
+            config: Some(pb::ConfigUpdate {
+                config_type: "rollout".into(),
+                config_data: update.to_string().into_bytes(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+        .await;
+    match outcome {
+        Ok(answer) if !answer.get_ref().success => Err(refuse(
+            StatusCode::BAD_REQUEST,
+            answer.into_inner().validation_errors.join("; "),
+        )),
+        outcome => answered(outcome, |_| {
+            if pause.paused {
+                format!(
+                    "{} rollouts paused: no analysis and no step until resumed",
+                    pause.kind
+                )
+            } else {
+                format!("{} rollouts resumed", pause.kind)
+            }
+        }),
+    }
 }
 
 #[derive(Deserialize)]

@@ -81,6 +81,8 @@ pub struct MovedInstance {
     pub silent_ms: u64,
     /// Its last heartbeat's `ModuleStats` (protobuf), if any.
     pub stats: Option<Vec<u8>>,
+    /// When its last heartbeat came (Unix ms), if one did.
+    pub last_heartbeat_at_ms: Option<u64>,
 }
 
 /// A client pinned to a version by rollout affinity.
@@ -338,6 +340,8 @@ async fn hand_over(nlb: &Arc<Nlb>, stream: UnixStream, listeners: Arc<Vec<Offere
     // No rollout step may be half taken when the state is saved.
     let stepping = nlb.stepping.lock().await;
     nlb.handing_over.store(true, Ordering::SeqCst);
+    // Notifications of what the state already says (an operator's rollback) go from here.
+    nlb.send_notifications();
     if let Err(error) = nlb.persist_now().await {
         warn!(%error, "cannot save the state before handing over; the newcomer gets it in the offer anyway");
     }

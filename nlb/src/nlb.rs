@@ -290,8 +290,10 @@ impl Nlb {
     async fn answer_gate(self: Arc<Self>, call: crate::rollout::GateCall) {
         let refusal = self.ask_webhooks(&call.hooks, &call.payload).await.err();
         let _pass = self.stepping.lock().await;
-        // Handing over: the new process analyses and asks again.
+        // Handing over: the new process analyses and asks again; should the takeover fail,
+        // this one does.
         if self.handing_over.load(Ordering::SeqCst) {
+            self.state().gate_dropped(&call, Instant::now());
             return;
         }
         let outcome = self.state().gate_answered(&call, refusal, Instant::now());
@@ -303,8 +305,9 @@ impl Nlb {
     }
 
     /// Makes the notification webhook calls the state has queued; nobody waits for them.
-    fn send_notifications(&self) {
-        for notification in self.state().take_notifications() {
+    pub(crate) fn send_notifications(&self) {
+        let queued = self.state().take_notifications();
+        for notification in queued {
             crate::webhook::notify(
                 self.webhooks.as_ref(),
                 &notification.hooks,

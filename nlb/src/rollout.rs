@@ -512,6 +512,19 @@ impl State {
         })
     }
 
+    /// A gate answer that came while this NLB handed over: the step is analysed and asked for
+    /// again (here, if the takeover fails).
+    pub fn gate_dropped(&mut self, call: &GateCall, now: Instant) {
+        if let Some(promotion) = self
+            .promotions
+            .get_mut(&call.kind)
+            .filter(|p| p.token() == call.token && p.phase == Phase::AwaitingGate)
+        {
+            promotion.phase = Phase::Progressing;
+            promotion.last_check = now;
+        }
+    }
+
     /// A kind's rollout as status shows it (GetNLBStatus details, the console, marchctl).
     pub fn rollout_status(&self, kind: ModuleKind, now: Instant) -> serde_json::Value {
         let rollout = self.promotions.get(&kind).map(|p| {

@@ -467,6 +467,8 @@ impl State {
             let kind = kind(&name)?;
             let phase = if settings.rollout.policy(kind).paused {
                 crate::rollout::Phase::Paused
+            } else if p.held_for_ms.is_some() {
+                crate::rollout::Phase::HeldForTraffic
             } else {
                 crate::rollout::Phase::Progressing
             };
@@ -859,6 +861,7 @@ impl State {
                     registered_at_ms: unix_ms(i.registered_at),
                     silent_ms: now.duration_since(i.last_seen).as_millis() as u64,
                     stats: i.stats.as_ref().map(Message::encode_to_vec),
+                    last_heartbeat_at_ms: i.last_heartbeat_at.map(unix_ms),
                 }
             })
             .collect()
@@ -896,6 +899,7 @@ impl State {
                         instance.stats = m
                             .stats
                             .and_then(|bytes| pb::ModuleStats::decode(bytes.as_slice()).ok());
+                        instance.last_heartbeat_at = m.last_heartbeat_at_ms.map(from_unix_ms);
                         restored += 1;
                     }
                 }

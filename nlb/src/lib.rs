@@ -275,7 +275,10 @@ impl Server {
         sweeper.abort();
         rollouts.abort();
         if let Some(task) = handover_task {
+            // Awaited, not just aborted: once this returns nothing answers on the handover
+            // socket, so an NLB started right after on the same state directory may start.
             task.abort();
+            let _ = task.await;
         }
         sampler.abort();
         let admin_result = admin_task.await;

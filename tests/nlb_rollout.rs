@@ -269,6 +269,29 @@ async fn set_policy(nlb: &TestNlb, policy: Value) {
     assert!(answer.success, "{:?}", answer.validation_errors);
 }
 
+/// Pauses the ALB's rollouts and waits until the running one says so, or resumes them.
+async fn pause_alb(nlb: &TestNlb, paused: bool) {
+    set_policy(nlb, json!({"kinds": {"alb": {"paused": paused}}})).await;
+    if paused {
+        eventually("the rollout is paused", DEADLINE, || async {
+            status(nlb, "alb").await["rollout"]["phase"] == "paused"
+        })
+        .await;
+    }
+}
+
+/// How many module instances the NLB has registered.
+async fn registered(nlb: &TestNlb) -> usize {
+    nlb.client()
+        .await
+        .list_modules(pb::ListModulesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .modules
+        .len()
+}
+
 async fn promote(nlb: &TestNlb, kind: &str, version: &str) -> Result<String, tonic::Status> {
     let mut gateway = pb::module_service_client::ModuleServiceClient::with_interceptor(
         nlb.channel().await,
@@ -720,11 +743,7 @@ async fn a_gate_holds_a_step_until_it_answers_2xx_and_a_pause_holds_everything()
 
     gate.status.store(200, Ordering::SeqCst);
     wait_weight(&nlb, "alb", "v2", 40).await;
-    set_policy(&nlb, json!({"kinds": {"alb": {"paused": true}}})).await;
-    eventually("the rollout is paused", DEADLINE, || async {
-        status(&nlb, "alb").await["rollout"]["phase"] == "paused"
-    })
-    .await;
+    pause_alb(&nlb, true).await;
     let paused_at = active_version(&nlb, "alb").await.version_weights["v2"];
     let calls = gate.calls("gate").len();
     // Four intervals: nothing may move while paused.
@@ -735,7 +754,7 @@ async fn a_gate_holds_a_step_until_it_answers_2xx_and_a_pause_holds_everything()
     );
     assert_eq!(gate.calls("gate").len(), calls, "no analysis while paused");
 
-    set_policy(&nlb, json!({"kinds": {"alb": {"paused": false}}})).await;
+    pause_alb(&nlb, false).await;
     wait_weight(&nlb, "alb", "v2", 100).await;
     let log = events(&status(&nlb, "alb").await);
     for expected in ["paused by the operator", "resumed by the operator"] {
@@ -804,11 +823,7 @@ async fn a_restarted_nlb_resumes_the_rollout_at_the_same_step_without_failing_a_
     promote(&old, "alb", "v2").await.unwrap();
     wait_weight(&old, "alb", "v2", 40).await;
     // Paused, so the step cannot move on while the processes change places.
-    set_policy(&old, json!({"kinds": {"alb": {"paused": true}}})).await;
-    eventually("the rollout is paused", DEADLINE, || async {
-        status(&old, "alb").await["rollout"]["phase"] == "paused"
-    })
-    .await;
+    pause_alb(&old, true).await;
 
     // The new process takes the old one's sockets, state and registrations while the clients
     // keep connecting; the old one drains and exits by itself.
@@ -823,17 +838,13 @@ async fn a_restarted_nlb_resumes_the_rollout_at_the_same_step_without_failing_a_
         (&json!(2), &json!(40)),
         "{shown}"
     );
-    let modules = new
-        .client()
-        .await
-        .list_modules(pb::ListModulesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .modules;
-    assert_eq!(modules.len(), 2, "the registrations moved with the state");
+    assert_eq!(
+        registered(&new).await,
+        2,
+        "the registrations moved with the state"
+    );
     old.exits_by_itself(DEADLINE).await;
-    set_policy(&new, json!({"kinds": {"alb": {"paused": false}}})).await;
+    pause_alb(&new, false).await;
     let answered = load.answered();
     eventually(
         "the clients are served by the new process",
@@ -871,11 +882,7 @@ async fn a_rollout_resumes_from_disk_after_a_cold_restart() {
     let load = Load::start(nlb.listen[0], 6);
     promote(&nlb, "alb", "v2").await.unwrap();
     wait_weight(&nlb, "alb", "v2", 40).await;
-    set_policy(&nlb, json!({"kinds": {"alb": {"paused": true}}})).await;
-    eventually("the rollout is paused", DEADLINE, || async {
-        status(&nlb, "alb").await["rollout"]["phase"] == "paused"
-    })
-    .await;
+    pause_alb(&nlb, true).await;
     // A stop and a start (a crash would do the same): clients are turned away meanwhile, so
     // they pause; what matters here is what the state directory brings back.
     load.finish().await;
@@ -893,19 +900,11 @@ async fn a_rollout_resumes_from_disk_after_a_cold_restart() {
         "{shown}"
     );
     eventually("the modules register again", DEADLINE, || async {
-        let modules = nlb
-            .client()
-            .await
-            .list_modules(pb::ListModulesRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .modules;
-        modules.len() == 2
+        registered(&nlb).await == 2
     })
     .await;
     let load = Load::start(nlb.listen[0], 6);
-    set_policy(&nlb, json!({"kinds": {"alb": {"paused": false}}})).await;
+    pause_alb(&nlb, false).await;
     wait_weight(&nlb, "alb", "v2", 100).await;
     let log = events(&status(&nlb, "alb").await);
     assert!(

@@ -243,21 +243,18 @@ pub async fn heartbeat_requests(
     total: i64,
     failed: i64,
 ) {
-    client
-        .heartbeat(pb::HeartbeatRequest {
-            instance_id: id.into(),
-            registration_id: registration_id.into(),
-            status: pb::HealthStatus::Healthy as i32,
-            current_stats: Some(pb::ModuleStats {
-                total_requests: total,
-                successful_requests: total - failed,
-                failed_requests: failed,
-                ..Default::default()
-            }),
-            timestamp: None,
-        })
-        .await
-        .expect("the heartbeat is taken");
+    healthy_heartbeat(
+        client,
+        id,
+        registration_id,
+        pb::ModuleStats {
+            total_requests: total,
+            successful_requests: total - failed,
+            failed_requests: failed,
+            ..Default::default()
+        },
+    )
+    .await;
 }
 
 /// Registers an instance; returns its registration id.
@@ -286,15 +283,31 @@ pub async fn heartbeat(
     registration: &str,
     active: i64,
 ) -> pb::HeartbeatResponse {
+    healthy_heartbeat(
+        client,
+        id,
+        registration,
+        pb::ModuleStats {
+            active_connections: active,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// One HEALTHY heartbeat carrying `stats`.
+async fn healthy_heartbeat(
+    client: &mut NlbClient,
+    id: &str,
+    registration: &str,
+    stats: pb::ModuleStats,
+) -> pb::HeartbeatResponse {
     client
         .heartbeat(pb::HeartbeatRequest {
             instance_id: id.into(),
             registration_id: registration.into(),
             status: pb::HealthStatus::Healthy as i32,
-            current_stats: Some(pb::ModuleStats {
-                active_connections: active,
-                ..Default::default()
-            }),
+            current_stats: Some(stats),
             timestamp: None,
         })
         .await

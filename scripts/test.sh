@@ -57,6 +57,15 @@ if ! python3 -c 'import moto.server, flask, oras.client, openai' >/dev/null 2>&1
     || { echo "cannot install them; run: python3 -m pip install 'moto[server]' oras openai" >&2; exit 1; }
 fi
 
+# etcd (a three-member cluster on loopback) holds the state NLB replicas share; the etcd client
+# crate compiles etcd's protobuf API with protoc at build time.
+if ! { command -v etcd && command -v etcdctl && command -v protoc; } >/dev/null 2>&1; then
+  say "installing etcd-server, etcd-client and protobuf-compiler"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q etcd-server etcd-client protobuf-compiler \
+    || { as_root apt-get update -q && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q etcd-server etcd-client protobuf-compiler; } \
+    || { echo "cannot install them; run: sudo apt-get install -y etcd-server etcd-client protobuf-compiler" >&2; exit 1; }
+fi
+
 # Headless Chromium, its WebDriver and Selenium drive the NLB's operator console (tests/nlb_console.rs).
 if ! { test -x /usr/bin/chromium && test -x /usr/bin/chromedriver; }; then
   say "installing chromium and chromium-driver"
@@ -74,9 +83,11 @@ fi
 say "cargo fmt --check"
 cargo fmt --all -- --check
 say "cargo clippy"
+# Once as everyone builds it (no protoc needed), once with the NLB's etcd support.
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked --features marchproxy-nlb/etcd -- -D warnings
 say "cargo test"
-cargo test --workspace --locked
+cargo test --workspace --locked --features marchproxy-nlb/etcd
 say "the README's commands resolve from the repository root"
 cargo run -q --locked --bin marchproxy -- up --help >/dev/null
 cargo run -q --locked --bin marchctl -- --help >/dev/null

@@ -212,6 +212,16 @@ impl FromStr for Endpoint {
     }
 }
 
+/// This machine's name (`HOSTNAME`, else /etc/hostname), for default instance and replica ids.
+pub fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "local".to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -75,6 +75,27 @@ pub struct Args {
     /// Log format [default: text]
     #[arg(long, env = "MARCHPROXY_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Share state with other NLB replicas through etcd: etcd://HOST:PORT[,HOST:PORT...]
+    /// (see README, "NLB cluster"); needs a build with the `etcd` feature.
+    #[arg(long, env = "MARCHPROXY_STORE")]
+    pub store: Option<String>,
+    /// Key prefix in etcd [default: /marchproxy/]
+    #[arg(long, env = "MARCHPROXY_STORE_PREFIX")]
+    pub store_prefix: Option<String>,
+    /// etcd user and password, as USER:PASSWORD
+    #[arg(long, env = "MARCHPROXY_STORE_AUTH", hide_env_values = true)]
+    pub store_auth: Option<String>,
+    /// CA certificate (PEM) that signed the etcd members' certificates: talks TLS to them
+    #[arg(long, env = "MARCHPROXY_STORE_CA_FILE")]
+    pub store_ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for etcd members that ask for one
+    #[arg(long, env = "MARCHPROXY_STORE_CERT_FILE", requires = "store_key_file")]
+    pub store_cert_file: Option<PathBuf>,
+    #[arg(long, env = "MARCHPROXY_STORE_KEY_FILE", requires = "store_cert_file")]
+    pub store_key_file: Option<PathBuf>,
+    /// This replica's name in the cluster [default: HOSTNAME:GRPC_PORT]
+    #[arg(long, env = "MARCHPROXY_REPLICA_ID")]
+    pub replica_id: Option<String>,
     /// Take the place of the NLB running on the same --state-dir: its listening sockets,
     /// state and module registrations move here, then it drains and exits (no connection is
     /// refused). Without this flag, starting beside a running NLB is refused.
@@ -105,6 +126,13 @@ struct FileConfig {
     #[serde(default)]
     proxy_protocol: bool,
     log_format: Option<LogFormat>,
+    store: Option<String>,
+    store_prefix: Option<String>,
+    store_auth: Option<String>,
+    store_ca_file: Option<PathBuf>,
+    store_cert_file: Option<PathBuf>,
+    store_key_file: Option<PathBuf>,
+    replica_id: Option<String>,
     /// The `rollout` section's startup values (`[rollout]`, `[rollout.kinds.alb]`,
     /// `[[rollout.webhooks]]`); keys set over the API win.
     rollout: Option<serde_json::Value>,
@@ -133,6 +161,80 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Take over from the NLB running on the same state directory.
     pub takeover: bool,
+    /// State shared with other replicas through etcd, instead of `state_dir`.
+    pub store: Option<StoreSpec>,
+    /// This replica's name among replicas (default: host name and gRPC port).
+    pub replica_id: Option<String>,
+}
+
+/// `--store etcd://...` and its companions, checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoreSpec {
+    /// `http://HOST:PORT` (or `https://` with a CA file), one per etcd member.
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub auth: Option<(String, String)>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl StoreSpec {
+    /// Reads `etcd://HOST:PORT[,HOST:PORT...]`.
+    pub fn parse(
+        url: &str,
+        prefix: Option<String>,
+        auth: Option<String>,
+        ca_file: Option<PathBuf>,
+        cert_file: Option<PathBuf>,
+        key_file: Option<PathBuf>,
+    ) -> Result<Self, String> {
+        let members = url.strip_prefix("etcd://").ok_or_else(|| {
+            format!("--store `{url}` is not a store URL; write etcd://HOST:PORT[,HOST:PORT...]")
+        })?;
+        let scheme = if ca_file.is_some() { "https" } else { "http" };
+        let endpoints: Vec<String> = members
+            .split(',')
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .map(|member| {
+                let (host, port) = member
+                    .rsplit_once(':')
+                    .ok_or_else(|| format!("--store member `{member}` needs a port (HOST:PORT)"))?;
+                port.parse::<u16>()
+                    .map_err(|_| format!("--store member `{member}` has no valid port"))?;
+                if host.is_empty() || member.contains('/') {
+                    return Err(format!("--store member `{member}` must be HOST:PORT"));
+                }
+                Ok(format!("{scheme}://{member}"))
+            })
+            .collect::<Result<_, String>>()?;
+        if endpoints.is_empty() {
+            return Err(
+                "--store names no etcd member; write etcd://HOST:PORT[,HOST:PORT...]".into(),
+            );
+        }
+        let mut prefix = prefix.unwrap_or_else(|| "/marchproxy/".to_owned());
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        let auth = auth
+            .map(|text| {
+                text.split_once(':')
+                    .map(|(user, password)| (user.to_owned(), password.to_owned()))
+                    .filter(|(user, _)| !user.is_empty())
+                    .ok_or_else(|| "--store-auth must be USER:PASSWORD".to_owned())
+            })
+            .transpose()?;
+        Ok(StoreSpec {
+            endpoints,
+            prefix,
+            auth,
+            ca_file,
+            cert_file,
+            key_file,
+        })
+    }
 }
 
 impl Default for Config {
@@ -148,6 +250,8 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(30),
             log_format: LogFormat::Text,
             takeover: false,
+            store: None,
+            replica_id: None,
         }
     }
 }
@@ -239,6 +343,27 @@ impl Config {
             per_source_burst: args.per_source_burst.or(file.per_source_burst).unwrap_or(0),
             proxy_protocol: args.proxy_protocol || file.proxy_protocol,
         };
+        let store = args
+            .store
+            .or(file.store)
+            .map(|url| {
+                StoreSpec::parse(
+                    &url,
+                    args.store_prefix.or(file.store_prefix),
+                    args.store_auth.or(file.store_auth),
+                    args.store_ca_file.or(file.store_ca_file),
+                    args.store_cert_file.or(file.store_cert_file),
+                    args.store_key_file.or(file.store_key_file),
+                )
+            })
+            .transpose()
+            .map_err(ConfigError::Invalid)?;
+        let state_dir = args.state_dir.or(file.state_dir);
+        if store.is_some() && (state_dir.is_some() || args.takeover) {
+            return Err(ConfigError::Invalid(
+                "--store keeps the state in etcd: drop --state-dir and --takeover (replicas replace each other there)".into(),
+            ));
+        }
         let drain_timeout = args
             .drain_timeout
             .or(file_duration(file.drain_timeout, "drain_timeout")?)
@@ -252,7 +377,7 @@ impl Config {
                 .admin_listen
                 .or(file.admin_listen)
                 .unwrap_or(defaults.admin_listen),
-            state_dir: args.state_dir.or(file.state_dir),
+            state_dir,
             api_key,
             settings,
             listen,
@@ -260,6 +385,8 @@ impl Config {
             drain_timeout,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             takeover: args.takeover,
+            store,
+            replica_id: args.replica_id.or(file.replica_id),
         })
     }
 }
@@ -268,6 +395,45 @@ impl Config {
 mod tests {
     use super::*;
     use clap::Parser;
+
+    #[test]
+    fn store_urls_name_every_member_and_refuse_the_state_dir_beside() {
+        let spec = StoreSpec::parse(
+            "etcd://10.0.0.1:2379, 10.0.0.2:2379",
+            Some("/edge".into()),
+            Some("nlb:secret".into()),
+            None,
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            spec.endpoints,
+            ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+        );
+        assert_eq!(spec.prefix, "/edge/");
+        assert_eq!(spec.auth, Some(("nlb".into(), "secret".into())));
+        for bad in [
+            "http://10.0.0.1:2379",
+            "etcd://",
+            "etcd://host",
+            "etcd://host:x",
+        ] {
+            assert!(
+                StoreSpec::parse(bad, None, None, None, None, None).is_err(),
+                "{bad}"
+            );
+        }
+        let both = Args::parse_from([
+            "nlb",
+            "--store",
+            "etcd://127.0.0.1:2379",
+            "--state-dir",
+            "/tmp/x",
+        ]);
+        let error = Config::from_args(both).unwrap_err().to_string();
+        assert!(error.contains("drop --state-dir"), "{error}");
+    }
 
     #[test]
     fn flags_win_over_the_file() {

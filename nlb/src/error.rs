@@ -22,6 +22,9 @@ pub enum NlbError {
     /// Valid, but something the operator configured says no (a pre-rollout webhook).
     #[error("{0}")]
     Refused(String),
+    /// Lost a race with a concurrent change of the same item (another NLB replica's).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl NlbError {
@@ -33,6 +36,7 @@ impl NlbError {
             NlbError::Exhausted(_) => Code::ResourceExhausted,
             NlbError::Unavailable(_) => Code::Unavailable,
             NlbError::Refused(_) => Code::FailedPrecondition,
+            NlbError::Conflict(_) => Code::Aborted,
         }
     }
 

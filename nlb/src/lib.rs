@@ -12,6 +12,8 @@ pub mod admin;
 mod affinity;
 pub mod analysis;
 pub mod bluegreen;
+#[cfg(feature = "etcd")]
+pub mod cluster;
 pub mod config;
 pub mod console;
 pub mod dataplane;
@@ -59,6 +61,15 @@ pub enum StartError {
     Admin(std::io::Error),
     #[error(transparent)]
     Handover(#[from] handover::HandoverError),
+    #[cfg(feature = "etcd")]
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
+    #[error("cannot load the shared state: {0}")]
+    SharedState(String),
+    #[error(
+        "--store needs an NLB built with etcd support: cargo build --release -p marchproxy-nlb --features etcd (which needs protoc: apt-get install protobuf-compiler)"
+    )]
+    NoEtcdSupport,
 }
 
 /// A bound NLB, not yet serving: its addresses are known (port 0 resolved).
@@ -102,6 +113,7 @@ impl Server {
             );
         }
         match store.dir() {
+            _ if config.store.is_some() => {}
             Some(dir) => {
                 info!(state_dir = %dir.display(), operator_routes = restored_routes, "operator state restored")
             }
@@ -139,7 +151,39 @@ impl Server {
             });
         }
         let (stop, stopped) = watch::channel(false);
-        let nlb = Arc::new(nlb::Nlb::new(state, store, config.api_key, stopped));
+        let nlb = nlb::Nlb::new(state, store, config.api_key, stopped);
+        let nlb = match &config.store {
+            None => nlb,
+            #[cfg(feature = "etcd")]
+            Some(spec) => {
+                let replica_id = config.replica_id.clone().unwrap_or_else(|| {
+                    format!("{}:{}", marchproxy::names::host_name(), grpc.addr.port())
+                });
+                let options = cluster::EtcdOptions {
+                    endpoints: spec.endpoints.clone(),
+                    prefix: spec.prefix.clone(),
+                    user: spec.auth.clone(),
+                    ca_file: spec.ca_file.clone(),
+                    cert_file: spec.cert_file.clone(),
+                    key_file: spec.key_file.clone(),
+                };
+                let cluster =
+                    cluster::Cluster::connect(options, config.settings.clone(), replica_id).await?;
+                cluster.metrics.register(&nlb.metrics.registry);
+                let nlb = nlb.with_cluster(Arc::new(cluster));
+                if let Some(cluster) = &nlb.cluster {
+                    cluster
+                        .load(&nlb)
+                        .await
+                        .map_err(|e| StartError::SharedState(e.to_string()))?;
+                    info!(store = %cluster.endpoints(), replica = %cluster.replica_id, modules = nlb.state().instances.len(), "shared state loaded from etcd");
+                }
+                nlb
+            }
+            #[cfg(not(feature = "etcd"))]
+            Some(_) => return Err(StartError::NoEtcdSupport),
+        };
+        let nlb = Arc::new(nlb);
         Ok(Server {
             grpc,
             admin,
@@ -218,6 +262,11 @@ impl Server {
             auth,
         );
 
+        #[cfg(feature = "etcd")]
+        let follower = nlb
+            .cluster
+            .clone()
+            .map(|cluster| tokio::spawn(cluster.run(Arc::clone(&nlb), grpc.addr)));
         let sweeper = tokio::spawn(Arc::clone(&nlb).run_sweeper());
         let rollouts = tokio::spawn(Arc::clone(&nlb).run_rollouts());
         let mut stopped = nlb.shutdown.clone();
@@ -281,6 +330,11 @@ impl Server {
             let _ = task.await;
         }
         sampler.abort();
+        #[cfg(feature = "etcd")]
+        if let Some(follower) = follower {
+            // It ends at shutdown, giving up this replica's lease (and any leadership) at once.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(3), follower).await;
+        }
         let admin_result = admin_task.await;
         if let Some(error) = not_confirmed {
             return Err(error.into());

@@ -46,6 +46,9 @@ pub struct Nlb {
     /// Held through each pass of the rollout stepper, and by a handover while it saves the
     /// state, so no step is half taken in what moves.
     pub stepping: tokio::sync::Mutex<()>,
+    /// The shared store, when replicas share their state through etcd (instead of `store`).
+    #[cfg(feature = "etcd")]
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Nlb {
@@ -67,6 +70,8 @@ impl Nlb {
             shutdown,
             handing_over: AtomicBool::new(false),
             stepping: tokio::sync::Mutex::new(()),
+            #[cfg(feature = "etcd")]
+            cluster: None,
             webhooks: marchproxy::http_client::client()
                 .inspect_err(|error| {
                     warn!(%error, "no HTTP client for rollout webhooks (install ca-certificates)");
@@ -82,6 +87,42 @@ impl Nlb {
         payload: &serde_json::Value,
     ) -> Result<(), String> {
         crate::webhook::all_agree(self.webhooks.as_ref(), hooks, payload).await
+    }
+
+    /// Shares this NLB's state with other replicas through `cluster` (etcd).
+    #[cfg(feature = "etcd")]
+    pub fn with_cluster(mut self, cluster: Arc<crate::cluster::Cluster>) -> Self {
+        self.state().shares_instances = true;
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// Whether this process runs gradual promotions: always alone, only the leader among
+    /// replicas.
+    pub fn runs_rollouts(&self) -> bool {
+        #[cfg(feature = "etcd")]
+        if let Some(cluster) = &self.cluster {
+            return cluster.is_leader();
+        }
+        true
+    }
+
+    /// A heartbeat was acknowledged here: passes it on to the shared store, if any. False
+    /// when the store says the registration has run out (the module must register again).
+    pub async fn heartbeat_shared(&self, id: &str) -> bool {
+        #[cfg(feature = "etcd")]
+        if let Some(cluster) = &self.cluster {
+            if !cluster.heartbeat(self, id).await {
+                return false;
+            }
+            // A changed health status is shared; a store away is tried again by the next.
+            if !self.state().shared_dirty.is_empty() {
+                let _ = cluster.write(self).await;
+            }
+            return true;
+        }
+        let _ = id;
+        true
     }
 
     /// The state. Callers hold the guard briefly and never across an `.await`.
@@ -109,6 +150,10 @@ impl Nlb {
 
     /// [`Nlb::persist`], also while handing over (the state the newcomer gets).
     pub async fn persist_now(&self) -> Result<(), NlbError> {
+        #[cfg(feature = "etcd")]
+        if let Some(cluster) = &self.cluster {
+            return cluster.write(self).await;
+        }
         if self.store.is_saved(self.state().generation) {
             return Ok(());
         }
@@ -129,6 +174,18 @@ impl Nlb {
             Err(error) => Err(NlbError::Unavailable(format!(
                 "the change is applied but not persisted: {error}"
             ))),
+        }
+    }
+
+    /// Where operator state lives, in words (`GetNLBStatus` details `store`).
+    pub fn store_description(&self) -> String {
+        #[cfg(feature = "etcd")]
+        if let Some(cluster) = &self.cluster {
+            return format!("etcd {}", cluster.endpoints());
+        }
+        match self.state_dir() {
+            Some(dir) => format!("disk {}", dir.display()),
+            None => "memory".to_owned(),
         }
     }
 
@@ -207,6 +264,11 @@ impl Nlb {
         let mut drained = 0;
         let kind = if graceful {
             let (kind, open) = self.state().start_drain(id, registration)?;
+            // Other replicas stop sending it connections too; should the store be away, the
+            // drain goes on here and the registration's end reaches them later.
+            if let Err(error) = self.persist().await {
+                warn!(instance = %id, %error, "drain not shared with the other replicas yet");
+            }
             info!(instance = %id, module_type = %kind, open_connections = open, timeout_s = timeout.as_secs(), "draining module: no new connections");
             let remaining = self.wait_drained(id, registration, timeout).await;
             drained = (open - remaining).max(0);
@@ -266,7 +328,8 @@ impl Nlb {
                 () = stopped(&mut shutdown) => return,
             }
             let pass = self.stepping.lock().await;
-            if self.handing_over.load(Ordering::SeqCst) {
+            // Among replicas, one steps promotions; the others follow what it writes.
+            if self.handing_over.load(Ordering::SeqCst) || !self.runs_rollouts() {
                 continue;
             }
             let (outcomes, gates) = self
@@ -425,6 +488,7 @@ impl Nlb {
                 self.state_dir()
                     .map_or_else(|| "(memory only)".to_owned(), |d| d.display().to_string()),
             ),
+            ("store", self.store_description()),
             (
                 "auth",
                 if self.api_key.is_some() {
@@ -438,6 +502,12 @@ impl Nlb {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
+        #[cfg(feature = "etcd")]
+        if let Some(cluster) = &self.cluster {
+            details.insert("replica".into(), cluster.replica_id.clone());
+            details.insert("replicas".into(), cluster.replicas().join(","));
+            details.insert("rollout_leader".into(), cluster.is_leader().to_string());
+        }
         // Each kind with a split or a rollout history: `rollout.<kind>`, JSON (marchctl rollout
         // status reads it).
         let kinds: std::collections::BTreeSet<_> = state

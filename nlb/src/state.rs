@@ -82,6 +82,9 @@ pub struct Instance {
     pub draining: bool,
     /// Marked unhealthy for missed heartbeats (logged once, cleared by the next heartbeat).
     pub stale: bool,
+    /// With a shared store: the leases that keep the registration and its liveness, which
+    /// then decide health and removal instead of this process's own clock.
+    pub leases: Option<Leases>,
     pub routed_total: u64,
     /// Connections open through the NLB's data plane (shared with the connections themselves).
     live: Arc<AtomicI64>,
@@ -111,9 +114,13 @@ impl Instance {
     }
 
     pub fn health(&self, now: Instant, settings: &Settings) -> pb::HealthStatus {
+        let silent = match self.leases {
+            Some(leases) => !leases.alive,
+            None => now.duration_since(self.last_seen) > settings.heartbeat.unhealthy_after(),
+        };
         if self.draining {
             pb::HealthStatus::Stopping
-        } else if now.duration_since(self.last_seen) > settings.heartbeat.unhealthy_after() {
+        } else if silent {
             pb::HealthStatus::Unhealthy
         } else {
             self.reported
@@ -253,6 +260,17 @@ impl NoRoute {
     }
 }
 
+/// The store's leases behind a shared registration: one lives as long as the registration
+/// (the expiry timeout), one as long as the instance counts as alive (the unhealthy timeout).
+/// Heartbeats renew both, on whichever NLB replica they arrive.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Leases {
+    pub registration: i64,
+    pub liveness: i64,
+    /// The liveness lease holds: heartbeats arrive (here or at another replica).
+    pub alive: bool,
+}
+
 /// Desired instance count for one module kind, set by `TriggerScaling`.
 #[derive(Clone, Debug)]
 pub struct DesiredScale {
@@ -323,6 +341,10 @@ pub struct State {
     cursor: u64,
     /// Bumped on every change that must reach disk.
     pub generation: u64,
+    /// Registrations are shared through a store (etcd): changed ones wait in `shared_dirty`.
+    pub shares_instances: bool,
+    /// Instances whose shared record must be written (or deleted, when gone).
+    pub shared_dirty: std::collections::BTreeSet<String>,
 }
 
 pub(crate) fn unix_ms(at: SystemTime) -> u64 {
@@ -513,6 +535,8 @@ impl State {
             route_requests: 0,
             cursor: 0,
             generation: 0,
+            shares_instances: false,
+            shared_dirty: Default::default(),
         })
     }
 
@@ -585,8 +609,57 @@ impl State {
         }
     }
 
+    /// Takes the operator state as the shared store holds it (written by any replica), over
+    /// the flags' `base` settings. Registrations, pins, route use and the live parts of a
+    /// promotion this process is analysing (its window, last check and analysis) stay.
+    /// Nothing is bumped: this is what is stored already.
+    pub fn adopt(&mut self, persisted: PersistedState, base: &Settings) -> Result<(), String> {
+        let mut fresh = State::restore(persisted, base.clone())?;
+        for (id, route) in &mut fresh.operator_routes {
+            route.last_used = self.operator_routes.get(id).and_then(|r| r.last_used);
+        }
+        for (kind, desired) in &mut fresh.desired {
+            if let Some(old) = self.desired.get(kind).filter(|d| d.count == desired.count) {
+                desired.changed = old.changed;
+            }
+        }
+        for (kind, promotion) in &mut fresh.promotions {
+            let Some(old) = self
+                .promotions
+                .get(kind)
+                .filter(|p| p.version == promotion.version && p.started == promotion.started)
+            else {
+                continue;
+            };
+            promotion.last_check = old.last_check;
+            promotion.window = old.window.clone();
+            promotion.last_analysis = old.last_analysis.clone();
+            let paused = promotion.phase == crate::rollout::Phase::Paused;
+            if !paused && old.phase != crate::rollout::Phase::Paused {
+                promotion.phase = old.phase;
+                promotion.held_since = old.held_since;
+            }
+        }
+        self.operator_routes = fresh.operator_routes;
+        self.settings = fresh.settings;
+        self.overrides = fresh.overrides;
+        self.desired = fresh.desired;
+        self.weights = fresh.weights;
+        self.previous_active = fresh.previous_active;
+        self.promotions = fresh.promotions;
+        self.rollout_events = fresh.rollout_events;
+        Ok(())
+    }
+
     fn changed(&mut self) {
         self.generation += 1;
+    }
+
+    /// Notes that an instance's shared record is out of date (with a shared store).
+    fn share(&mut self, id: &str) {
+        if self.shares_instances {
+            self.shared_dirty.insert(id.to_owned());
+        }
     }
 
     pub fn instance(&self, id: &str) -> Result<&Instance, NlbError> {
@@ -695,80 +768,10 @@ impl State {
         now: Instant,
         wall: SystemTime,
     ) -> Result<Registered, NlbError> {
-        let info = request.instance.ok_or_else(|| {
-            NlbError::Invalid("instance is missing; send the module's ModuleInstance".into())
-        })?;
-        check_id("instance.instance_id", &info.instance_id)?;
-        let kind = ModuleKind::from_module_type(info.module_type).ok_or_else(|| {
-            NlbError::Invalid(format!(
-                "instance.module_type {} is not a module kind; use ALB, DBLB, AILB, RTMP, WASM_REGISTRY or SQS_PROXY",
-                info.module_type
-            ))
-        })?;
-        let address: Endpoint = info
-            .address
-            .parse()
-            .map_err(|e| NlbError::Invalid(format!("instance.address: {e}")))?;
-        if info.max_connections < 0 {
-            return Err(NlbError::Invalid(format!(
-                "instance.max_connections must not be negative (got {}); 0 means no limit",
-                info.max_connections
-            )));
-        }
-        let reported = match pb::HealthStatus::try_from(info.health_status) {
-            Ok(pb::HealthStatus::Unspecified) => pb::HealthStatus::Healthy,
-            Ok(status) => status,
-            Err(_) => {
-                return Err(NlbError::Invalid(format!(
-                    "instance.health_status {} is not a HealthStatus value",
-                    info.health_status
-                )));
-            }
-        };
-        let version = match info.version.trim() {
-            "" => UNVERSIONED.to_owned(),
-            v if v.len() <= 64 && !v.contains(char::is_whitespace) => v.to_owned(),
-            v => {
-                return Err(NlbError::Invalid(format!(
-                    "instance.version `{v}` must be at most 64 characters without spaces"
-                )));
-            }
-        };
-        if let Some(health) = &request.health_config {
-            let numbers = [
-                ("interval_seconds", health.interval_seconds),
-                ("timeout_seconds", health.timeout_seconds),
-                ("unhealthy_threshold", health.unhealthy_threshold),
-                ("healthy_threshold", health.healthy_threshold),
-                ("health_check_port", health.health_check_port),
-            ];
-            if let Some((name, value)) = numbers.iter().find(|(_, v)| *v < 0) {
-                return Err(NlbError::Invalid(format!(
-                    "health_config.{name} must not be negative (got {value})"
-                )));
-            }
-            if health.health_check_port > 65535 {
-                return Err(NlbError::Invalid(
-                    "health_config.health_check_port must be at most 65535".into(),
-                ));
-            }
-            if pb::Protocol::try_from(health.health_check_protocol).is_err() {
-                return Err(NlbError::Invalid(format!(
-                    "health_config.health_check_protocol {} is not a Protocol value",
-                    health.health_check_protocol
-                )));
-            }
-        }
-        if let Some(data) = info.metadata.get("data_address").filter(|a| !a.is_empty()) {
-            data.parse::<Endpoint>()
-                .map_err(|e| NlbError::Invalid(format!("instance.metadata[data_address]: {e}")))?;
-        }
-        let routes = marchproxy::route::check_all(request.initial_routes).map_err(|errors| {
-            NlbError::Invalid(format!("initial_{}", errors.join("; initial_")))
-        })?;
-
         let registration_id = uuid::Uuid::new_v4().to_string();
-        let replaced = self.instances.remove(&info.instance_id).is_some();
+        let instance = build_instance(request, registration_id.clone(), now, wall)?;
+        let (kind, version) = (instance.kind, instance.version.clone());
+        let replaced = self.instances.remove(&instance.id).is_some();
         let weights = self.weights.entry(kind).or_default();
         if !weights.contains_key(&version) {
             let serving = weights.iter().any(|(v, w)| {
@@ -787,38 +790,7 @@ impl State {
             }
         }
         let version_weight = weights[&version];
-        let instance = Instance {
-            id: info.instance_id.clone(),
-            kind,
-            address,
-            version,
-            max_connections: info.max_connections,
-            metadata: info.metadata,
-            started_at: info.started_at,
-            registration_id: registration_id.clone(),
-            registered_at: wall,
-            last_seen: now,
-            last_heartbeat_at: None,
-            reported,
-            stats: None,
-            stats_history: VecDeque::new(),
-            routes: routes
-                .into_iter()
-                .map(|spec| (spec.id.clone(), TableRoute::new(spec, wall)))
-                .collect(),
-            health_config: request.health_config,
-            capabilities: request.capabilities,
-            draining: false,
-            stale: false,
-            routed_total: 0,
-            live: Arc::new(AtomicI64::new(0)),
-            connect_failures: 0,
-            connect_failures_total: 0,
-            ejected_until: None,
-            routed_since_heartbeat: 0,
-            pending_instructions: BTreeMap::new(),
-            metrics: VecDeque::new(),
-        };
+        self.share(&instance.id);
         self.instances.insert(instance.id.clone(), instance);
         self.changed();
         Ok(Registered {
@@ -828,6 +800,104 @@ impl State {
         })
     }
 
+    /// The record other NLB replicas mirror an instance from (with a shared store).
+    pub fn shared(&self, id: &str) -> Option<crate::store::SharedInstance> {
+        let instance = self.instances.get(id)?;
+        Some(crate::store::SharedInstance {
+            registration: prost::Message::encode_to_vec(&registration_of(instance)),
+            registration_id: instance.registration_id.clone(),
+            registered_at_ms: unix_ms(instance.registered_at),
+            draining: instance.draining,
+        })
+    }
+
+    /// Takes in a registration another replica made (or updates it): no weight changes, those
+    /// arrive as the operator state the registering replica wrote. Returns whether it is new
+    /// here (or replaces another registration of the same id).
+    pub fn mirror(
+        &mut self,
+        record: crate::store::SharedInstance,
+        leases: Leases,
+        now: Instant,
+    ) -> Result<bool, NlbError> {
+        let request: pb::RegisterModuleRequest =
+            prost::Message::decode(record.registration.as_slice())
+                .map_err(|e| NlbError::Invalid(format!("shared registration: {e}")))?;
+        if let Some(existing) = self
+            .instances
+            .get_mut(request.instance.as_ref().map_or("", |i| &i.instance_id))
+            .filter(|i| i.registration_id == record.registration_id)
+        {
+            // The same registration: only what may change after registering.
+            existing.draining = record.draining;
+            existing.leases = Some(Leases {
+                alive: existing.leases.is_none_or(|l| l.alive),
+                ..leases
+            });
+            if let Some(info) = &request.instance {
+                if let Ok(status) = pb::HealthStatus::try_from(info.health_status) {
+                    existing.reported = status;
+                }
+            }
+            let wall = existing.registered_at;
+            existing.routes = marchproxy::route::check_all(request.initial_routes)
+                .map_err(|errors| NlbError::Invalid(errors.join("; ")))?
+                .into_iter()
+                .map(|spec| {
+                    let created = existing.routes.get(&spec.id).map_or(wall, |r| r.created_at);
+                    (spec.id.clone(), TableRoute::new(spec, created))
+                })
+                .collect();
+            return Ok(false);
+        }
+        let wall = from_unix_ms(record.registered_at_ms);
+        let mut instance = build_instance(request, record.registration_id, now, wall)?;
+        instance.draining = record.draining;
+        instance.leases = Some(leases);
+        self.instances.insert(instance.id.clone(), instance);
+        Ok(true)
+    }
+
+    /// Drops an instance whose shared record is gone (unregistered or expired at any
+    /// replica); returns it.
+    pub fn forget(&mut self, id: &str) -> Option<Instance> {
+        self.shared_dirty.remove(id);
+        self.instances.remove(id)
+    }
+
+    /// The liveness lease of a shared registration started (`Some`) or ran out (`None`).
+    /// Returns the instance's kind when its health changed.
+    pub fn set_alive(
+        &mut self,
+        id: &str,
+        registration_id: &str,
+        liveness: Option<i64>,
+    ) -> Option<ModuleKind> {
+        let instance = self
+            .instances
+            .get_mut(id)
+            .filter(|i| i.registration_id == registration_id)?;
+        let leases = instance.leases.as_mut()?;
+        let was = leases.alive;
+        leases.alive = liveness.is_some();
+        if let Some(lease) = liveness {
+            leases.liveness = lease;
+        }
+        instance.stale = !leases.alive;
+        (was != leases.alive).then_some(instance.kind)
+    }
+
+    /// Records the leases the store granted a registration (if it is still the current one).
+    pub fn leased(&mut self, id: &str, registration_id: &str, leases: Leases) {
+        if let Some(instance) = self
+            .instances
+            .get_mut(id)
+            .filter(|i| i.registration_id == registration_id)
+        {
+            instance.leases = Some(leases);
+        }
+    }
+
     /// The registrations that move to a new process at a takeover (not the ones leaving).
     pub fn moving_instances(&self, now: Instant) -> Vec<crate::handover::MovedInstance> {
         use prost::Message;
@@ -835,26 +905,7 @@ impl State {
             .values()
             .filter(|i| !i.draining)
             .map(|i| {
-                let request = pb::RegisterModuleRequest {
-                    instance: Some(pb::ModuleInstance {
-                        instance_id: i.id.clone(),
-                        module_type: i.kind.module_type() as i32,
-                        address: i.address.to_string(),
-                        health_status: i.reported as i32,
-                        metadata: i.metadata.clone(),
-                        started_at: i.started_at,
-                        max_connections: i.max_connections,
-                        version: i.version.clone(),
-                        ..Default::default()
-                    }),
-                    initial_routes: i
-                        .routes
-                        .values()
-                        .map(|r| pb::Route::from(&r.spec))
-                        .collect(),
-                    health_config: i.health_config.clone(),
-                    capabilities: i.capabilities.clone(),
-                };
+                let request = registration_of(i);
                 crate::handover::MovedInstance {
                     registration: request.encode_to_vec(),
                     registration_id: i.registration_id.clone(),
@@ -957,7 +1008,9 @@ impl State {
             .get_mut(id)
             .ok_or_else(|| NlbError::NotFound(format!("instance `{id}` left")))?;
         instance.draining = true;
-        Ok((kind, instance.open_connections()))
+        let open = instance.open_connections();
+        self.share(id);
+        Ok((kind, open))
     }
 
     /// Removes an instance if it still has `registration_id`; returns its remaining connections.
@@ -966,6 +1019,7 @@ impl State {
             return None;
         }
         let instance = self.instances.remove(id)?;
+        self.share(id);
         self.changed();
         Some(instance.open_connections())
     }
@@ -1014,7 +1068,9 @@ impl State {
         instance.last_seen = now;
         instance.last_heartbeat_at = Some(wall);
         instance.routed_since_heartbeat = 0;
-        if status != pb::HealthStatus::Unspecified {
+        let reported_changed =
+            status != pb::HealthStatus::Unspecified && instance.reported != status;
+        if reported_changed {
             instance.reported = status;
         }
         if let Some(mut stats) = request.current_stats {
@@ -1030,6 +1086,9 @@ impl State {
             std::mem::take(&mut instance.pending_instructions)
                 .into_iter()
                 .collect();
+        if reported_changed {
+            self.share(&request.instance_id);
+        }
         let should_scale = desired.is_some_and(|d| d != current);
         if let Some(desired) = desired.filter(|_| should_scale) {
             instructions.insert("desired_instances".into(), desired.to_string());
@@ -1048,6 +1107,10 @@ impl State {
         let expire_after = self.settings.heartbeat.expire_after();
         let mut events = Vec::new();
         self.instances.retain(|_, instance| {
+            if instance.leases.is_some() {
+                // The store's leases time it out, on every replica at once.
+                return true;
+            }
             let silent_for = now.duration_since(instance.last_seen);
             if silent_for > expire_after && !instance.draining {
                 events.push(SweepEvent::Removed {
@@ -1130,6 +1193,9 @@ impl State {
             next.insert(spec.id.clone(), TableRoute::new(spec, created_at));
         }
         *table = next;
+        if !source.is_empty() {
+            self.share(source);
+        }
         self.changed();
         Ok(written)
     }
@@ -1414,6 +1480,143 @@ impl State {
         self.changed();
         Ok(())
     }
+}
+
+/// The registration that recreates `instance` as it is now (with its current routes).
+fn registration_of(instance: &Instance) -> pb::RegisterModuleRequest {
+    pb::RegisterModuleRequest {
+        instance: Some(pb::ModuleInstance {
+            instance_id: instance.id.clone(),
+            module_type: instance.kind.module_type() as i32,
+            address: instance.address.to_string(),
+            health_status: instance.reported as i32,
+            metadata: instance.metadata.clone(),
+            started_at: instance.started_at,
+            max_connections: instance.max_connections,
+            version: instance.version.clone(),
+            ..Default::default()
+        }),
+        initial_routes: instance
+            .routes
+            .values()
+            .map(|r| pb::Route::from(&r.spec))
+            .collect(),
+        health_config: instance.health_config.clone(),
+        capabilities: instance.capabilities.clone(),
+    }
+}
+
+/// Checks a registration and builds its instance (weights and the registry untouched).
+fn build_instance(
+    request: pb::RegisterModuleRequest,
+    registration_id: String,
+    now: Instant,
+    wall: SystemTime,
+) -> Result<Instance, NlbError> {
+    let info = request.instance.ok_or_else(|| {
+        NlbError::Invalid("instance is missing; send the module's ModuleInstance".into())
+    })?;
+    check_id("instance.instance_id", &info.instance_id)?;
+    let kind = ModuleKind::from_module_type(info.module_type).ok_or_else(|| {
+            NlbError::Invalid(format!(
+                "instance.module_type {} is not a module kind; use ALB, DBLB, AILB, RTMP, WASM_REGISTRY or SQS_PROXY",
+                info.module_type
+            ))
+        })?;
+    let address: Endpoint = info
+        .address
+        .parse()
+        .map_err(|e| NlbError::Invalid(format!("instance.address: {e}")))?;
+    if info.max_connections < 0 {
+        return Err(NlbError::Invalid(format!(
+            "instance.max_connections must not be negative (got {}); 0 means no limit",
+            info.max_connections
+        )));
+    }
+    let reported = match pb::HealthStatus::try_from(info.health_status) {
+        Ok(pb::HealthStatus::Unspecified) => pb::HealthStatus::Healthy,
+        Ok(status) => status,
+        Err(_) => {
+            return Err(NlbError::Invalid(format!(
+                "instance.health_status {} is not a HealthStatus value",
+                info.health_status
+            )));
+        }
+    };
+    let version = match info.version.trim() {
+        "" => UNVERSIONED.to_owned(),
+        v if v.len() <= 64 && !v.contains(char::is_whitespace) => v.to_owned(),
+        v => {
+            return Err(NlbError::Invalid(format!(
+                "instance.version `{v}` must be at most 64 characters without spaces"
+            )));
+        }
+    };
+    if let Some(health) = &request.health_config {
+        let numbers = [
+            ("interval_seconds", health.interval_seconds),
+            ("timeout_seconds", health.timeout_seconds),
+            ("unhealthy_threshold", health.unhealthy_threshold),
+            ("healthy_threshold", health.healthy_threshold),
+            ("health_check_port", health.health_check_port),
+        ];
+        if let Some((name, value)) = numbers.iter().find(|(_, v)| *v < 0) {
+            return Err(NlbError::Invalid(format!(
+                "health_config.{name} must not be negative (got {value})"
+            )));
+        }
+        if health.health_check_port > 65535 {
+            return Err(NlbError::Invalid(
+                "health_config.health_check_port must be at most 65535".into(),
+            ));
+        }
+        if pb::Protocol::try_from(health.health_check_protocol).is_err() {
+            return Err(NlbError::Invalid(format!(
+                "health_config.health_check_protocol {} is not a Protocol value",
+                health.health_check_protocol
+            )));
+        }
+    }
+    if let Some(data) = info.metadata.get("data_address").filter(|a| !a.is_empty()) {
+        data.parse::<Endpoint>()
+            .map_err(|e| NlbError::Invalid(format!("instance.metadata[data_address]: {e}")))?;
+    }
+    let routes = marchproxy::route::check_all(request.initial_routes)
+        .map_err(|errors| NlbError::Invalid(format!("initial_{}", errors.join("; initial_"))))?;
+
+    Ok(Instance {
+        id: info.instance_id.clone(),
+        kind,
+        address,
+        version,
+        max_connections: info.max_connections,
+        metadata: info.metadata,
+        started_at: info.started_at,
+        registration_id,
+        registered_at: wall,
+        last_seen: now,
+        last_heartbeat_at: None,
+        reported,
+        stats: None,
+        stats_history: VecDeque::new(),
+        routes: routes
+            .into_iter()
+            .map(|spec| (spec.id.clone(), TableRoute::new(spec, wall)))
+            .collect(),
+        health_config: request.health_config,
+        capabilities: request.capabilities,
+        draining: false,
+        stale: false,
+        leases: None,
+        routed_total: 0,
+        live: Arc::new(AtomicI64::new(0)),
+        connect_failures: 0,
+        connect_failures_total: 0,
+        ejected_until: None,
+        routed_since_heartbeat: 0,
+        pending_instructions: BTreeMap::new(),
+        metrics: VecDeque::new(),
+    })
 }
 
 /// The version a client keeps during its kind's rollout, when the policy asks for affinity;

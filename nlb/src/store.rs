@@ -76,6 +76,32 @@ pub struct PersistedSection {
     pub updated_at_ms: u64,
 }
 
+/// A module registration as NLB replicas share it through etcd (the leases ride on the keys).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SharedInstance {
+    /// `RegisterModuleRequest` (protobuf) with the instance's current routes and health.
+    #[serde(with = "base64_bytes")]
+    pub registration: Vec<u8>,
+    pub registration_id: String,
+    pub registered_at_ms: u64,
+    pub draining: bool,
+}
+
+/// Bytes as base64 text in JSON, readable with `etcdctl get`.
+mod base64_bytes {
+    use base64::{Engine, engine::general_purpose::STANDARD};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        STANDARD.decode(text).map_err(serde::de::Error::custom)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot use state directory {path}: {source}; create it or pass another --state-dir")]

@@ -460,3 +460,134 @@ impl OciRegistry {
         self.process.wait();
     }
 }
+
+/// An etcd cluster of several members on loopback ports (Debian `etcd-server`), each with its
+/// own data directory; members can be killed (`kill -9`) and started again.
+pub struct EtcdCluster {
+    members: Vec<Option<Process>>,
+    commands: Vec<Command>,
+    client_ports: Vec<u16>,
+    _dir: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    /// Starts `size` members and waits until the cluster has a leader.
+    pub async fn start(size: usize) -> EtcdCluster {
+        require(
+            "etcd",
+            "etcd --version && etcdctl version",
+            "sudo apt-get install -y etcd-server etcd-client",
+        );
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let peers: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let client_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let initial: Vec<String> = peers
+            .iter()
+            .enumerate()
+            .map(|(i, port)| format!("m{i}=http://127.0.0.1:{port}"))
+            .collect();
+        let mut commands = Vec::new();
+        for i in 0..size {
+            let log = std::fs::File::create(dir.path().join(format!("m{i}.log"))).expect("a log");
+            let mut command = Command::new("etcd");
+            command
+                .args(["--name", &format!("m{i}")])
+                .arg("--data-dir")
+                .arg(dir.path().join(format!("m{i}")))
+                .args([
+                    "--listen-client-urls",
+                    &format!("http://127.0.0.1:{}", client_ports[i]),
+                ])
+                .args([
+                    "--advertise-client-urls",
+                    &format!("http://127.0.0.1:{}", client_ports[i]),
+                ])
+                .args([
+                    "--listen-peer-urls",
+                    &format!("http://127.0.0.1:{}", peers[i]),
+                ])
+                .args([
+                    "--initial-advertise-peer-urls",
+                    &format!("http://127.0.0.1:{}", peers[i]),
+                ])
+                .args(["--initial-cluster", &initial.join(",")])
+                .args(["--initial-cluster-state", "new"])
+                .args(["--initial-cluster-token", "marchproxy-test"])
+                .stdout(Stdio::null())
+                .stderr(log);
+            commands.push(command);
+        }
+        let members = commands
+            .iter_mut()
+            .enumerate()
+            .map(|(i, command)| Some(Process::spawn(&format!("etcd member m{i}"), command)))
+            .collect();
+        let cluster = EtcdCluster {
+            members,
+            commands,
+            client_ports,
+            _dir: dir,
+        };
+        for port in &cluster.client_ports {
+            wait_for_port(
+                SocketAddr::from(([127, 0, 0, 1], *port)),
+                Duration::from_secs(30),
+            )
+            .await;
+        }
+        let endpoints = cluster.endpoints();
+        eventually(
+            "the etcd cluster has a leader",
+            Duration::from_secs(30),
+            || {
+                let endpoints = endpoints.clone();
+                async move {
+                    Command::new("etcdctl")
+                        .env("ETCDCTL_API", "3")
+                        .args(["--endpoints", &endpoints, "endpoint", "health"])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()
+                        .is_ok_and(|s| s.success())
+                }
+            },
+        )
+        .await;
+        cluster
+    }
+
+    /// `127.0.0.1:PORT,...` for every member.
+    fn endpoints(&self) -> String {
+        self.client_ports
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The NLB's `--store` value.
+    pub fn url(&self) -> String {
+        format!("etcd://{}", self.endpoints())
+    }
+
+    /// `kill -9` of member `index`.
+    pub fn kill(&mut self, index: usize) {
+        if let Some(member) = &self.members[index] {
+            member.signal("KILL");
+        }
+        self.members[index] = None;
+    }
+
+    /// Starts member `index` again on its data directory.
+    pub async fn restart(&mut self, index: usize) {
+        self.members[index] = Some(Process::spawn(
+            &format!("etcd member m{index}"),
+            &mut self.commands[index],
+        ));
+        wait_for_port(
+            SocketAddr::from(([127, 0, 0, 1], self.client_ports[index])),
+            Duration::from_secs(30),
+        )
+        .await;
+    }
+}

@@ -187,15 +187,7 @@ pub struct RuntimeConfig {
     pub module_section: serde_json::Value,
 }
 
-/// This machine's name (`HOSTNAME`, else /etc/hostname), for default instance ids.
-pub fn host_name() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "local".to_owned())
-}
+pub use marchproxy::names::host_name;
 
 impl RuntimeConfig {
     /// Defaults for `kind` on loopback with ephemeral ports: for tests and embedding.

@@ -13,10 +13,6 @@ use std::{
 use marchproxy::{auth::AttachApiKey, listen::ListenSpec, pb, status::failure_of};
 use marchproxy_nlb::Config;
 use marchproxy_testkit::{backend::tagged_echo, *};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
 use tonic::{Code, service::interceptor::InterceptedService, transport::Channel};
 
 type Gateway =
@@ -45,19 +41,7 @@ async fn bluegreen_nlb(dir: &tempfile::TempDir, step_ms: u64) -> (TestNlb, Gatew
 
 /// One short connection through the NLB; the backend's name, or None when it failed.
 async fn connect_once(nlb: &TestNlb) -> Option<String> {
-    let mut stream = TcpStream::connect(nlb.listen[0]).await.ok()?;
-    stream.write_all(REQUEST).await.ok()?;
-    stream.shutdown().await.ok()?;
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
-        .await
-        .ok()?
-        .ok()?;
-    String::from_utf8_lossy(&answer)
-        .lines()
-        .next()
-        .map(str::to_owned)
-        .filter(|l| !l.is_empty())
+    backend::first_line(nlb.listen[0], REQUEST).await
 }
 
 async fn two_versions(nlb: &TestNlb) -> (backend::Backend, backend::Backend, String, String) {

@@ -324,15 +324,8 @@ async fn active_version(nlb: &TestNlb, kind: &str) -> pb::GetActiveVersionRespon
 
 /// The kind's rollout status, as GetNLBStatus details carry it.
 async fn status(nlb: &TestNlb, kind: &str) -> Value {
-    let details = nlb
-        .client()
+    nlb.status_details()
         .await
-        .get_nlb_status(pb::GetNlbStatusRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .details;
-    details
         .get(&format!("rollout.{kind}"))
         .map(|text| serde_json::from_str(text).unwrap())
         .unwrap_or(Value::Null)

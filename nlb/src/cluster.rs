@@ -1206,40 +1206,24 @@ fn join(keys: &BTreeMap<String, Known>) -> Result<PersistedState, String> {
             continue;
         };
         let name = name.to_owned();
+        fn item<T: serde::de::DeserializeOwned>(
+            into: &mut BTreeMap<String, T>,
+            name: String,
+            value: serde_json::Value,
+        ) -> Result<(), serde_json::Error> {
+            into.insert(name, serde_json::from_value(value)?);
+            Ok(())
+        }
         match section {
             "routes" => state
                 .operator_routes
                 .push(serde_json::from_value(value).map_err(bad)?),
-            "config" => {
-                state
-                    .config
-                    .insert(name, serde_json::from_value(value).map_err(bad)?);
-            }
-            "scale" => {
-                state
-                    .desired_instances
-                    .insert(name, serde_json::from_value(value).map_err(bad)?);
-            }
-            "weights" => {
-                state
-                    .version_weights
-                    .insert(name, serde_json::from_value(value).map_err(bad)?);
-            }
-            "previous" => {
-                state
-                    .previous_active
-                    .insert(name, serde_json::from_value(value).map_err(bad)?);
-            }
-            "promotions" => {
-                state
-                    .promotions
-                    .insert(name, serde_json::from_value(value).map_err(bad)?);
-            }
-            "events" => {
-                state
-                    .rollout_events
-                    .insert(name, serde_json::from_value(value).map_err(bad)?);
-            }
+            "config" => item(&mut state.config, name, value).map_err(bad)?,
+            "scale" => item(&mut state.desired_instances, name, value).map_err(bad)?,
+            "weights" => item(&mut state.version_weights, name, value).map_err(bad)?,
+            "previous" => item(&mut state.previous_active, name, value).map_err(bad)?,
+            "promotions" => item(&mut state.promotions, name, value).map_err(bad)?,
+            "events" => item(&mut state.rollout_events, name, value).map_err(bad)?,
             _ => {}
         }
     }

@@ -17,10 +17,10 @@ mod with_etcd {
 
     use marchproxy::{auth::AttachApiKey, listen::ListenSpec, pb};
     use marchproxy_nlb::{Config, config::StoreSpec};
-    use marchproxy_testkit::{backend::tagged_echo, external::EtcdCluster, *};
-    use tokio::{
-        io::{AsyncReadExt, AsyncWriteExt},
-        net::TcpStream,
+    use marchproxy_testkit::{
+        backend::{self, tagged_echo},
+        external::EtcdCluster,
+        *,
     };
     use tonic::{Code, service::interceptor::InterceptedService, transport::Channel};
 
@@ -78,21 +78,11 @@ mod with_etcd {
 
     /// One short connection through `nlb`'s listener: the backend's name, or None.
     async fn connect_once(nlb: &TestNlb) -> Option<String> {
-        let mut stream = TcpStream::connect(nlb.listen[0]).await.ok()?;
-        stream
-            .write_all(b"GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n")
-            .await
-            .ok()?;
-        stream.shutdown().await.ok()?;
-        let mut answer = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
-            .await
-            .ok()?
-            .ok()?;
-        String::from_utf8_lossy(&answer)
-            .lines()
-            .next()
-            .map(str::to_owned)
+        backend::first_line(
+            nlb.listen[0],
+            b"GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n",
+        )
+        .await
     }
 
     async fn set_unhealthy_after(
@@ -209,30 +199,12 @@ mod with_etcd {
             "A sends {green_at_a} of 500 connections to v2 at 20 %"
         );
 
-        let status = b
-            .client()
-            .await
-            .get_nlb_status(pb::GetNlbStatusRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
-        let replicas = status.details["replicas"].split(',').count();
-        assert_eq!(
-            replicas, 2,
-            "both replicas are listed: {:?}",
-            status.details
-        );
+        let details = b.status_details().await;
+        let replicas = details["replicas"].split(',').count();
+        assert_eq!(replicas, 2, "both replicas are listed: {details:?}");
         let mut leading = 0;
         for nlb in [&a, &b] {
-            let details = nlb
-                .client()
-                .await
-                .get_nlb_status(pb::GetNlbStatusRequest::default())
-                .await
-                .unwrap()
-                .into_inner()
-                .details;
-            if details["rollout_leader"] == "true" {
+            if nlb.status_details().await["rollout_leader"] == "true" {
                 leading += 1;
             }
         }

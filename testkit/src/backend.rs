@@ -77,3 +77,24 @@ pub async fn tagged_echo(name: &str) -> Backend {
         accepting: accepting.abort_handle(),
     }
 }
+
+/// One short connection to `addr` sending `request`: the first line of the answer (a tagged
+/// backend's name), or None when the connection failed or nothing came back.
+pub async fn first_line(addr: SocketAddr, request: &[u8]) -> Option<String> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    stream.write_all(request).await.ok()?;
+    stream.shutdown().await.ok()?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut answer),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .map(str::to_owned)
+        .filter(|l| !l.is_empty())
+}

@@ -130,6 +130,17 @@ impl TestNlb {
     }
 
     /// A client carrying the NLB's key, if it has one.
+    /// `GetNLBStatus` details: uptime, store, replicas, rollout status per kind ...
+    pub async fn status_details(&self) -> std::collections::HashMap<String, String> {
+        self.client()
+            .await
+            .get_nlb_status(pb::GetNlbStatusRequest::default())
+            .await
+            .expect("GetNLBStatus answers")
+            .into_inner()
+            .details
+    }
+
     pub async fn client(&self) -> NlbClient {
         self.client_with_key(self.api_key.as_deref()).await
     }

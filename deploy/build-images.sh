@@ -5,9 +5,10 @@
 #                                    libraries the binaries link: the base of the images below
 #   marchproxy/<binary>:latest       one per binary, the host's release build copied onto the runtime
 #   marchproxy/services:latest       Debian (debootstrap) with Mosquitto, the docker-registry OCI
-#                                    registry, PostgreSQL and moto's SQS-compatible server, for the
+#                                    registry, PostgreSQL, etcd and moto's SQS-compatible server, for the
 #                                    stack's own services; built once, kept until --rebuild-services
-# Needs: docker, cargo, busybox-static and debootstrap (installed with apt-get when missing and root).
+# Needs: docker, cargo, busybox-static, debootstrap and protoc (for the NLB's etcd support; installed
+# with apt-get when missing and root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,10 +32,12 @@ need() {
 need docker docker.io
 need busybox busybox-static
 need debootstrap debootstrap
+need protoc protobuf-compiler
 docker info >/dev/null 2>&1 || { echo "the Docker engine does not answer (docker info); start it and run this again" >&2; exit 1; }
 
 say "release build"
-cargo build --release --locked --bins
+# The NLB with etcd support, so the cluster profile's replicas can share their state.
+cargo build --release --locked --bins --features marchproxy-nlb/etcd
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -71,10 +74,11 @@ for binary in $binaries; do
     || { cat "$work/build.log" >&2; exit 1; }
 done
 
-if $rebuild_services || ! docker image inspect marchproxy/services:latest >/dev/null 2>&1; then
+# An image from before etcd joined it is rebuilt too.
+if $rebuild_services || ! docker run --rm --entrypoint /bin/sh marchproxy/services:latest -c 'command -v etcd' >/dev/null 2>&1; then
   say "marchproxy/services (debootstrap: a few minutes, once)"
   services="$work/services"
-  debootstrap --variant=minbase --include=mosquitto,docker-registry,postgresql,python3,python3-pip,ca-certificates \
+  debootstrap --variant=minbase --include=mosquitto,docker-registry,postgresql,etcd-server,python3,python3-pip,ca-certificates \
     bookworm "$services" http://deb.debian.org/debian >"$work/debootstrap.log" 2>&1 \
     || { tail -20 "$work/debootstrap.log" >&2; exit 1; }
   cp /etc/resolv.conf "$services/etc/resolv.conf"

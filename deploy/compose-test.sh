@@ -4,7 +4,9 @@
 # ports, then checks what an operator would: every module registered at the NLB, HTTP through the
 # NLB to the ALB, a blue/green switch of the ALB to its second version, killing that version's
 # container moves its traffic back, the Docker scaler starting and stopping an ALB, PostgreSQL through the NLB and the DBLB, an edge reading through
-# the NLB to a regional SQS proxy and into the queue, and `docker-compose down` leaves nothing.
+# the NLB to a regional SQS proxy and into the queue; the cluster profile (three etcd members, two
+# NLB replicas): an ALB registered with both is served through either, and through the second
+# after the first is killed; and `docker-compose down` leaves nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,12 +35,15 @@ deploy/build-images.sh
 
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 export MARCHPROXY_GRPC_PORT=$(free_port) MARCHPROXY_ADMIN_PORT=$(free_port) MARCHPROXY_HTTP_PORT=$(free_port) \
-  MARCHPROXY_POSTGRES_PORT=$(free_port) MARCHPROXY_MYSQL_PORT=$(free_port) MARCHPROXY_RTMP_PORT=$(free_port)
+  MARCHPROXY_POSTGRES_PORT=$(free_port) MARCHPROXY_MYSQL_PORT=$(free_port) MARCHPROXY_RTMP_PORT=$(free_port) \
+  MARCHPROXY_CLUSTER_GRPC_PORT_1=$(free_port) MARCHPROXY_CLUSTER_GRPC_PORT_2=$(free_port) \
+  MARCHPROXY_CLUSTER_HTTP_PORT_1=$(free_port) MARCHPROXY_CLUSTER_HTTP_PORT_2=$(free_port) \
+  MARCHPROXY_CLUSTER_ADMIN_PORT_1=$(free_port) MARCHPROXY_CLUSTER_ADMIN_PORT_2=$(free_port)
 export MARCHPROXY_API_KEY="compose-test-$RANDOM$RANDOM"
 export MARCHPROXY_DB_PASSWORD="compose-test-$RANDOM$RANDOM"
 export MARCHPROXY_DOCKER_GID=$(stat -c %g /var/run/docker.sock)
 project="marchproxy-test-$$"
-compose() { docker-compose -p "$project" -f deploy/docker-compose.yml -f deploy/docker-compose.scaling.yml "$@"; }
+compose() { docker-compose -p "$project" -f deploy/docker-compose.yml -f deploy/docker-compose.scaling.yml --profile cluster "$@"; }
 marchctl() { "${CARGO_TARGET_DIR:-$PWD/target}/release/marchctl" --nlb "http://127.0.0.1:$MARCHPROXY_GRPC_PORT" --api-key "$MARCHPROXY_API_KEY" "$@"; }
 http="http://127.0.0.1:$MARCHPROXY_HTTP_PORT"
 metrics() { curl -fsS "http://127.0.0.1:$MARCHPROXY_ADMIN_PORT/metrics"; }
@@ -49,7 +54,7 @@ cleanup() {
   status=$?
   if [ "$status" != 0 ]; then
     compose ps || true
-    compose logs --tail=40 nlb alb alb-green dblb sqs-proxy-us postgres sqs 2>&1 | tail -150 || true
+    compose logs --tail=40 nlb alb alb-green dblb sqs-proxy-us postgres sqs nlb-1 nlb-2 alb-cluster etcd-1 2>&1 | tail -200 || true
   fi
   compose down -v --remove-orphans >/dev/null 2>&1 || true
   exit "$status"
@@ -58,7 +63,8 @@ trap cleanup EXIT
 
 say "up (project $project)"
 started=$SECONDS
-compose up -d
+# The single-NLB stack first; the cluster profile's services come up later, in their own step.
+docker-compose -p "$project" -f deploy/docker-compose.yml -f deploy/docker-compose.scaling.yml up -d
 
 say "every module registered and healthy"
 modules_ready() {
@@ -141,6 +147,36 @@ n = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfM
 sys.exit(0 if int(n) >= 1 else 1)'
 }
 wait_for 30 "the reading in queue edge-us" queued
+
+say "cluster profile: three etcd members, two NLB replicas, an ALB registered with both"
+compose up -d etcd-1 etcd-2 etcd-3 nlb-1 nlb-2 alb-cluster
+replica() { "${CARGO_TARGET_DIR:-$PWD/target}/release/marchctl" --nlb "http://127.0.0.1:$1" --api-key "$MARCHPROXY_API_KEY" "${@:2}"; }
+cluster_alb_on() {
+  replica "$1" -o json modules list --type alb --status healthy | python3 -c '
+import json, sys
+listed = json.load(sys.stdin)
+listed = listed.get("modules", []) if isinstance(listed, dict) else listed
+sys.exit(0 if len(listed) == 1 else 1)'
+}
+wait_for 90 "the cluster's ALB healthy on replica 1" cluster_alb_on "$MARCHPROXY_CLUSTER_GRPC_PORT_1"
+wait_for 30 "the cluster's ALB healthy on replica 2" cluster_alb_on "$MARCHPROXY_CLUSTER_GRPC_PORT_2"
+replica "$MARCHPROXY_CLUSTER_GRPC_PORT_2" status
+for port in "$MARCHPROXY_CLUSTER_HTTP_PORT_1" "$MARCHPROXY_CLUSTER_HTTP_PORT_2"; do
+  wait_for 30 "HTTP through the replica on $port" curl -fsS -o /dev/null "http://127.0.0.1:$port/marchproxy/healthz"
+done
+say "killing replica 1: replica 2 keeps serving and keeps the ALB"
+compose kill nlb-1
+for _ in $(seq 20); do
+  curl -fsS -o /dev/null "http://127.0.0.1:$MARCHPROXY_CLUSTER_HTTP_PORT_2/marchproxy/healthz" || fail "a request through replica 2 failed"
+done
+# The ALB's heartbeats now reach replica 2, which renews the registration in etcd.
+acknowledged_at_2() { curl -fsS "http://127.0.0.1:$MARCHPROXY_CLUSTER_ADMIN_PORT_2/metrics" | awk '/^nlb_heartbeats_total/ && /result="acknowledged"/ { n += $NF } END { print n + 0 }'; }
+killed_at=$(acknowledged_at_2)
+heartbeats_at_replica_2() { [ "$(acknowledged_at_2)" -gt "$((killed_at + 1))" ] && cluster_alb_on "$MARCHPROXY_CLUSTER_GRPC_PORT_2"; }
+wait_for 20 "the ALB heartbeating to replica 2, healthy" heartbeats_at_replica_2
+for _ in $(seq 10); do
+  curl -fsS -o /dev/null "http://127.0.0.1:$MARCHPROXY_CLUSTER_HTTP_PORT_2/marchproxy/healthz" || fail "a request through replica 2 failed"
+done
 
 say "down leaves nothing behind"
 compose down -v --remove-orphans

@@ -34,14 +34,14 @@ use etcd_client::{
 };
 use prometheus::{Histogram, HistogramOpts, IntGauge, Registry};
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     error::NlbError,
     nlb::{Nlb, stopped},
     settings::Settings,
     state::{Leases, unix_ms},
-    store::{PersistedState, SharedInstance},
+    store::{PersistedState, SharedInstance, SharedStats},
 };
 
 /// How long a replica's own lease lasts without renewal: the time before a dead replica's
@@ -88,11 +88,30 @@ struct Synced {
     generation: u64,
     /// Generations above `.0` up to `.1` were dropped for a concurrent change.
     discarded: (u64, u64),
+    /// The newest revision of each `instances/ID` key seen or written here: older events
+    /// (echoes of this replica's own earlier writes) are not applied over newer state.
+    instance_revisions: BTreeMap<String, i64>,
 }
 
 struct Known {
     value: serde_json::Value,
     revision: i64,
+}
+
+impl Synced {
+    /// The local state now holds the store's view at `generation`: local changes up to it
+    /// that were not written are gone, and their callers must hear so.
+    fn took_store_view(&mut self, generation: u64) {
+        if generation > self.generation {
+            let (above, upto) = self.discarded;
+            self.discarded = if upto >= self.generation && upto > above {
+                (above.min(self.generation), generation)
+            } else {
+                (self.generation, generation)
+            };
+            self.generation = generation;
+        }
+    }
 }
 
 /// Values as stored: who wrote them and when, around the value itself.
@@ -116,6 +135,7 @@ enum Change {
     Instance {
         id: String,
         record: Option<(SharedInstance, i64)>,
+        revision: i64,
     },
     Alive {
         id: String,
@@ -125,6 +145,11 @@ enum Change {
     Replica {
         id: String,
         present: bool,
+    },
+    /// Stats of a heartbeat another replica received.
+    Stats {
+        id: String,
+        record: SharedStats,
     },
     Leader(Option<String>),
 }
@@ -199,8 +224,12 @@ pub struct Cluster {
     replica_lease: AtomicI64,
     leader: AtomicBool,
     replicas: Mutex<BTreeSet<String>>,
+    /// When each instance's stats were last passed on to the leader.
+    stats_passed: Mutex<std::collections::HashMap<String, Instant>>,
     /// A write failed for want of etcd: load everything again once it answers.
     reload_needed: AtomicBool,
+    /// The store's revision at the last full load.
+    loaded_at: AtomicI64,
     pub metrics: ClusterMetrics,
 }
 
@@ -255,7 +284,9 @@ impl Cluster {
             replica_lease: AtomicI64::new(0),
             leader: AtomicBool::new(false),
             replicas: Mutex::new(BTreeSet::new()),
+            stats_passed: Mutex::default(),
             reload_needed: AtomicBool::new(false),
+            loaded_at: AtomicI64::new(0),
             metrics: ClusterMetrics::new(),
         })
     }
@@ -329,6 +360,7 @@ impl Cluster {
         let mut alive = BTreeMap::new();
         let mut replicas = BTreeSet::new();
         let mut leader = None;
+        let mut instance_revisions = BTreeMap::new();
         for change in changes {
             match change {
                 Change::Operator {
@@ -341,7 +373,9 @@ impl Cluster {
                 Change::Instance {
                     id,
                     record: Some(record),
+                    revision,
                 } => {
+                    instance_revisions.insert(id.clone(), revision);
                     instances.insert(id, record);
                 }
                 Change::Alive {
@@ -393,9 +427,10 @@ impl Cluster {
                 }
                 state.set_alive(&id, &registration_id, liveness.map(|(_, lease)| *lease));
             }
-            synced.generation = state.generation;
+            synced.took_store_view(state.generation);
         }
         synced.known = known;
+        synced.instance_revisions = instance_revisions;
         self.metrics.replicas.set(replicas.len() as i64);
         *lock(&self.replicas) = replicas;
         self.leader.store(
@@ -404,6 +439,7 @@ impl Cluster {
         );
         self.metrics.leader.set(i64::from(self.is_leader()));
         self.reload_needed.store(false, Ordering::SeqCst);
+        self.loaded_at.store(revision, Ordering::SeqCst);
         nlb.activity.notify_waiters();
         Ok(revision)
     }
@@ -413,6 +449,16 @@ impl Cluster {
     pub async fn write(&self, nlb: &Nlb) -> Result<(), NlbError> {
         let generation = nlb.state().generation;
         let mut synced = self.synced.lock().await;
+        if self.reload_needed.load(Ordering::SeqCst) {
+            // Changes refused while etcd was away must not reach it later: the store's state
+            // first, which drops them (and this one with them).
+            self.load_locked(nlb, &mut synced).await?;
+            if generation <= synced.discarded.1 && generation > synced.discarded.0 {
+                return Err(NlbError::Unavailable(
+                    "this NLB replica was catching up with the state store (etcd) after losing it; the change is not kept: retry".into(),
+                ));
+            }
+        }
         let dirty = !nlb.state().shared_dirty.is_empty();
         if synced.generation >= generation && !dirty {
             return check_kept(&synced, generation);
@@ -545,6 +591,13 @@ impl Cluster {
                         }
                     }
                 }
+                for (id, record) in &dirty {
+                    if record.is_some() {
+                        synced.instance_revisions.insert(id.clone(), revision);
+                    } else {
+                        synced.instance_revisions.remove(id);
+                    }
+                }
                 let mut state = nlb.state();
                 for (id, registration_id, leases) in granted {
                     state.leased(&id, &registration_id, leases);
@@ -555,10 +608,8 @@ impl Cluster {
             Ok(_) => {
                 // Someone else changed one of these items first: take the store's view (the
                 // other change wins, whole) and say so.
-                let before = synced.generation;
                 restore_dirty(nlb, &dirty);
                 self.load_locked(nlb, synced).await?;
-                synced.discarded = (before, generation);
                 warn!(
                     generation,
                     "a change lost a race with another replica's change of the same item: not kept"
@@ -609,13 +660,19 @@ impl Cluster {
         match self.renew(leases.registration).await {
             Ok(true) => {}
             Ok(false) => {
-                if nlb.state().forget(id).is_some() {
+                let mut state = nlb.state();
+                let same = state
+                    .instances
+                    .get(id)
+                    .is_some_and(|i| i.registration_id == registration_id);
+                if same && state.forget(id).is_some() {
                     info!(instance = %id, "module registration ran out in the store: asked to register again");
                 }
                 return false;
             }
             Err(error) => {
-                warn!(instance = %id, %error, "heartbeat not passed on to etcd; the next one tries again");
+                // One line per heartbeat would flood the log in an outage; the watch reports it.
+                debug!(instance = %id, %error, "heartbeat not passed on to etcd; the next one tries again");
                 return true;
             }
         }
@@ -624,6 +681,8 @@ impl Cluster {
         } else {
             Ok(false)
         };
+        self.pass_stats_on(nlb, id, &registration_id, leases.registration)
+            .await;
         match renewed {
             Ok(true) => true,
             Ok(false) => {
@@ -633,9 +692,63 @@ impl Cluster {
                 true
             }
             Err(error) => {
-                warn!(instance = %id, %error, "heartbeat not passed on to etcd; the next one tries again");
+                debug!(instance = %id, %error, "heartbeat not passed on to etcd; the next one tries again");
                 true
             }
+        }
+    }
+
+    /// While its kind is being promoted, passes a heartbeat's stats on to the leader (which
+    /// judges the new version by them), at most once a second per instance.
+    async fn pass_stats_on(&self, nlb: &Nlb, id: &str, registration_id: &str, lease: i64) {
+        if self.is_leader() {
+            return;
+        }
+        let stats = {
+            let state = nlb.state();
+            let Some(instance) = state.instances.get(id) else {
+                return;
+            };
+            if !state.promotions.contains_key(&instance.kind) {
+                return;
+            }
+            instance.stats.clone()
+        };
+        let Some(stats) = stats else {
+            return;
+        };
+        {
+            let mut passed = lock(&self.stats_passed);
+            let now = Instant::now();
+            if passed
+                .get(id)
+                .is_some_and(|at| now.duration_since(*at) < Duration::from_secs(1))
+            {
+                return;
+            }
+            passed.insert(id.to_owned(), now);
+            if passed.len() > 1024 {
+                // Instances come and go (pods are renamed): forget the quiet ones.
+                passed.retain(|_, at| now.duration_since(*at) < Duration::from_secs(60));
+            }
+        }
+        let record = SharedStats {
+            registration_id: registration_id.to_owned(),
+            stats: prost::Message::encode_to_vec(&stats),
+        };
+        let since = Instant::now();
+        let put = self
+            .client
+            .kv_client()
+            .put(
+                self.key(&format!("stats/{id}")),
+                self.envelope(&record),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await;
+        self.timed("put", since);
+        if let Err(error) = put {
+            debug!(instance = %id, %error, "heartbeat stats not passed on to the rollout leader");
         }
     }
 
@@ -707,6 +820,11 @@ impl Cluster {
                     self.client.lease_client().keep_alive(lease).await?;
                 loop {
                     tokio::time::sleep(Duration::from_secs(1)).await;
+                    // A campaign whose answer was lost, or one every replica failed during an
+                    // etcd failover, is tried again (a leader's key is never taken from it).
+                    if !self.is_leader() {
+                        self.campaign().await;
+                    }
                     keeper.keep_alive().await?;
                     match tokio::time::timeout(Duration::from_secs(3), responses.message()).await {
                         Ok(Ok(Some(response))) if response.ttl() > 0 => {}
@@ -743,6 +861,13 @@ impl Cluster {
         Ok(())
     }
 
+    fn take_leadership(&self) {
+        if !self.leader.swap(true, Ordering::SeqCst) {
+            info!(replica = %self.replica_id, "this replica now runs gradual promotions (rollout leader)");
+        }
+        self.metrics.leader.set(1);
+    }
+
     fn lose_leadership(&self) {
         if self.leader.swap(false, Ordering::SeqCst) {
             warn!(replica = %self.replica_id, "no longer the rollout leader");
@@ -771,11 +896,7 @@ impl Cluster {
             )
             .await;
         match outcome {
-            Ok(response) if response.succeeded() => {
-                self.leader.store(true, Ordering::SeqCst);
-                self.metrics.leader.set(1);
-                info!(replica = %self.replica_id, "this replica now runs gradual promotions (rollout leader)");
-            }
+            Ok(response) if response.succeeded() => self.take_leadership(),
             Ok(_) => {}
             Err(error) => warn!(%error, "cannot compete for the rollout leadership"),
         }
@@ -784,7 +905,11 @@ impl Cluster {
     /// Loads the prefix, then applies every change as it comes.
     async fn follow(&self, nlb: &Nlb) {
         let mut shutdown = nlb.shutdown.clone();
-        let mut next: Option<i64> = None;
+        // From where the load at start left off.
+        let mut next = match self.loaded_at.load(Ordering::SeqCst) {
+            0 => None,
+            revision => Some(revision + 1),
+        };
         let mut backoff = Duration::from_millis(100);
         loop {
             let from = match next {
@@ -891,8 +1016,16 @@ impl Cluster {
                 if !changes.is_empty() {
                     self.apply(nlb, changes).await;
                 }
+                if self.reload_needed.load(Ordering::SeqCst) {
+                    break;
+                }
             }
-            // Watch again from `next` (or load, when it was compacted or writes failed).
+            // Watch again from `next` (or load, when it was compacted or writes failed), after
+            // a pause: a watch etcd keeps refusing must not turn into a busy loop.
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                () = stopped(&mut shutdown) => return,
+            }
         }
     }
 
@@ -945,6 +1078,7 @@ impl Cluster {
             return Some(Change::Instance {
                 id: id.to_owned(),
                 record,
+                revision: kv.mod_revision(),
             });
         }
         if let Some(id) = key.strip_prefix("alive/") {
@@ -963,6 +1097,21 @@ impl Cluster {
                 id: id.to_owned(),
                 lease,
             });
+        }
+        if let Some(id) = key.strip_prefix("stats/") {
+            if !put {
+                return None;
+            }
+            return match serde_json::from_slice::<Envelope<SharedStats>>(kv.value()) {
+                Ok(written) => Some(Change::Stats {
+                    id: id.to_owned(),
+                    record: written.value,
+                }),
+                Err(error) => {
+                    unreadable(&error);
+                    None
+                }
+            };
         }
         if let Some(id) = key.strip_prefix("replicas/") {
             return Some(Change::Replica {
@@ -984,6 +1133,14 @@ impl Cluster {
     /// so the store's view never silently replaces them.
     async fn apply(&self, nlb: &Nlb, changes: Vec<Change>) {
         let mut synced = self.synced.lock().await;
+        if self.reload_needed.load(Ordering::SeqCst) {
+            // Local changes were refused while etcd was away: they are not written now. The
+            // store's whole state replaces them (these changes included).
+            if let Err(error) = self.load_locked(nlb, &mut synced).await {
+                warn!(%error, "cannot load the shared state; changes are applied when it answers");
+            }
+            return;
+        }
         for _ in 0..3 {
             let pending = {
                 let state = nlb.state();
@@ -1009,6 +1166,13 @@ impl Cluster {
                         value,
                         revision,
                     } => {
+                        if synced
+                            .known
+                            .get(&key)
+                            .is_some_and(|k| k.revision >= revision)
+                        {
+                            continue;
+                        }
                         match value {
                             Some(value) => {
                                 synced.known.insert(key, Known { value, revision });
@@ -1019,10 +1183,17 @@ impl Cluster {
                         }
                         operator_changed = true;
                     }
+                    Change::Instance { id, revision, .. }
+                        if synced
+                            .instance_revisions
+                            .get(&id)
+                            .is_some_and(|seen| *seen >= revision) => {}
                     Change::Instance {
                         id,
                         record: Some((record, lease)),
+                        revision,
                     } => {
+                        synced.instance_revisions.insert(id.clone(), revision);
                         let alive = state
                             .instances
                             .get(&id)
@@ -1045,7 +1216,11 @@ impl Cluster {
                             }
                         }
                     }
-                    Change::Instance { id, record: None } => {
+                    Change::Instance {
+                        id, record: None, ..
+                    } => {
+                        // Later events of this key, if any, are newer: nothing to keep.
+                        synced.instance_revisions.remove(&id);
                         if let Some(instance) = state.forget(&id) {
                             info!(instance = %id, module_type = %instance.kind, "module unregistered or expired (at any replica): removed with its routes");
                             nlb.metrics
@@ -1088,9 +1263,23 @@ impl Cluster {
                         }
                         self.metrics.replicas.set(replicas.len() as i64);
                     }
+                    Change::Stats { id, record } => {
+                        // Only the leader analyses rollouts; the others keep their own samples.
+                        if self.is_leader() {
+                            if let Ok(stats) =
+                                <marchproxy::pb::ModuleStats as prost::Message>::decode(
+                                    record.stats.as_slice(),
+                                )
+                            {
+                                state.shared_stats(&id, &record.registration_id, stats, now);
+                            }
+                        }
+                    }
                     Change::Leader(holder) => {
                         let mine = holder.as_deref() == Some(self.replica_id.as_str());
-                        if !mine {
+                        if mine {
+                            self.take_leadership();
+                        } else {
                             self.lose_leadership();
                         }
                         campaign = holder.is_none();
@@ -1099,7 +1288,7 @@ impl Cluster {
             }
             if operator_changed {
                 match join(&synced.known).and_then(|persisted| state.adopt(persisted, &self.base)) {
-                    Ok(()) => synced.generation = synced.generation.max(state.generation),
+                    Ok(()) => synced.took_store_view(state.generation),
                     Err(reason) => {
                         warn!(%reason, "the operator state in etcd is unusable: this replica keeps its own until it is fixed");
                     }

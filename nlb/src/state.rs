@@ -139,6 +139,16 @@ impl Instance {
             && !ejected
     }
 
+    /// Keeps a heartbeat's stats (from the module, or passed on by another NLB replica).
+    fn record_stats(&mut self, now: Instant, mut stats: pb::ModuleStats) {
+        stats.instance_id = self.id.clone();
+        if self.stats_history.len() == STATS_HISTORY {
+            self.stats_history.pop_front();
+        }
+        self.stats_history.push_back((now, stats.clone()));
+        self.stats = Some(stats);
+    }
+
     /// Live connections as the module last reported them.
     pub fn connections(&self) -> i64 {
         self.stats.as_ref().map_or(0, |s| s.active_connections)
@@ -828,8 +838,9 @@ impl State {
             .get_mut(request.instance.as_ref().map_or("", |i| &i.instance_id))
             .filter(|i| i.registration_id == record.registration_id)
         {
-            // The same registration: only what may change after registering.
-            existing.draining = record.draining;
+            // The same registration: only what may change after registering. A drain is never
+            // undone (a replica that had not seen it yet may write the record without it).
+            existing.draining |= record.draining;
             existing.leases = Some(Leases {
                 alive: existing.leases.is_none_or(|l| l.alive),
                 ..leases
@@ -856,6 +867,28 @@ impl State {
         instance.leases = Some(leases);
         self.instances.insert(instance.id.clone(), instance);
         Ok(true)
+    }
+
+    /// Stats of a heartbeat another replica received, for the rollout analysis here. Returns
+    /// false when the registration is not (or no longer) the one they belong to.
+    pub fn shared_stats(
+        &mut self,
+        id: &str,
+        registration_id: &str,
+        stats: pb::ModuleStats,
+        now: Instant,
+    ) -> bool {
+        match self
+            .instances
+            .get_mut(id)
+            .filter(|i| i.registration_id == registration_id)
+        {
+            Some(instance) => {
+                instance.record_stats(now, stats);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Drops an instance whose shared record is gone (unregistered or expired at any
@@ -1073,13 +1106,8 @@ impl State {
         if reported_changed {
             instance.reported = status;
         }
-        if let Some(mut stats) = request.current_stats {
-            stats.instance_id = instance.id.clone();
-            if instance.stats_history.len() == STATS_HISTORY {
-                instance.stats_history.pop_front();
-            }
-            instance.stats_history.push_back((now, stats.clone()));
-            instance.stats = Some(stats);
+        if let Some(stats) = request.current_stats {
+            instance.record_stats(now, stats);
         }
         let recovered = std::mem::take(&mut instance.stale);
         let mut instructions: HashMap<String, String> =

@@ -87,6 +87,15 @@ pub struct SharedInstance {
     pub draining: bool,
 }
 
+/// A heartbeat's stats, passed by the replica that received it to the one analysing rollouts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SharedStats {
+    pub registration_id: String,
+    /// `ModuleStats` (protobuf).
+    #[serde(with = "base64_bytes")]
+    pub stats: Vec<u8>,
+}
+
 /// Bytes as base64 text in JSON, readable with `etcdctl get`.
 mod base64_bytes {
     use base64::{Engine, engine::general_purpose::STANDARD};

@@ -1,7 +1,11 @@
 //! NLB replicas sharing one state through a real three-member etcd cluster: a module
 //! registered through one replica is routed by another, weights set on one apply on the
-//! other, racing operators never lose an update silently, and a silent module leaves every
-//! replica within its timeouts. Needs the `etcd` feature (`./scripts/test.sh` turns it on).
+//! other, racing operators never lose an update silently, a silent module leaves every
+//! replica within its timeouts; replicas as processes: `kill -9` of one under load fails no
+//! connection and loses no module, a gradual promotion finishes after the replica running it
+//! dies, `kill -9` of the etcd leader expires nothing and loses nothing, and a replica cut off
+//! from etcd keeps forwarding, refuses writes and catches up. Needs the `etcd` feature
+//! (`./scripts/test.sh` turns it on).
 
 #[cfg(not(feature = "etcd"))]
 #[test]
@@ -15,11 +19,13 @@ fn cluster_tests_need_the_etcd_feature() {
 mod with_etcd {
     use std::{collections::HashMap, time::Duration};
 
-    use marchproxy::{auth::AttachApiKey, listen::ListenSpec, pb};
+    use marchproxy::{auth::AttachApiKey, listen::ListenSpec, names::ModuleKind, pb};
     use marchproxy_nlb::{Config, config::StoreSpec};
     use marchproxy_testkit::{
         backend::{self, tagged_echo},
+        cutter::Cutter,
         external::EtcdCluster,
+        standin::{Load, Standin},
         *,
     };
     use tonic::{Code, service::interceptor::InterceptedService, transport::Channel};
@@ -85,25 +91,6 @@ mod with_etcd {
         .await
     }
 
-    async fn set_unhealthy_after(
-        nlb: &TestNlb,
-        value: u64,
-    ) -> Result<tonic::Response<pb::UpdateNlbConfigResponse>, tonic::Status> {
-        nlb.client()
-            .await
-            .update_nlb_config(pb::UpdateNlbConfigRequest {
-                config: Some(pb::ConfigUpdate {
-                    config_type: "heartbeat".into(),
-                    config_data: serde_json::json!({ "unhealthy_after_ms": value })
-                        .to_string()
-                        .into_bytes(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await
-    }
-
     async fn unhealthy_after_on(nlb: &TestNlb) -> Option<u64> {
         let config = nlb
             .client()
@@ -117,6 +104,24 @@ mod with_etcd {
         let data: serde_json::Value =
             serde_json::from_slice(&config.configs.first()?.config_data).ok()?;
         data["unhealthy_after_ms"].as_u64()
+    }
+
+    /// Operator routes that send to the ALB kind, by id.
+    async fn routes_to_alb(nlb: &TestNlb) -> Vec<String> {
+        let mut ids: Vec<String> = nlb
+            .client()
+            .await
+            .get_routing_table(pb::GetRoutingTableRequest::default())
+            .await
+            .map(|t| t.into_inner().entries)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|e| e.route)
+            .filter(|r| r.destination_pattern == "alb")
+            .map(|r| r.route_id)
+            .collect();
+        ids.sort();
+        ids
     }
 
     fn web() -> Vec<pb::Route> {
@@ -220,8 +225,14 @@ mod with_etcd {
         let mut refused = 0;
         for round in 0..20u64 {
             let (on_a, on_b) = tokio::join!(
-                set_unhealthy_after(&a, 10_000 + round * 2),
-                set_unhealthy_after(&b, 10_001 + round * 2)
+                a.update_nlb_config(
+                    "heartbeat",
+                    serde_json::json!({ "unhealthy_after_ms": 10_000 + round * 2 })
+                ),
+                b.update_nlb_config(
+                    "heartbeat",
+                    serde_json::json!({ "unhealthy_after_ms": 10_001 + round * 2 })
+                )
             );
             for (value, answer) in [(10_000 + round * 2, on_a), (10_001 + round * 2, on_b)] {
                 match answer {
@@ -298,5 +309,338 @@ mod with_etcd {
             "an expired module is asked to register"
         );
         assert_eq!(answer.instructions["action"], "register");
+    }
+
+    /// An NLB replica as its own process, on `etcd`, with 2 s / 4 s liveness timeouts.
+    async fn replica_process(etcd: &EtcdCluster, dir: &tempfile::TempDir, name: &str) -> TestNlb {
+        let args: Vec<String> = [
+            "--store",
+            &etcd.url(),
+            "--replica-id",
+            name,
+            "--unhealthy-after",
+            "2s",
+            "--expire-after",
+            "4s",
+        ]
+        .iter()
+        .map(|arg| arg.to_string())
+        .collect();
+        spawn_process(
+            env!("CARGO_BIN_EXE_marchproxy-nlb"),
+            &args,
+            &dir.path().join(format!("{name}.log")),
+        )
+        .await
+    }
+
+    /// The replica that runs gradual promotions, by its status.
+    async fn leader_of<'a>(replicas: &[&'a TestNlb]) -> Option<&'a TestNlb> {
+        for nlb in replicas {
+            if nlb.status_details().await["rollout_leader"] == "true" {
+                return Some(nlb);
+            }
+        }
+        None
+    }
+
+    /// Longer than the expiry timeout (4 s): a registration that depended on what was lost
+    /// would be gone by the end of it.
+    const PAST_EXPIRY: Duration = Duration::from_secs(5);
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn killing_a_replica_under_load_fails_no_connection_and_keeps_the_module() {
+        let etcd = EtcdCluster::start(3).await;
+        let logs = tempfile::tempdir().unwrap();
+        let mut a = replica_process(&etcd, &logs, "a").await;
+        let b = replica_process(&etcd, &logs, "b").await;
+        // The module talks to A first and moves to B when A is gone.
+        let _module = Standin::start(
+            &format!("{},{}", a.url(), b.url()),
+            ModuleKind::Alb,
+            "v1",
+            1,
+        )
+        .await;
+        b.wait_healthy(pb::ModuleType::Alb, Duration::from_secs(10))
+            .await;
+        let load = Load::start(b.listen[0], 4);
+        eventually(
+            "clients are served through B",
+            Duration::from_secs(10),
+            || async { load.answered() > 50 },
+        )
+        .await;
+
+        a.kill();
+        let before = load.answered();
+        tokio::time::sleep(PAST_EXPIRY).await;
+        assert!(
+            load.answered() > before + 50,
+            "clients went on being served"
+        );
+        let healthy = vec![("alb-v1".to_string(), pb::HealthStatus::Healthy as i32)];
+        assert_eq!(
+            modules(&b).await,
+            healthy,
+            "the module is still registered, healthy"
+        );
+        let details = b.status_details().await;
+        eventually(
+            "B is the only replica left",
+            Duration::from_secs(10),
+            || async { b.status_details().await["replicas"] == "b" },
+        )
+        .await;
+        assert_eq!(details["store"].split_whitespace().next(), Some("etcd"));
+        load.finish().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_gradual_promotion_finishes_after_the_replica_running_it_dies() {
+        let etcd = EtcdCluster::start(3).await;
+        let logs = tempfile::tempdir().unwrap();
+        let a = replica_process(&etcd, &logs, "a").await;
+        let b = replica_process(&etcd, &logs, "b").await;
+        eventually(
+            "a replica leads the rollouts",
+            Duration::from_secs(10),
+            || async { leader_of(&[&a, &b]).await.is_some() },
+        )
+        .await;
+        let a_leads = leader_of(&[&a, &b]).await.map(|nlb| nlb.grpc) == Some(a.grpc);
+        let (mut first, second) = if a_leads { (a, b) } else { (b, a) };
+        let endpoints = format!("{},{}", first.url(), second.url());
+        let _v1 = Standin::start(&endpoints, ModuleKind::Alb, "v1", 1).await;
+        // v1 serves first, so v2 joins at 0 %.
+        eventually("v1 serves", Duration::from_secs(10), || async {
+            split(&second).await.get("v1") == Some(&100)
+        })
+        .await;
+        let _v2 = Standin::start(&endpoints, ModuleKind::Alb, "v2", 1).await;
+        let policy = serde_json::json!({"step_interval_ms": 500, "step_percent": 10, "max_weight": 60,
+            "min_requests": 1, "progress_deadline_ms": 600_000});
+        let answer = second
+            .update_nlb_config("rollout", policy)
+            .await
+            .expect("the policy is set through the follower");
+        assert!(answer.success, "{}", answer.message);
+        eventually(
+            "both versions are routed",
+            Duration::from_secs(10),
+            || async { split(&second).await.len() == 2 },
+        )
+        .await;
+        let load = Load::start(second.listen[0], 4);
+        eventually("clients are served", Duration::from_secs(10), || async {
+            load.answered() > 20
+        })
+        .await;
+
+        let promoted = gateway(&second)
+            .await
+            .promote_version(pb::PromoteVersionRequest {
+                instance_id: "alb".into(),
+                version: "v2".into(),
+                immediate: false,
+                promotion_rate: 10,
+            })
+            .await
+            .expect("PromoteVersion through the follower")
+            .into_inner();
+        assert!(promoted.success, "{}", promoted.message);
+        eventually(
+            "the leader takes a step",
+            Duration::from_secs(20),
+            || async { split(&second).await.get("v2").copied().unwrap_or(0) >= 20 },
+        )
+        .await;
+
+        first.kill();
+        eventually(
+            "the other replica takes over and finishes the promotion",
+            Duration::from_secs(40),
+            || async { split(&second).await.get("v2") == Some(&100) },
+        )
+        .await;
+        assert_eq!(second.status_details().await["rollout_leader"], "true");
+        let seen = load.finish().await;
+        assert_eq!(seen.errors, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn killing_the_etcd_leader_expires_no_module_and_loses_no_state() {
+        let mut etcd = EtcdCluster::start(3).await;
+        let a = replica(&etcd, 2_000, 4_000).await;
+        let b = replica(&etcd, 2_000, 4_000).await;
+        let _module = Standin::start(
+            &format!("{},{}", a.url(), b.url()),
+            ModuleKind::Alb,
+            "v1",
+            1,
+        )
+        .await;
+        let mut operator = b.client().await;
+        let written = operator
+            .update_routing(pb::UpdateRoutingRequest {
+                routes: vec![route("shop", pb::Protocol::Http, "shop.example", "alb", 5)],
+                ..Default::default()
+            })
+            .await
+            .expect("an operator route")
+            .into_inner();
+        assert!(written.success, "{}", written.message);
+        let healthy = vec![("alb-v1".to_string(), pb::HealthStatus::Healthy as i32)];
+        for nlb in [&a, &b] {
+            eventually(
+                "the module is listed everywhere",
+                Duration::from_secs(10),
+                || async { modules(nlb).await == healthy },
+            )
+            .await;
+        }
+
+        let leader = etcd.leader();
+        etcd.kill(leader);
+        tokio::time::sleep(PAST_EXPIRY).await;
+        for (name, nlb) in [("A", &a), ("B", &b)] {
+            assert_eq!(
+                modules(nlb).await,
+                healthy,
+                "replica {name} kept the module, healthy"
+            );
+            let table = nlb
+                .client()
+                .await
+                .get_routing_table(pb::GetRoutingTableRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(
+                table
+                    .entries
+                    .iter()
+                    .any(|e| e.route.as_ref().is_some_and(|r| r.route_id == "shop")),
+                "replica {name} kept the operator route"
+            );
+        }
+        eventually(
+            "writes work again once etcd elected a new leader",
+            Duration::from_secs(10),
+            || async {
+                a.client()
+                    .await
+                    .update_routing(pb::UpdateRoutingRequest {
+                        routes: vec![route("shop-2", pb::Protocol::Http, "two.example", "alb", 5)],
+                        ..Default::default()
+                    })
+                    .await
+                    .is_ok()
+            },
+        )
+        .await;
+        eventually(
+            "B sees the write made on A",
+            Duration::from_secs(5),
+            || async {
+                b.client()
+                    .await
+                    .get_routing_table(pb::GetRoutingTableRequest::default())
+                    .await
+                    .is_ok_and(|t| {
+                        t.into_inner()
+                            .entries
+                            .iter()
+                            .any(|e| e.route.as_ref().is_some_and(|r| r.route_id == "shop-2"))
+                    })
+            },
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_replica_cut_off_from_etcd_keeps_forwarding_refuses_writes_then_catches_up() {
+        let etcd = EtcdCluster::start(3).await;
+        let mut cutters = Vec::new();
+        for member in etcd.members() {
+            cutters.push(Cutter::start(member).await);
+        }
+        let through_cutters = cutters
+            .iter()
+            .map(|c| c.addr.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let a = start_with(Config {
+            store: Some(
+                StoreSpec::parse(
+                    &format!("etcd://{through_cutters}"),
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                )
+                .unwrap(),
+            ),
+            listen: vec![ListenSpec::parse("tcp=127.0.0.1:0").unwrap()],
+            ..Config::local()
+        })
+        .await;
+        let b = replica(&etcd, 30_000, 120_000).await;
+        let _module = Standin::start(&b.url(), ModuleKind::Alb, "v1", 1).await;
+        a.wait_healthy(pb::ModuleType::Alb, Duration::from_secs(10))
+            .await;
+        let load = Load::start(a.listen[0], 4);
+        eventually(
+            "clients are served through A",
+            Duration::from_secs(10),
+            || async { load.answered() > 20 },
+        )
+        .await;
+
+        for cutter in &cutters {
+            cutter.cut();
+        }
+        let refused = a
+            .client()
+            .await
+            .update_routing(pb::UpdateRoutingRequest {
+                routes: vec![route("lost", pb::Protocol::Http, "lost.example", "alb", 5)],
+                ..Default::default()
+            })
+            .await
+            .expect_err("a write on a replica cut off from etcd is refused");
+        assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+        assert!(refused.message().contains("unreachable"), "{refused:?}");
+        let written = b
+            .client()
+            .await
+            .update_routing(pb::UpdateRoutingRequest {
+                routes: vec![route("kept", pb::Protocol::Http, "kept.example", "alb", 5)],
+                ..Default::default()
+            })
+            .await
+            .expect("B still writes")
+            .into_inner();
+        assert!(written.success);
+        let before = load.answered();
+        eventually(
+            "A goes on forwarding while cut off",
+            Duration::from_secs(10),
+            || async { load.answered() > before + 50 },
+        )
+        .await;
+
+        for cutter in &cutters {
+            cutter.mend().await;
+        }
+        eventually(
+            "A catches up: B's write is there, its own refused one is not",
+            Duration::from_secs(15),
+            || async { routes_to_alb(&a).await == ["kept"] },
+        )
+        .await;
+        assert_eq!(routes_to_alb(&b).await, ["kept"]);
+        load.finish().await;
     }
 }

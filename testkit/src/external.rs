@@ -565,9 +565,51 @@ impl EtcdCluster {
             .join(",")
     }
 
+    /// Each member's client address.
+    pub fn members(&self) -> Vec<SocketAddr> {
+        self.client_ports
+            .iter()
+            .map(|port| SocketAddr::from(([127, 0, 0, 1], *port)))
+            .collect()
+    }
+
     /// The NLB's `--store` value.
     pub fn url(&self) -> String {
         format!("etcd://{}", self.endpoints())
+    }
+
+    /// The index of the member that leads the cluster now.
+    pub fn leader(&self) -> usize {
+        let output = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args([
+                "--endpoints",
+                &self.endpoints(),
+                "endpoint",
+                "status",
+                "-w",
+                "json",
+            ])
+            .stderr(Stdio::null())
+            .output()
+            .expect("etcdctl runs");
+        let statuses: serde_json::Value =
+            serde_json::from_slice(&output.stdout).expect("etcdctl prints JSON");
+        let statuses = statuses.as_array().expect("one status per member");
+        statuses
+            .iter()
+            .find_map(|member| {
+                let status = &member["Status"];
+                let endpoint = member["Endpoint"].as_str()?;
+                (status["header"]["member_id"] == status["leader"])
+                    .then(|| {
+                        self.client_ports
+                            .iter()
+                            .position(|port| endpoint.ends_with(&format!(":{port}")))
+                    })
+                    .flatten()
+            })
+            .expect("a member leads the cluster")
     }
 
     /// `kill -9` of member `index`.

@@ -2,9 +2,11 @@
 //! directory, generated clients, a module double, and waiting on conditions with a deadline.
 
 pub mod backend;
+pub mod cutter;
 pub mod databases;
 pub mod external;
 pub mod fake_module;
+pub mod standin;
 
 use std::{
     future::Future,
@@ -31,6 +33,8 @@ pub struct TestNlb {
     pub api_key: Option<String>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), StartError>>>,
+    /// When the NLB runs as its own process (it can then be killed with -9).
+    process: Option<external::Process>,
 }
 
 /// A state directory that outlives restarts within one test.
@@ -67,6 +71,7 @@ pub async fn start_bound(config: Config) -> TestNlb {
         api_key,
         stop: Some(stop),
         task: Some(task),
+        process: None,
     };
     let client = nlb.client().await;
     eventually("the NLB answers", Duration::from_secs(10), || {
@@ -80,6 +85,40 @@ pub async fn start_bound(config: Config) -> TestNlb {
     })
     .await;
     nlb
+}
+
+/// Starts the NLB binary `program` as its own process with `args` (gRPC, admin and one `tcp`
+/// data listener on free loopback ports are added), its log in `log`.
+pub async fn spawn_process(program: &str, args: &[String], log: &std::path::Path) -> TestNlb {
+    let (grpc, admin, data) = (
+        SocketAddr::from(([127, 0, 0, 1], external::free_port())),
+        SocketAddr::from(([127, 0, 0, 1], external::free_port())),
+        SocketAddr::from(([127, 0, 0, 1], external::free_port())),
+    );
+    let output = std::fs::File::create(log).expect("a log file");
+    let mut process = external::Process::spawn(
+        "marchproxy-nlb",
+        std::process::Command::new(program)
+            .args(["--grpc-listen", &grpc.to_string()])
+            .args(["--admin-listen", &admin.to_string()])
+            .args(["--listen", &format!("tcp={data}")])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(output),
+    );
+    process
+        .wait_listening(grpc, Duration::from_secs(30), log)
+        .await;
+    TestNlb {
+        grpc,
+        admin,
+        listen: vec![data],
+        state_dir: PathBuf::new(),
+        api_key: None,
+        stop: None,
+        task: None,
+        process: Some(process),
+    }
 }
 
 /// Starts an NLB on `dir` with default settings.
@@ -129,7 +168,6 @@ impl TestNlb {
         .await;
     }
 
-    /// A client carrying the NLB's key, if it has one.
     /// `GetNLBStatus` details: uptime, store, replicas, rollout status per kind ...
     pub async fn status_details(&self) -> std::collections::HashMap<String, String> {
         self.client()
@@ -141,6 +179,27 @@ impl TestNlb {
             .details
     }
 
+    /// `UpdateNLBConfig` of one section with `data` (the keys to change).
+    pub async fn update_nlb_config(
+        &self,
+        section: &str,
+        data: serde_json::Value,
+    ) -> Result<pb::UpdateNlbConfigResponse, tonic::Status> {
+        self.client()
+            .await
+            .update_nlb_config(pb::UpdateNlbConfigRequest {
+                config: Some(pb::ConfigUpdate {
+                    config_type: section.into(),
+                    config_data: data.to_string().into_bytes(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// A client carrying the NLB's key, if it has one.
     pub async fn client(&self) -> NlbClient {
         self.client_with_key(self.api_key.as_deref()).await
     }
@@ -150,6 +209,15 @@ impl TestNlb {
             self.channel().await,
             AttachApiKey::new(key).unwrap(),
         )
+    }
+
+    /// `kill -9` of an NLB started with [`spawn_process`].
+    pub fn kill(&mut self) {
+        let process = self
+            .process
+            .take()
+            .expect("only an NLB started as a process can be killed");
+        process.signal("KILL");
     }
 
     /// Stops the NLB and waits for it to exit cleanly.

@@ -38,7 +38,8 @@ pub struct CommonArgs {
     /// TOML file with any of these settings, plus [[routes]], [health_check] and [module].
     #[arg(long, env = "MARCHPROXY_CONFIG")]
     pub config: Option<PathBuf>,
-    /// The NLB's gRPC endpoint; without it the module runs alone (no registration).
+    /// The NLB's gRPC endpoint, or several NLB replicas' comma-separated (a failed call moves to
+    /// the next; the registration stays); without it the module runs alone (no registration).
     #[arg(long, env = "MARCHPROXY_NLB")]
     pub nlb: Option<String>,
     /// ModuleService, health and reflection [default: 0.0.0.0:<50051..50056 by kind>]

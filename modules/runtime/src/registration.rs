@@ -8,7 +8,7 @@ use marchproxy::{pb, time};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::shared::{Phase, Shared};
+use crate::shared::{NlbLink, Phase, Shared};
 
 const FIRST_RETRY: Duration = Duration::from_millis(200);
 const MAX_RETRY: Duration = Duration::from_secs(10);
@@ -68,7 +68,7 @@ async fn register(shared: &Shared) -> Result<String, String> {
         .nlb()
         .register_module(request)
         .await
-        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?
+        .map_err(|status| failed(link, &status))?
         .into_inner();
     if !response.success {
         return Err(response.message);
@@ -95,7 +95,20 @@ async fn heartbeat(shared: &Shared, registration: &str) -> Result<pb::HeartbeatR
         .heartbeat(request)
         .await
         .map(tonic::Response::into_inner)
-        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
+        .map_err(|status| failed(link, &status))
+}
+
+/// A failed call in words; the link moves to the next NLB replica when this one is away.
+fn failed(link: &NlbLink, status: &tonic::Status) -> String {
+    let failed_at = link.url().to_owned();
+    match link.fail_over(status) {
+        Some(next) => format!(
+            "{:?} from {failed_at}: {}; trying {next} next",
+            status.code(),
+            status.message()
+        ),
+        None => format!("{:?}: {}", status.code(), status.message()),
+    }
 }
 
 /// Waits `delay`, or less when `finished` flips (or its sender is gone); true when finished.
@@ -123,7 +136,7 @@ pub async fn maintain(shared: Arc<Shared>, mut finished: watch::Receiver<bool>) 
                 failures += 1;
                 let delay = backoff.step();
                 if failures == 1 || failures.is_power_of_two() {
-                    warn!(instance = %shared.instance_id, nlb = %link.url, attempt = failures, retry_in_ms = delay.as_millis() as u64, %error, "cannot register with the NLB; retrying");
+                    warn!(instance = %shared.instance_id, nlb = %link.url(), attempt = failures, retry_in_ms = delay.as_millis() as u64, %error, "cannot register with the NLB; retrying");
                 }
                 if pause(delay, &mut finished).await {
                     return;
@@ -131,7 +144,7 @@ pub async fn maintain(shared: Arc<Shared>, mut finished: watch::Receiver<bool>) 
                 continue;
             }
         };
-        info!(instance = %shared.instance_id, nlb = %link.url, attempts = failures + 1, "registered with the NLB");
+        info!(instance = %shared.instance_id, nlb = %link.url(), attempts = failures + 1, "registered with the NLB");
         shared.set_registration(Some(registration.clone()));
         if shared.phase() == Phase::Stopping {
             // The shutdown began while this registration was on its way and found nothing to

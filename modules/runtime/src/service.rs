@@ -71,8 +71,12 @@ fn seconds(field: &str, value: i32, default: Duration) -> Result<Duration, Strin
 }
 
 /// The NLB's answer, or its failure with the NLB named as its source.
-fn relayed<T>(answer: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
-    answer.map_err(|status| Status::new(status.code(), format!("NLB: {}", status.message())))
+/// An answer relayed from the NLB; a replica that was away makes the next call go to another.
+fn relayed<T>(link: &NlbLink, answer: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
+    answer.map_err(|status| {
+        link.fail_over(&status);
+        Status::new(status.code(), format!("NLB: {}", status.message()))
+    })
 }
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -96,7 +100,7 @@ impl ModuleService for ModuleGrpc {
                 shared
                     .nlb
                     .as_ref()
-                    .map_or_else(|| "(none)".to_owned(), |l| l.url.clone()),
+                    .map_or_else(|| "(none)".to_owned(), NlbLink::urls),
             ),
             ("routes".to_owned(), shared.routes().len().to_string()),
             (
@@ -429,7 +433,7 @@ impl ModuleService for ModuleGrpc {
                 config: Some(config),
             })
             .await;
-        Ok(Response::new(relayed(answer)?.into_inner().into()))
+        Ok(Response::new(relayed(link, answer)?.into_inner().into()))
     }
 
     async fn get_instances(
@@ -446,7 +450,7 @@ impl ModuleService for ModuleGrpc {
                 query: None,
             })
             .await;
-        let answer = relayed(answer)?.into_inner();
+        let answer = relayed(link, answer)?.into_inner();
         Ok(Response::new(pb::GetInstancesResponse {
             total_instances: answer.total_modules,
             instances: answer.modules,
@@ -459,7 +463,8 @@ impl ModuleService for ModuleGrpc {
     ) -> Reply<pb::SetTrafficWeightResponse> {
         let mut request = request.into_inner();
         request.instance_id = self.relay_id(&request.instance_id);
-        relayed(self.link()?.modules().set_traffic_weight(request).await)
+        let link = self.link()?;
+        relayed(link, link.modules().set_traffic_weight(request).await)
     }
 
     async fn get_active_version(
@@ -468,13 +473,15 @@ impl ModuleService for ModuleGrpc {
     ) -> Reply<pb::GetActiveVersionResponse> {
         let mut request = request.into_inner();
         request.instance_id = self.relay_id(&request.instance_id);
-        relayed(self.link()?.modules().get_active_version(request).await)
+        let link = self.link()?;
+        relayed(link, link.modules().get_active_version(request).await)
     }
 
     async fn rollback(&self, request: Request<pb::RollbackRequest>) -> Reply<pb::RollbackResponse> {
         let mut request = request.into_inner();
         request.instance_id = self.relay_id(&request.instance_id);
-        relayed(self.link()?.modules().rollback(request).await)
+        let link = self.link()?;
+        relayed(link, link.modules().rollback(request).await)
     }
 
     async fn promote_version(
@@ -483,7 +490,8 @@ impl ModuleService for ModuleGrpc {
     ) -> Reply<pb::PromoteVersionResponse> {
         let mut request = request.into_inner();
         request.instance_id = self.relay_id(&request.instance_id);
-        relayed(self.link()?.modules().promote_version(request).await)
+        let link = self.link()?;
+        relayed(link, link.modules().promote_version(request).await)
     }
 
     async fn health_check(

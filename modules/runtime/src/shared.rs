@@ -98,33 +98,89 @@ pub type NlbClient =
 pub type NlbModuleClient =
     pb::module_service_client::ModuleServiceClient<InterceptedService<Channel, AttachApiKey>>;
 
-/// The NLB's gRPC endpoint, connected lazily and reconnected by the channel itself.
+/// The NLB's gRPC endpoints (`--nlb URL[,URL...]`, one per NLB replica), each connected lazily
+/// and reconnected by its channel. Calls go to the current one; a call that finds it away
+/// moves the link to the next, so a module rides out the loss of a replica with its
+/// registration intact (the replicas share it).
 #[derive(Clone)]
 pub struct NlbLink {
-    pub url: String,
-    channel: Channel,
+    endpoints: Arc<Vec<(String, Channel)>>,
+    current: Arc<std::sync::atomic::AtomicUsize>,
     auth: AttachApiKey,
 }
 
 impl NlbLink {
-    pub fn new(url: &str, api_key: Option<&str>) -> Result<Self, String> {
-        let url = if url.contains("://") {
-            url.to_owned()
-        } else {
-            format!("http://{url}")
-        };
-        let channel = Channel::from_shared(url.clone())
-            .map_err(|_| format!("--nlb `{url}` is not a URL such as http://nlb:50050"))?
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(10))
-            .connect_lazy();
+    pub fn new(urls: &str, api_key: Option<&str>) -> Result<Self, String> {
+        let endpoints = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(|url| {
+                let url = if url.contains("://") {
+                    url.to_owned()
+                } else {
+                    format!("http://{url}")
+                };
+                let channel = Channel::from_shared(url.clone())
+                    .map_err(|_| format!("--nlb `{url}` is not a URL such as http://nlb:50050"))?
+                    .connect_timeout(Duration::from_secs(3))
+                    .timeout(Duration::from_secs(10))
+                    .connect_lazy();
+                Ok((url, channel))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        if endpoints.is_empty() {
+            return Err(
+                "--nlb names no endpoint; write http://nlb:50050[,http://nlb-2:50050]".into(),
+            );
+        }
         let auth = AttachApiKey::new(api_key).map_err(|e| e.to_string())?;
-        Ok(NlbLink { url, channel, auth })
+        Ok(NlbLink {
+            endpoints: Arc::new(endpoints),
+            current: Arc::default(),
+            auth,
+        })
+    }
+
+    fn channel(&self) -> Channel {
+        let index = self.current.load(std::sync::atomic::Ordering::Relaxed) % self.endpoints.len();
+        self.endpoints[index].1.clone()
+    }
+
+    /// The endpoint calls go to now.
+    pub fn url(&self) -> &str {
+        let index = self.current.load(std::sync::atomic::Ordering::Relaxed) % self.endpoints.len();
+        &self.endpoints[index].0
+    }
+
+    /// Every endpoint, comma-separated (for status pages).
+    pub fn urls(&self) -> String {
+        self.endpoints
+            .iter()
+            .map(|(url, _)| url.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// After a failed call: when the status says the NLB was not reached (or could not do
+    /// it for now), moves to the next endpoint and returns it; None with one endpoint or for
+    /// an answer that another replica would give the same way.
+    pub fn fail_over(&self, status: &tonic::Status) -> Option<&str> {
+        let away = matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        );
+        if !away || self.endpoints.len() < 2 {
+            return None;
+        }
+        self.current
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(self.url())
     }
 
     pub fn nlb(&self) -> NlbClient {
         pb::nlb_service_client::NlbServiceClient::with_interceptor(
-            self.channel.clone(),
+            self.channel(),
             self.auth.clone(),
         )
     }
@@ -132,7 +188,7 @@ impl NlbLink {
     /// The NLB's ModuleService (blue/green is answered there).
     pub fn modules(&self) -> NlbModuleClient {
         pb::module_service_client::ModuleServiceClient::with_interceptor(
-            self.channel.clone(),
+            self.channel(),
             self.auth.clone(),
         )
     }
@@ -326,6 +382,7 @@ impl Shared {
             validate_only: false,
         };
         if let Err(status) = link.nlb().update_routing(request).await {
+            link.fail_over(&status);
             warn!(instance = %self.instance_id, error = %status.message(), "could not relay routes to the NLB; they go with the next registration");
         }
     }
@@ -475,5 +532,30 @@ impl Shared {
             }
         }
         points
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_link_moves_to_the_next_replica_only_when_one_is_away() {
+        let link = NlbLink::new("nlb-1:50050, http://nlb-2:50050", None).unwrap();
+        assert_eq!(link.url(), "http://nlb-1:50050");
+        assert_eq!(link.urls(), "http://nlb-1:50050,http://nlb-2:50050");
+        // An answer another replica would give the same way stays here.
+        assert_eq!(link.fail_over(&tonic::Status::invalid_argument("no")), None);
+        assert_eq!(
+            link.fail_over(&tonic::Status::unavailable("gone")),
+            Some("http://nlb-2:50050")
+        );
+        assert_eq!(
+            link.fail_over(&tonic::Status::deadline_exceeded("slow")),
+            Some("http://nlb-1:50050")
+        );
+        let alone = NlbLink::new("http://nlb:50050", None).unwrap();
+        assert_eq!(alone.fail_over(&tonic::Status::unavailable("gone")), None);
+        assert!(NlbLink::new(" , ", None).is_err());
     }
 }

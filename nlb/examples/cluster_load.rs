@@ -111,10 +111,18 @@ async fn main() -> anyhow::Result<()> {
             let mut nlb = Nlb::new(channels[i % channels.len()].clone());
             let registrations = Arc::clone(&registrations);
             async move {
-                let answer = nlb
-                    .register_module(module(&format!("sim-{i}"), pb::ModuleType::Alb, "v1"))
-                    .await?
-                    .into_inner();
+                // As modules do: a registration that lost a race is sent again.
+                let mut attempts = 0;
+                let answer = loop {
+                    attempts += 1;
+                    match nlb
+                        .register_module(module(&format!("sim-{i}"), pb::ModuleType::Alb, "v1"))
+                        .await
+                    {
+                        Err(status) if status.code() == tonic::Code::Aborted && attempts < 5 => {}
+                        answer => break answer?.into_inner(),
+                    }
+                };
                 registrations.lock().expect("not poisoned")[i] = answer.registration_id;
                 Ok(())
             }

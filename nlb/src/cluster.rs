@@ -47,8 +47,9 @@ use crate::{
 /// How long a replica's own lease lasts without renewal: the time before a dead replica's
 /// leadership passes to another.
 const REPLICA_TTL_SECONDS: i64 = 5;
-/// Changes arriving this close together are applied together.
-const COALESCE: Duration = Duration::from_millis(5);
+/// Changes arriving this close together are applied together (a registration storm is applied
+/// in batches; a lone change waits no longer than this).
+const COALESCE: Duration = Duration::from_millis(1);
 
 /// Where the store is and how to reach it (`--store`, `--store-prefix` and friends).
 #[derive(Clone, Debug)]
@@ -172,7 +173,7 @@ impl ClusterMetrics {
             request_seconds: prometheus::HistogramVec::new(
                 HistogramOpts::new(
                     "nlb_store_request_duration_seconds",
-                    "etcd requests by operation (txn, get, keepalive, grant)",
+                    "etcd requests by operation (txn, get, put, keepalive, grant)",
                 )
                 .buckets(buckets.clone()),
                 &["operation"],
@@ -309,7 +310,23 @@ impl Cluster {
         format!("{}{relative}", self.prefix)
     }
 
-    fn unreachable(&self, error: &etcd_client::Error) -> NlbError {
+    /// A failed etcd call, in words that say what to do.
+    fn store_failed(&self, error: &etcd_client::Error) -> NlbError {
+        if let etcd_client::Error::GRpcStatus(status) = error {
+            let refused = matches!(
+                status.code(),
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+            ) || status.message().contains("user name")
+                || status.message().contains("authentication");
+            if refused {
+                return NlbError::Unavailable(format!(
+                    "etcd at {} refused this NLB ({}): give --store-auth USER:PASSWORD of a user that may read and write {}",
+                    self.endpoints,
+                    status.message(),
+                    self.prefix
+                ));
+            }
+        }
         NlbError::Unavailable(format!(
             "the state store (etcd at {}) is unreachable ({error}); the change is not kept: retry once it is back",
             self.endpoints
@@ -347,7 +364,7 @@ impl Cluster {
             .kv_client()
             .get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()))
             .await
-            .map_err(|e| self.unreachable(&e))?;
+            .map_err(|e| self.store_failed(&e))?;
         self.timed("get", since);
         let revision = response.header().map_or(0, |h| h.revision());
         let changes: Vec<Change> = response
@@ -468,6 +485,19 @@ impl Cluster {
     }
 
     async fn write_locked(&self, nlb: &Nlb, synced: &mut Synced) -> Result<(), NlbError> {
+        // A race lost to a replica that wrote the same values loses nothing: write the rest
+        // (registrations) again.
+        for _ in 0..3 {
+            if !self.write_once(nlb, synced).await? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// One transaction of what changed; true when it lost a race to identical values and
+    /// what else it carried must be written again.
+    async fn write_once(&self, nlb: &Nlb, synced: &mut Synced) -> Result<bool, NlbError> {
         let (generation, persisted, dirty) = {
             let mut state = nlb.state();
             let ids = std::mem::take(&mut state.shared_dirty);
@@ -531,8 +561,8 @@ impl Cluster {
                     let leases = match leases {
                         Some(leases) => *leases,
                         None => {
-                            let registration = self.grant(ttl_registration).await;
-                            let liveness = self.grant(ttl_alive).await;
+                            let (registration, liveness) =
+                                tokio::join!(self.grant(ttl_registration), self.grant(ttl_alive));
                             match (registration, liveness) {
                                 (Ok(registration), Ok(liveness)) => Leases {
                                     registration,
@@ -542,7 +572,7 @@ impl Cluster {
                                 (Err(error), _) | (_, Err(error)) => {
                                     restore_dirty(nlb, &dirty);
                                     self.reload_needed.store(true, Ordering::SeqCst);
-                                    return Err(self.unreachable(&error));
+                                    return Err(self.store_failed(&error));
                                 }
                             }
                         }
@@ -569,7 +599,7 @@ impl Cluster {
         }
         if operations.is_empty() {
             synced.generation = generation;
-            return Ok(());
+            return Ok(false);
         }
         let since = Instant::now();
         let outcome = self
@@ -603,23 +633,41 @@ impl Cluster {
                     state.leased(&id, &registration_id, leases);
                 }
                 synced.generation = synced.generation.max(generation);
-                Ok(())
+                Ok(false)
             }
             Ok(_) => {
                 // Someone else changed one of these items first: take the store's view (the
-                // other change wins, whole) and say so.
+                // other change wins, whole) and say so, unless it wrote what this one wanted.
                 restore_dirty(nlb, &dirty);
+                let earlier_discards = synced.discarded;
                 self.load_locked(nlb, synced).await?;
+                let same_values =
+                    written
+                        .iter()
+                        .all(|(key, value)| match (value, synced.known.get(key)) {
+                            (Some(value), Some(known)) => same(key, &known.value, value),
+                            (None, None) => true,
+                            _ => false,
+                        });
+                if same_values {
+                    // Only local changes made after this write's snapshot were dropped.
+                    synced.discarded = if synced.generation > generation {
+                        (generation, synced.generation)
+                    } else {
+                        earlier_discards
+                    };
+                    return Ok(true);
+                }
                 warn!(
                     generation,
                     "a change lost a race with another replica's change of the same item: not kept"
                 );
-                Ok(())
+                Ok(false)
             }
             Err(error) => {
                 restore_dirty(nlb, &dirty);
                 self.reload_needed.store(true, Ordering::SeqCst);
-                Err(self.unreachable(&error))
+                Err(self.store_failed(&error))
             }
         }
     }

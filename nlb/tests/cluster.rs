@@ -4,8 +4,8 @@
 //! replica within its timeouts; replicas as processes: `kill -9` of one under load fails no
 //! connection and loses no module, a gradual promotion finishes after the replica running it
 //! dies, `kill -9` of the etcd leader expires nothing and loses nothing, and a replica cut off
-//! from etcd keeps forwarding, refuses writes and catches up. Needs the `etcd` feature
-//! (`./scripts/test.sh` turns it on).
+//! from etcd keeps forwarding, refuses writes and catches up (also past a compaction); etcd
+//! with a password and with TLS. Needs the `etcd` feature (`./scripts/test.sh` turns it on).
 
 #[cfg(not(feature = "etcd"))]
 #[test]
@@ -641,6 +641,93 @@ mod with_etcd {
         )
         .await;
         assert_eq!(routes_to_alb(&b).await, ["kept"]);
+
+        // Cut off again while B writes and etcd compacts its history: A cannot watch on from
+        // where it was, and loads everything instead.
+        for cutter in &cutters {
+            cutter.cut();
+        }
+        let written = b
+            .client()
+            .await
+            .update_routing(pb::UpdateRoutingRequest {
+                routes: vec![route(
+                    "after",
+                    pb::Protocol::Http,
+                    "after.example",
+                    "alb",
+                    5,
+                )],
+                ..Default::default()
+            })
+            .await
+            .expect("B still writes")
+            .into_inner();
+        assert!(written.success);
+        etcd.compact();
+        for cutter in &cutters {
+            cutter.mend().await;
+        }
+        eventually(
+            "A catches up past the compaction",
+            Duration::from_secs(15),
+            || async { routes_to_alb(&a).await == ["after", "kept"] },
+        )
+        .await;
         load.finish().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn etcd_with_a_password_is_used_with_store_auth_and_refused_without() {
+        let etcd = EtcdCluster::start(1).await;
+        etcd.enable_auth("s3cret");
+        let config = |auth: Option<&str>| Config {
+            store: Some(
+                StoreSpec::parse(&etcd.url(), None, auth.map(str::to_owned), None, None, None)
+                    .unwrap(),
+            ),
+            ..Config::local()
+        };
+        let refused = match marchproxy_nlb::Server::bind(config(None)).await {
+            Ok(_) => panic!("an NLB without the password started"),
+            Err(error) => error.to_string(),
+        };
+        assert!(refused.contains("--store-auth"), "{refused}");
+        let nlb = start_with(config(Some("root:s3cret"))).await;
+        registers_into(&nlb, &etcd, &["--user", "root:s3cret"]).await;
+    }
+
+    /// Registers a module through `nlb` and finds it in `etcd` (etcdctl with `flags`).
+    async fn registers_into(nlb: &TestNlb, etcd: &EtcdCluster, flags: &[&str]) {
+        register(
+            &mut nlb.client().await,
+            instance("alb-1", pb::ModuleType::Alb, "v1", "127.0.0.1:9"),
+            vec![],
+        )
+        .await;
+        let stored = etcd
+            .etcdctl()
+            .args(flags)
+            .args(["get", "/marchproxy/instances/alb-1"])
+            .output()
+            .expect("etcdctl runs");
+        assert!(
+            String::from_utf8_lossy(&stored.stdout).contains("registration_id"),
+            "the registration is in etcd: {stored:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn etcd_over_tls_is_used_with_its_ca() {
+        let etcd = EtcdCluster::start_with(1, true).await;
+        let ca = etcd.ca_file().expect("a CA").to_owned();
+        let store = StoreSpec::parse(&etcd.url(), None, None, Some(ca), None, None).unwrap();
+        assert!(store.endpoints[0].starts_with("https://"), "{store:?}");
+        let nlb = start_with(Config {
+            store: Some(store),
+            ..Config::local()
+        })
+        .await;
+        registers_into(&nlb, &etcd, &[]).await;
     }
 }

@@ -467,18 +467,28 @@ pub struct EtcdCluster {
     members: Vec<Option<Process>>,
     commands: Vec<Command>,
     client_ports: Vec<u16>,
+    /// The CA that signed the members' certificates, when they speak TLS to clients.
+    ca_file: Option<std::path::PathBuf>,
     _dir: tempfile::TempDir,
 }
 
 impl EtcdCluster {
     /// Starts `size` members and waits until the cluster has a leader.
     pub async fn start(size: usize) -> EtcdCluster {
+        EtcdCluster::start_with(size, false).await
+    }
+
+    /// [`EtcdCluster::start`]; with `tls`, clients talk HTTPS to certificates signed by a CA of
+    /// the test's own ([`EtcdCluster::ca_file`]).
+    pub async fn start_with(size: usize, tls: bool) -> EtcdCluster {
         require(
             "etcd",
             "etcd --version && etcdctl version",
             "sudo apt-get install -y etcd-server etcd-client",
         );
         let dir = tempfile::tempdir().expect("a temporary directory");
+        let certificate = tls.then(|| certificate_for_loopback(dir.path()));
+        let scheme = if tls { "https" } else { "http" };
         let peers: Vec<u16> = (0..size).map(|_| free_port()).collect();
         let client_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
         let initial: Vec<String> = peers
@@ -489,32 +499,29 @@ impl EtcdCluster {
         let mut commands = Vec::new();
         for i in 0..size {
             let log = std::fs::File::create(dir.path().join(format!("m{i}.log"))).expect("a log");
+            let client_url = format!("{scheme}://127.0.0.1:{}", client_ports[i]);
+            let peer_url = format!("http://127.0.0.1:{}", peers[i]);
             let mut command = Command::new("etcd");
             command
                 .args(["--name", &format!("m{i}")])
                 .arg("--data-dir")
                 .arg(dir.path().join(format!("m{i}")))
-                .args([
-                    "--listen-client-urls",
-                    &format!("http://127.0.0.1:{}", client_ports[i]),
-                ])
-                .args([
-                    "--advertise-client-urls",
-                    &format!("http://127.0.0.1:{}", client_ports[i]),
-                ])
-                .args([
-                    "--listen-peer-urls",
-                    &format!("http://127.0.0.1:{}", peers[i]),
-                ])
-                .args([
-                    "--initial-advertise-peer-urls",
-                    &format!("http://127.0.0.1:{}", peers[i]),
-                ])
+                .args(["--listen-client-urls", &client_url])
+                .args(["--advertise-client-urls", &client_url])
+                .args(["--listen-peer-urls", &peer_url])
+                .args(["--initial-advertise-peer-urls", &peer_url])
                 .args(["--initial-cluster", &initial.join(",")])
                 .args(["--initial-cluster-state", "new"])
                 .args(["--initial-cluster-token", "marchproxy-test"])
                 .stdout(Stdio::null())
                 .stderr(log);
+            if let Some((_, cert, key)) = &certificate {
+                command
+                    .arg("--cert-file")
+                    .arg(cert)
+                    .arg("--key-file")
+                    .arg(key);
+            }
             commands.push(command);
         }
         let members = commands
@@ -526,6 +533,7 @@ impl EtcdCluster {
             members,
             commands,
             client_ports,
+            ca_file: certificate.map(|(ca, _, _)| ca),
             _dir: dir,
         };
         for port in &cluster.client_ports {
@@ -535,16 +543,14 @@ impl EtcdCluster {
             )
             .await;
         }
-        let endpoints = cluster.endpoints();
         eventually(
             "the etcd cluster has a leader",
             Duration::from_secs(30),
             || {
-                let endpoints = endpoints.clone();
+                let mut health = cluster.etcdctl();
                 async move {
-                    Command::new("etcdctl")
-                        .env("ETCDCTL_API", "3")
-                        .args(["--endpoints", &endpoints, "endpoint", "health"])
+                    health
+                        .args(["endpoint", "health"])
                         .stdout(Stdio::null())
                         .stderr(Stdio::null())
                         .status()
@@ -554,6 +560,41 @@ impl EtcdCluster {
         )
         .await;
         cluster
+    }
+
+    /// etcdctl for this cluster (API 3, its endpoints, its CA).
+    pub fn etcdctl(&self) -> Command {
+        let mut command = Command::new("etcdctl");
+        command
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.endpoints()]);
+        if let Some(ca) = &self.ca_file {
+            command.arg("--cacert").arg(ca);
+        }
+        command
+    }
+
+    /// The CA file of a cluster started with TLS.
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.ca_file.as_deref()
+    }
+
+    /// Turns authentication on, with user `root` and `password`.
+    pub fn enable_auth(&self, password: &str) {
+        let user = format!("root:{password}");
+        for args in [
+            vec!["user", "add", &user, "--interactive=false"],
+            vec!["auth", "enable"],
+        ] {
+            let done = self
+                .etcdctl()
+                .args(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(done, "etcdctl {} failed", args.join(" "));
+        }
     }
 
     /// `127.0.0.1:PORT,...` for every member.
@@ -573,28 +614,25 @@ impl EtcdCluster {
             .collect()
     }
 
-    /// The NLB's `--store` value.
+    /// The NLB's `--store` value (with [`EtcdCluster::ca_file`] as `--store-ca-file` for TLS).
     pub fn url(&self) -> String {
         format!("etcd://{}", self.endpoints())
     }
 
-    /// The index of the member that leads the cluster now.
-    pub fn leader(&self) -> usize {
-        let output = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .args([
-                "--endpoints",
-                &self.endpoints(),
-                "endpoint",
-                "status",
-                "-w",
-                "json",
-            ])
+    /// `etcdctl endpoint status` of every member, as JSON.
+    fn statuses(&self) -> serde_json::Value {
+        let output = self
+            .etcdctl()
+            .args(["endpoint", "status", "-w", "json"])
             .stderr(Stdio::null())
             .output()
             .expect("etcdctl runs");
-        let statuses: serde_json::Value =
-            serde_json::from_slice(&output.stdout).expect("etcdctl prints JSON");
+        serde_json::from_slice(&output.stdout).expect("etcdctl prints JSON")
+    }
+
+    /// The index of the member that leads the cluster now.
+    pub fn leader(&self) -> usize {
+        let statuses = self.statuses();
         let statuses = statuses.as_array().expect("one status per member");
         statuses
             .iter()
@@ -610,6 +648,20 @@ impl EtcdCluster {
                     .flatten()
             })
             .expect("a member leads the cluster")
+    }
+
+    /// Compacts the history up to the current revision: watchers behind it must start over.
+    pub fn compact(&self) {
+        let revision = self.statuses()[0]["Status"]["header"]["revision"]
+            .as_i64()
+            .expect("a revision");
+        let compacted = self
+            .etcdctl()
+            .args(["compact", &revision.to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(compacted, "etcdctl compact {revision} failed");
     }
 
     /// `kill -9` of member `index`.
@@ -632,4 +684,76 @@ impl EtcdCluster {
         )
         .await;
     }
+}
+
+/// A CA and a certificate it signed for 127.0.0.1 (an IP subject name, as loopback servers
+/// need), made by openssl in `dir`: (CA certificate, certificate, key).
+fn certificate_for_loopback(
+    dir: &Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    require(
+        "openssl",
+        "openssl version",
+        "sudo apt-get install -y openssl",
+    );
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let (ca_key, ca, key, request, cert, extensions) = (
+        path("ca.key"),
+        path("ca.pem"),
+        path("server.key"),
+        path("server.csr"),
+        path("server.pem"),
+        path("server.ext"),
+    );
+    std::fs::write(&extensions, "subjectAltName=IP:127.0.0.1\n").expect("writes a file");
+    let new_key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let steps: [Vec<&str>; 3] = [
+        [
+            &["req", "-x509"][..],
+            &new_key,
+            &["-days", "1", "-subj", "/CN=marchproxy-test-ca"],
+        ]
+        .concat()
+        .into_iter()
+        .chain(["-keyout", &ca_key, "-out", &ca])
+        .collect(),
+        [&["req"][..], &new_key, &["-subj", "/CN=127.0.0.1"]]
+            .concat()
+            .into_iter()
+            .chain(["-keyout", &key, "-out", &request])
+            .collect(),
+        vec![
+            "x509",
+            "-req",
+            "-days",
+            "1",
+            "-CAcreateserial",
+            "-in",
+            &request,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-extfile",
+            &extensions,
+            "-out",
+            &cert,
+        ],
+    ];
+    for step in steps {
+        let made = Command::new("openssl")
+            .args(&step)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(made, "openssl {} failed", step.join(" "));
+    }
+    (ca.into(), cert.into(), key.into())
 }

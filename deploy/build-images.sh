@@ -75,7 +75,11 @@ for binary in $binaries; do
 done
 
 # An image from before etcd joined it is rebuilt too.
-if $rebuild_services || ! docker run --rm --entrypoint /bin/sh marchproxy/services:latest -c 'command -v etcd' >/dev/null 2>&1; then
+has_etcd() {
+  docker image inspect marchproxy/services:latest >/dev/null 2>&1 \
+    && docker run --rm --pull never --entrypoint /bin/sh marchproxy/services:latest -c 'command -v etcd' >/dev/null 2>&1
+}
+if $rebuild_services || ! has_etcd; then
   say "marchproxy/services (debootstrap: a few minutes, once)"
   services="$work/services"
   debootstrap --variant=minbase --include=mosquitto,docker-registry,postgresql,etcd-server,python3,python3-pip,ca-certificates \

@@ -621,12 +621,8 @@ impl Cluster {
                         }
                     }
                 }
-                for (id, record) in &dirty {
-                    if record.is_some() {
-                        synced.instance_revisions.insert(id.clone(), revision);
-                    } else {
-                        synced.instance_revisions.remove(id);
-                    }
+                for (id, _) in &dirty {
+                    synced.instance_revisions.insert(id.clone(), revision);
                 }
                 let mut state = nlb.state();
                 for (id, registration_id, leases) in granted {
@@ -729,8 +725,7 @@ impl Cluster {
         } else {
             Ok(false)
         };
-        self.pass_stats_on(nlb, id, &registration_id, leases.registration)
-            .await;
+        self.pass_stats_on(nlb, id, &registration_id, leases.registration);
         match renewed {
             Ok(true) => true,
             Ok(false) => {
@@ -748,7 +743,7 @@ impl Cluster {
 
     /// While its kind is being promoted, passes a heartbeat's stats on to the leader (which
     /// judges the new version by them), at most once a second per instance.
-    async fn pass_stats_on(&self, nlb: &Nlb, id: &str, registration_id: &str, lease: i64) {
+    fn pass_stats_on(&self, nlb: &Nlb, id: &str, registration_id: &str, lease: i64) {
         if self.is_leader() {
             return;
         }
@@ -784,20 +779,25 @@ impl Cluster {
             registration_id: registration_id.to_owned(),
             stats: prost::Message::encode_to_vec(&stats),
         };
-        let since = Instant::now();
-        let put = self
-            .client
-            .kv_client()
-            .put(
-                self.key(&format!("stats/{id}")),
-                self.envelope(&record),
-                Some(PutOptions::new().with_lease(lease)),
-            )
-            .await;
-        self.timed("put", since);
-        if let Err(error) = put {
-            debug!(instance = %id, %error, "heartbeat stats not passed on to the rollout leader");
-        }
+        // Off the heartbeat's path: a slow store must not delay the module's answer.
+        let (mut kv, key, value) = (
+            self.client.kv_client(),
+            self.key(&format!("stats/{id}")),
+            self.envelope(&record),
+        );
+        let (id, timing) = (id.to_owned(), self.metrics.request_seconds.clone());
+        tokio::spawn(async move {
+            let since = Instant::now();
+            let put = kv
+                .put(key, value, Some(PutOptions::new().with_lease(lease)))
+                .await;
+            timing
+                .with_label_values(&["put"])
+                .observe(since.elapsed().as_secs_f64());
+            if let Err(error) = put {
+                debug!(instance = %id, %error, "heartbeat stats not passed on to the rollout leader");
+            }
+        });
     }
 
     /// A module heard from again after its liveness lease ran out: a new lease and key.
@@ -868,16 +868,17 @@ impl Cluster {
                     self.client.lease_client().keep_alive(lease).await?;
                 loop {
                     tokio::time::sleep(Duration::from_secs(1)).await;
-                    // A campaign whose answer was lost, or one every replica failed during an
-                    // etcd failover, is tried again (a leader's key is never taken from it).
-                    if !self.is_leader() {
-                        self.campaign().await;
-                    }
                     keeper.keep_alive().await?;
                     match tokio::time::timeout(Duration::from_secs(3), responses.message()).await {
                         Ok(Ok(Some(response))) if response.ttl() > 0 => {}
                         Ok(Err(error)) => return Err(error),
                         _ => return Ok::<(), etcd_client::Error>(()),
+                    }
+                    // A campaign whose answer was lost, or one every replica failed during an
+                    // etcd failover, is tried again (a leader's key is never taken from it);
+                    // briefly, so the lease's renewal never waits for it.
+                    if !self.is_leader() {
+                        let _ = tokio::time::timeout(Duration::from_secs(1), self.campaign()).await;
                     }
                 }
             };
@@ -1265,10 +1266,19 @@ impl Cluster {
                         }
                     }
                     Change::Instance {
-                        id, record: None, ..
+                        id,
+                        record: None,
+                        revision,
                     } => {
-                        // Later events of this key, if any, are newer: nothing to keep.
-                        synced.instance_revisions.remove(&id);
+                        // Kept as a tombstone: an older put of this key (an echo of this
+                        // replica's own earlier write) must not bring the instance back.
+                        synced.instance_revisions.insert(id.clone(), revision);
+                        if synced.instance_revisions.len() > 4 * state.instances.len() + 1024 {
+                            let present = &state.instances;
+                            synced
+                                .instance_revisions
+                                .retain(|id, _| present.contains_key(id));
+                        }
                         if let Some(instance) = state.forget(&id) {
                             info!(instance = %id, module_type = %instance.kind, "module unregistered or expired (at any replica): removed with its routes");
                             nlb.metrics

@@ -485,8 +485,11 @@ impl Nlb {
             ),
             (
                 "state_dir",
-                self.state_dir()
-                    .map_or_else(|| "(memory only)".to_owned(), |d| d.display().to_string()),
+                match (self.state_dir(), self.store_description()) {
+                    (Some(dir), _) => dir.display().to_string(),
+                    (None, store) if store.starts_with("etcd") => "(none: state in etcd)".into(),
+                    (None, _) => "(memory only)".into(),
+                },
             ),
             ("store", self.store_description()),
             (

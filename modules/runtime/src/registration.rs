@@ -64,11 +64,12 @@ async fn register(shared: &Shared) -> Result<String, String> {
         health_config: shared.health_check.clone(),
         capabilities,
     };
+    let used = link.at();
     let response = link
         .nlb()
         .register_module(request)
         .await
-        .map_err(|status| failed(link, &status))?
+        .map_err(|status| failed(link, used, &status))?
         .into_inner();
     if !response.success {
         return Err(response.message);
@@ -91,17 +92,19 @@ async fn heartbeat(shared: &Shared, registration: &str) -> Result<pb::HeartbeatR
         current_stats: Some(shared.stats(false)),
         timestamp: Some(time::now()),
     };
+    let used = link.at();
     link.nlb()
         .heartbeat(request)
         .await
         .map(tonic::Response::into_inner)
-        .map_err(|status| failed(link, &status))
+        .map_err(|status| failed(link, used, &status))
 }
 
-/// A failed call in words; the link moves to the next NLB replica when this one is away.
-fn failed(link: &NlbLink, status: &tonic::Status) -> String {
-    let failed_at = link.url().to_owned();
-    match link.fail_over(status) {
+/// A failed call to endpoint `used`, in words; the link moves to the next NLB replica when
+/// that one is away.
+fn failed(link: &NlbLink, used: usize, status: &tonic::Status) -> String {
+    let failed_at = link.url_of(used).to_owned();
+    match link.fail_over(used, status) {
         Some(next) => format!(
             "{:?} from {failed_at}: {}; trying {next} next",
             status.code(),
@@ -217,10 +220,19 @@ pub async fn unregister(shared: &Shared, drain: Duration) {
         graceful: true,
         drain_timeout_seconds: i32::try_from(drain.as_secs().max(1)).unwrap_or(i32::MAX),
     };
-    let mut client = link.nlb();
-    let mut call = tonic::Request::new(request);
-    call.set_timeout(drain + Duration::from_secs(5));
-    match client.unregister_module(call).await {
+    // A replica that is gone passes the call to the next (every replica knows the registration).
+    let mut answer = Err(tonic::Status::unavailable("not sent"));
+    for _ in 0..2 {
+        let used = link.at();
+        let mut call = tonic::Request::new(request.clone());
+        call.set_timeout(drain + Duration::from_secs(5));
+        answer = link.nlb().unregister_module(call).await;
+        match &answer {
+            Err(status) if link.fail_over(used, status).is_some() => {}
+            _ => break,
+        }
+    }
+    match answer {
         Ok(answer) => {
             info!(instance = %shared.instance_id, message = %answer.into_inner().message, "unregistered from the NLB")
         }

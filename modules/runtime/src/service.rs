@@ -71,10 +71,15 @@ fn seconds(field: &str, value: i32, default: Duration) -> Result<Duration, Strin
 }
 
 /// The NLB's answer, or its failure with the NLB named as its source.
-/// An answer relayed from the NLB; a replica that was away makes the next call go to another.
-fn relayed<T>(link: &NlbLink, answer: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
+/// An answer relayed from the NLB's endpoint `used`; a replica that was away makes the next
+/// call go to another.
+fn relayed<T>(
+    link: &NlbLink,
+    used: usize,
+    answer: Result<Response<T>, Status>,
+) -> Result<Response<T>, Status> {
     answer.map_err(|status| {
-        link.fail_over(&status);
+        link.fail_over(used, &status);
         Status::new(status.code(), format!("NLB: {}", status.message()))
     })
 }
@@ -423,6 +428,7 @@ impl ModuleService for ModuleGrpc {
         if request.immediate {
             config.cooldown_seconds = 0;
         }
+        let used = link.at();
         let answer = link
             .nlb()
             .trigger_scaling(pb::TriggerScalingRequest {
@@ -433,7 +439,9 @@ impl ModuleService for ModuleGrpc {
                 config: Some(config),
             })
             .await;
-        Ok(Response::new(relayed(link, answer)?.into_inner().into()))
+        Ok(Response::new(
+            relayed(link, used, answer)?.into_inner().into(),
+        ))
     }
 
     async fn get_instances(
@@ -442,6 +450,7 @@ impl ModuleService for ModuleGrpc {
     ) -> Reply<pb::GetInstancesResponse> {
         let request = request.into_inner();
         let link = self.link()?;
+        let used = link.at();
         let answer = link
             .nlb()
             .list_modules(pb::ListModulesRequest {
@@ -450,7 +459,7 @@ impl ModuleService for ModuleGrpc {
                 query: None,
             })
             .await;
-        let answer = relayed(link, answer)?.into_inner();
+        let answer = relayed(link, used, answer)?.into_inner();
         Ok(Response::new(pb::GetInstancesResponse {
             total_instances: answer.total_modules,
             instances: answer.modules,
@@ -464,7 +473,8 @@ impl ModuleService for ModuleGrpc {
         let mut request = request.into_inner();
         request.instance_id = self.relay_id(&request.instance_id);
         let link = self.link()?;
-        relayed(link, link.modules().set_traffic_weight(request).await)
+        let used = link.at();
+        relayed(link, used, link.modules().set_traffic_weight(request).await)
     }
 
     async fn get_active_version(
@@ -474,14 +484,16 @@ impl ModuleService for ModuleGrpc {
         let mut request = request.into_inner();
         request.instance_id = self.relay_id(&request.instance_id);
         let link = self.link()?;
-        relayed(link, link.modules().get_active_version(request).await)
+        let used = link.at();
+        relayed(link, used, link.modules().get_active_version(request).await)
     }
 
     async fn rollback(&self, request: Request<pb::RollbackRequest>) -> Reply<pb::RollbackResponse> {
         let mut request = request.into_inner();
         request.instance_id = self.relay_id(&request.instance_id);
         let link = self.link()?;
-        relayed(link, link.modules().rollback(request).await)
+        let used = link.at();
+        relayed(link, used, link.modules().rollback(request).await)
     }
 
     async fn promote_version(
@@ -491,7 +503,8 @@ impl ModuleService for ModuleGrpc {
         let mut request = request.into_inner();
         request.instance_id = self.relay_id(&request.instance_id);
         let link = self.link()?;
-        relayed(link, link.modules().promote_version(request).await)
+        let used = link.at();
+        relayed(link, used, link.modules().promote_version(request).await)
     }
 
     async fn health_check(

@@ -143,14 +143,23 @@ impl NlbLink {
     }
 
     fn channel(&self) -> Channel {
-        let index = self.current.load(std::sync::atomic::Ordering::Relaxed) % self.endpoints.len();
-        self.endpoints[index].1.clone()
+        self.endpoints[self.at()].1.clone()
     }
 
     /// The endpoint calls go to now.
     pub fn url(&self) -> &str {
-        let index = self.current.load(std::sync::atomic::Ordering::Relaxed) % self.endpoints.len();
-        &self.endpoints[index].0
+        self.url_of(self.at())
+    }
+
+    /// Which endpoint calls go to now: take it before a call, give it to
+    /// [`NlbLink::fail_over`] after a failure.
+    pub fn at(&self) -> usize {
+        self.current.load(std::sync::atomic::Ordering::Relaxed) % self.endpoints.len()
+    }
+
+    /// The URL of endpoint `index`.
+    pub fn url_of(&self, index: usize) -> &str {
+        &self.endpoints[index % self.endpoints.len()].0
     }
 
     /// Every endpoint, comma-separated (for status pages).
@@ -162,10 +171,11 @@ impl NlbLink {
             .join(",")
     }
 
-    /// After a failed call: when the status says the NLB was not reached (or could not do
-    /// it for now), moves to the next endpoint and returns it; None with one endpoint or for
-    /// an answer that another replica would give the same way.
-    pub fn fail_over(&self, status: &tonic::Status) -> Option<&str> {
+    /// After a call to endpoint `used` failed: when the status says the NLB was not reached
+    /// (or could not do it for now), moves to the next endpoint and returns it; None with one
+    /// endpoint or for an answer that another replica would give the same way. Calls that
+    /// failed together on one endpoint move the link once.
+    pub fn fail_over(&self, used: usize, status: &tonic::Status) -> Option<&str> {
         let away = matches!(
             status.code(),
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
@@ -173,8 +183,14 @@ impl NlbLink {
         if !away || self.endpoints.len() < 2 {
             return None;
         }
-        self.current
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let next = (used + 1) % self.endpoints.len();
+        // Another call that failed on `used` may have moved on already: then stay there.
+        let _ = self.current.compare_exchange(
+            used,
+            next,
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         Some(self.url())
     }
 
@@ -381,8 +397,9 @@ impl Shared {
             source_instance_id: self.instance_id.clone(),
             validate_only: false,
         };
+        let used = link.at();
         if let Err(status) = link.nlb().update_routing(request).await {
-            link.fail_over(&status);
+            link.fail_over(used, &status);
             warn!(instance = %self.instance_id, error = %status.message(), "could not relay routes to the NLB; they go with the next registration");
         }
     }
@@ -545,17 +562,20 @@ mod tests {
         assert_eq!(link.url(), "http://nlb-1:50050");
         assert_eq!(link.urls(), "http://nlb-1:50050,http://nlb-2:50050");
         // An answer another replica would give the same way stays here.
-        assert_eq!(link.fail_over(&tonic::Status::invalid_argument("no")), None);
         assert_eq!(
-            link.fail_over(&tonic::Status::unavailable("gone")),
-            Some("http://nlb-2:50050")
+            link.fail_over(0, &tonic::Status::invalid_argument("no")),
+            None
         );
+        let gone = tonic::Status::unavailable("gone");
+        assert_eq!(link.fail_over(0, &gone), Some("http://nlb-2:50050"));
+        // A second call that failed on the first endpoint does not move the link back to it.
+        assert_eq!(link.fail_over(0, &gone), Some("http://nlb-2:50050"));
         assert_eq!(
-            link.fail_over(&tonic::Status::deadline_exceeded("slow")),
+            link.fail_over(1, &tonic::Status::deadline_exceeded("slow")),
             Some("http://nlb-1:50050")
         );
         let alone = NlbLink::new("http://nlb:50050", None).unwrap();
-        assert_eq!(alone.fail_over(&tonic::Status::unavailable("gone")), None);
+        assert_eq!(alone.fail_over(0, &gone), None);
         assert!(NlbLink::new(" , ", None).is_err());
     }
 }

@@ -126,6 +126,15 @@ struct Envelope<T> {
 /// A registration to write, with its leases when it has some already.
 type Unwritten = (SharedInstance, Option<Leases>);
 
+/// What became of a heartbeat's leases.
+pub enum Renewal {
+    Renewed,
+    /// The registration ran out: the module must register again.
+    Expired,
+    /// The store did not answer: another replica may reach it.
+    StoreAway(NlbError),
+}
+
 /// What a change in the store does to this replica.
 enum Change {
     Operator {
@@ -308,6 +317,14 @@ impl Cluster {
 
     fn key(&self, relative: &str) -> String {
         format!("{}{relative}", self.prefix)
+    }
+
+    /// A heartbeat this replica could not pass on to etcd, in words for the module.
+    fn heartbeat_not_passed(&self, error: &etcd_client::Error) -> NlbError {
+        NlbError::Unavailable(format!(
+            "this NLB replica cannot reach the state store (etcd at {}) to renew the registration ({error}); heartbeat another replica",
+            self.endpoints
+        ))
     }
 
     /// A failed etcd call, in words that say what to do.
@@ -688,10 +705,10 @@ impl Cluster {
     }
 
     /// A heartbeat arrived here for `id`: renews its leases, and starts a new liveness lease
-    /// when the old one ran out. Returns false when the registration itself has run out (the
-    /// module must register again). A store that does not answer never makes a module look
-    /// dead: the heartbeat counts here, and the leases are renewed by the next one.
-    pub async fn heartbeat(&self, nlb: &Nlb, id: &str) -> bool {
+    /// when the old one ran out. A store that does not answer makes nobody look dead: the
+    /// heartbeat counts here, and the module is told to try another replica, which may reach
+    /// the store (a module with one NLB just keeps serving and tries again).
+    pub async fn heartbeat(&self, nlb: &Nlb, id: &str) -> Renewal {
         let Some((registration_id, leases)) = nlb
             .state()
             .instances
@@ -699,7 +716,7 @@ impl Cluster {
             .and_then(|i| i.leases.map(|l| (i.registration_id.clone(), l)))
         else {
             // Not written yet: the next write grants its leases.
-            return true;
+            return Renewal::Renewed;
         };
         match self.renew(leases.registration).await {
             Ok(true) => {}
@@ -712,12 +729,12 @@ impl Cluster {
                 if same && state.forget(id).is_some() {
                     info!(instance = %id, "module registration ran out in the store: asked to register again");
                 }
-                return false;
+                return Renewal::Expired;
             }
             Err(error) => {
                 // One line per heartbeat would flood the log in an outage; the watch reports it.
-                debug!(instance = %id, %error, "heartbeat not passed on to etcd; the next one tries again");
-                return true;
+                debug!(instance = %id, %error, "heartbeat not passed on to etcd");
+                return Renewal::StoreAway(self.heartbeat_not_passed(&error));
             }
         }
         let renewed = if leases.alive {
@@ -727,16 +744,17 @@ impl Cluster {
         };
         self.pass_stats_on(nlb, id, &registration_id, leases.registration);
         match renewed {
-            Ok(true) => true,
-            Ok(false) => {
-                if let Err(error) = self.revive(nlb, id, &registration_id).await {
-                    warn!(instance = %id, %error, "liveness not renewed in etcd; the next heartbeat tries again");
+            Ok(true) => Renewal::Renewed,
+            Ok(false) => match self.revive(nlb, id, &registration_id).await {
+                Ok(()) => Renewal::Renewed,
+                Err(error) => {
+                    debug!(instance = %id, %error, "liveness not renewed in etcd");
+                    Renewal::StoreAway(self.heartbeat_not_passed(&error))
                 }
-                true
-            }
+            },
             Err(error) => {
-                debug!(instance = %id, %error, "heartbeat not passed on to etcd; the next one tries again");
-                true
+                debug!(instance = %id, %error, "heartbeat not passed on to etcd");
+                Renewal::StoreAway(self.heartbeat_not_passed(&error))
             }
         }
     }

@@ -107,22 +107,25 @@ impl Nlb {
         true
     }
 
-    /// A heartbeat was acknowledged here: passes it on to the shared store, if any. False
-    /// when the store says the registration has run out (the module must register again).
-    pub async fn heartbeat_shared(&self, id: &str) -> bool {
+    /// A heartbeat was acknowledged here: passes it on to the shared store, if any. Ok(false)
+    /// when the store says the registration has run out (the module must register again), an
+    /// error when the store is away (the module should try another replica).
+    pub async fn heartbeat_shared(&self, id: &str) -> Result<bool, NlbError> {
         #[cfg(feature = "etcd")]
         if let Some(cluster) = &self.cluster {
-            if !cluster.heartbeat(self, id).await {
-                return false;
+            match cluster.heartbeat(self, id).await {
+                crate::cluster::Renewal::Renewed => {}
+                crate::cluster::Renewal::Expired => return Ok(false),
+                crate::cluster::Renewal::StoreAway(error) => return Err(error),
             }
             // A changed health status is shared; a store away is tried again by the next.
             if !self.state().shared_dirty.is_empty() {
                 let _ = cluster.write(self).await;
             }
-            return true;
+            return Ok(true);
         }
         let _ = id;
-        true
+        Ok(true)
     }
 
     /// The state. Callers hold the guard briefly and never across an `.await`.

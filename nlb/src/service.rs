@@ -204,7 +204,7 @@ impl NlbService for NlbGrpc {
             .heartbeat(request, Instant::now(), SystemTime::now())?;
         self.nlb.activity.notify_waiters();
         let outcome = match outcome {
-            HeartbeatOutcome::Acknowledged { .. } if !self.nlb.heartbeat_shared(&id).await => {
+            HeartbeatOutcome::Acknowledged { .. } if !self.nlb.heartbeat_shared(&id).await? => {
                 HeartbeatOutcome::Reregister(format!(
                     "instance `{id}` expired (no heartbeat reached any NLB replica in time); register again"
                 ))

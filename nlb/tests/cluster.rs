@@ -4,7 +4,8 @@
 //! replica within its timeouts; replicas as processes: `kill -9` of one under load fails no
 //! connection and loses no module, a gradual promotion finishes after the replica running it
 //! dies, `kill -9` of the etcd leader expires nothing and loses nothing, and a replica cut off
-//! from etcd keeps forwarding, refuses writes and catches up (also past a compaction); etcd
+//! from etcd keeps forwarding, refuses writes (its modules move their heartbeats to another
+//! replica) and catches up (also past a compaction); etcd
 //! with a password and with TLS. Needs the `etcd` feature (`./scripts/test.sh` turns it on).
 
 #[cfg(not(feature = "etcd"))]
@@ -602,9 +603,21 @@ mod with_etcd {
         })
         .await;
         let b = replica(&etcd, 30_000, 120_000).await;
-        let _module = Standin::start(&b.url(), ModuleKind::Alb, "v1", 1).await;
+        // The module heartbeats to A first, and to B when A cannot pass its heartbeats on.
+        let _module = Standin::start(
+            &format!("{},{}", a.url(), b.url()),
+            ModuleKind::Alb,
+            "v1",
+            1,
+        )
+        .await;
         a.wait_healthy(pb::ModuleType::Alb, Duration::from_secs(10))
             .await;
+        let acknowledged_at_b = || async {
+            let (_, page) = http_get(b.admin, "/metrics").await;
+            metric_value(&page, "nlb_heartbeats_total", r#"result="acknowledged""#).unwrap_or(0.0)
+        };
+        assert_eq!(acknowledged_at_b().await, 0.0, "the module heartbeats to A");
         let load = Load::start(a.listen[0], 4);
         eventually(
             "clients are served through A",
@@ -638,6 +651,12 @@ mod with_etcd {
             .expect("B still writes")
             .into_inner();
         assert!(written.success);
+        eventually(
+            "the module moves its heartbeats to B, which reaches etcd",
+            Duration::from_secs(10),
+            || async { acknowledged_at_b().await > 0.0 },
+        )
+        .await;
         let before = load.answered();
         eventually(
             "A goes on forwarding while cut off",

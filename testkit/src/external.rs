@@ -183,7 +183,15 @@ impl Moto {
                 .arg(addr.port().to_string()),
         )
         .await;
-        Moto { addr, process }
+        let moto = Moto { addr, process };
+        // Its port opens before its app answers: a first call too early gets an empty reply.
+        eventually(
+            "moto answers SQS calls",
+            Duration::from_secs(30),
+            || async { moto.try_call("Action=ListQueues").await.0 == 200 },
+        )
+        .await;
+        moto
     }
 
     pub fn endpoint(&self) -> String {
@@ -192,7 +200,14 @@ impl Moto {
 
     /// One SQS query-protocol call; returns the XML answer.
     pub async fn call(&self, form: &str) -> String {
-        let (status, body) = http_request(
+        let (status, body) = self.try_call(form).await;
+        assert_eq!(status, 200, "moto answered {status}: {body}");
+        body
+    }
+
+    /// One SQS query-protocol call: (status, body); status 0 when nothing came back.
+    async fn try_call(&self, form: &str) -> (u16, String) {
+        http_request(
             self.addr,
             "POST",
             "/",
@@ -202,9 +217,7 @@ impl Moto {
             ],
             format!("{form}&Version=2012-11-05").as_bytes(),
         )
-        .await;
-        assert_eq!(status, 200, "moto answered {status}: {body}");
-        body
+        .await
     }
 
     /// Creates queue `name` and returns its URL.

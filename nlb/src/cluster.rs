@@ -1103,97 +1103,79 @@ impl Cluster {
             .ok()?
             .strip_prefix(&self.prefix)?;
         let put = event == EventType::Put;
-        let unreadable = |error: &dyn std::fmt::Display| {
-            warn!(key, %error, "unreadable value in etcd: ignored");
-        };
-        if put {
-            if let Ok(written) = serde_json::from_slice::<Envelope<serde_json::Value>>(kv.value()) {
-                let lag = unix_ms(SystemTime::now()).saturating_sub(written.at_ms);
-                self.metrics.watch_lag.observe(lag as f64 / 1000.0);
-            }
-        }
         if key.starts_with("operator/") {
-            let value = if put {
-                match serde_json::from_slice::<Envelope<serde_json::Value>>(kv.value()) {
-                    Ok(written) => Some(written.value),
-                    Err(error) => {
-                        unreadable(&error);
-                        return None;
-                    }
-                }
-            } else {
-                None
-            };
             return Some(Change::Operator {
                 key: key.to_owned(),
-                value,
+                value: self.value_of(key, kv, put)?,
                 revision: kv.mod_revision(),
             });
         }
         if let Some(id) = key.strip_prefix("instances/") {
-            let record = if put {
-                match serde_json::from_slice::<Envelope<SharedInstance>>(kv.value()) {
-                    Ok(written) => Some((written.value, kv.lease())),
-                    Err(error) => {
-                        unreadable(&error);
-                        return None;
-                    }
-                }
-            } else {
-                None
-            };
+            let record = self.value_of(key, kv, put)?;
             return Some(Change::Instance {
                 id: id.to_owned(),
-                record,
+                record: record.map(|record| (record, kv.lease())),
                 revision: kv.mod_revision(),
             });
         }
         if let Some(id) = key.strip_prefix("alive/") {
-            let lease = if put {
-                match serde_json::from_slice::<Envelope<String>>(kv.value()) {
-                    Ok(written) => Some((written.value, kv.lease())),
-                    Err(error) => {
-                        unreadable(&error);
-                        return None;
-                    }
-                }
-            } else {
-                None
-            };
+            let registration = self.value_of(key, kv, put)?;
             return Some(Change::Alive {
                 id: id.to_owned(),
-                lease,
+                lease: registration.map(|registration| (registration, kv.lease())),
             });
         }
         if let Some(id) = key.strip_prefix("stats/") {
-            if !put {
-                return None;
-            }
-            return match serde_json::from_slice::<Envelope<SharedStats>>(kv.value()) {
-                Ok(written) => Some(Change::Stats {
-                    id: id.to_owned(),
-                    record: written.value,
-                }),
-                Err(error) => {
-                    unreadable(&error);
-                    None
-                }
-            };
+            return Some(Change::Stats {
+                id: id.to_owned(),
+                record: self.value_of(key, kv, put)??,
+            });
         }
         if let Some(id) = key.strip_prefix("replicas/") {
+            if put {
+                // Read for its lag only: the replica's presence is the key's.
+                let _ = self.opened::<serde::de::IgnoredAny>(kv);
+            }
             return Some(Change::Replica {
                 id: id.to_owned(),
                 present: put,
             });
         }
         if key == "leader" {
-            let holder = put
-                .then(|| serde_json::from_slice::<Envelope<String>>(kv.value()).ok())
-                .flatten()
-                .map(|written| written.value);
+            let holder = put.then(|| self.opened::<String>(kv).ok()).flatten();
             return Some(Change::Leader(holder));
         }
         None
+    }
+
+    /// The value a put stored (Some(None) for a deletion); None, logged, when it is unreadable.
+    fn value_of<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+        kv: &KeyValue,
+        put: bool,
+    ) -> Option<Option<T>> {
+        if !put {
+            return Some(None);
+        }
+        match self.opened(kv) {
+            Ok(value) => Some(Some(value)),
+            Err(error) => {
+                warn!(key, %error, "unreadable value in etcd: ignored");
+                None
+            }
+        }
+    }
+
+    /// A stored value out of its envelope, with the time from its write to here observed.
+    fn opened<T: serde::de::DeserializeOwned>(
+        &self,
+        kv: &KeyValue,
+    ) -> Result<T, serde_json::Error> {
+        let written: Envelope<T> = serde_json::from_slice(kv.value())?;
+        let lag = unix_ms(SystemTime::now()).saturating_sub(written.at_ms);
+        self.metrics.watch_lag.observe(lag as f64 / 1000.0);
+        Ok(written.value)
     }
 
     /// Applies changes from the store. This replica's own changes not yet written go first,
@@ -1267,7 +1249,6 @@ impl Cluster {
                             .filter(|i| i.registration_id == record.registration_id)
                             .and_then(|i| i.leases)
                             .map_or((0, true), |l| (l.liveness, l.alive));
-                        let (kind, version) = kind_and_version(&record);
                         let leases = Leases {
                             registration: lease,
                             liveness: alive.0,
@@ -1275,7 +1256,9 @@ impl Cluster {
                         };
                         match state.mirror(record, leases, now) {
                             Ok(true) => {
-                                info!(instance = %id, module_type = %kind, %version, "module registered at another replica: routed here too");
+                                if let Some(instance) = state.instances.get(&id) {
+                                    info!(instance = %id, module_type = %instance.kind, version = %instance.version, "module registered at another replica: routed here too");
+                                }
                             }
                             Ok(false) => {}
                             Err(error) => {
@@ -1400,15 +1383,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn kind_and_version(record: &SharedInstance) -> (String, String) {
-    let request: Option<marchproxy::pb::RegisterModuleRequest> =
-        prost::Message::decode(record.registration.as_slice()).ok();
-    let instance = request.and_then(|r| r.instance).unwrap_or_default();
-    let kind = marchproxy::names::ModuleKind::from_module_type(instance.module_type)
-        .map_or_else(|| "unknown".to_owned(), |k| k.name().to_owned());
-    (kind, instance.version)
 }
 
 /// Two values of `key` are the same for the store: a promotion's time held for traffic

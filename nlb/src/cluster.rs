@@ -387,7 +387,7 @@ impl Cluster {
         let changes: Vec<Change> = response
             .kvs()
             .iter()
-            .filter_map(|kv| self.decode(kv, EventType::Put))
+            .filter_map(|kv| self.decode(kv, EventType::Put, false))
             .collect();
         let mut known = BTreeMap::new();
         let mut instances = BTreeMap::new();
@@ -1071,7 +1071,7 @@ impl Cluster {
                     for event in response.events() {
                         if let Some(kv) = event.kv() {
                             next = Some(next.unwrap_or(0).max(kv.mod_revision() + 1));
-                            if let Some(change) = self.decode(kv, event.event_type()) {
+                            if let Some(change) = self.decode(kv, event.event_type(), true) {
                                 changes.push(change);
                             }
                         }
@@ -1097,8 +1097,9 @@ impl Cluster {
     }
 
     /// Turns a key-value (or its deletion) into a change; keys outside the layout are
-    /// ignored, unreadable values logged.
-    fn decode(&self, kv: &KeyValue, event: EventType) -> Option<Change> {
+    /// ignored, unreadable values logged. `watched`: it came from the watch just now (its
+    /// lag counts), not from a load of keys written whenever.
+    fn decode(&self, kv: &KeyValue, event: EventType, watched: bool) -> Option<Change> {
         let key = std::str::from_utf8(kv.key())
             .ok()?
             .strip_prefix(&self.prefix)?;
@@ -1106,12 +1107,12 @@ impl Cluster {
         if key.starts_with("operator/") {
             return Some(Change::Operator {
                 key: key.to_owned(),
-                value: self.value_of(key, kv, put)?,
+                value: self.value_of(key, kv, put, watched)?,
                 revision: kv.mod_revision(),
             });
         }
         if let Some(id) = key.strip_prefix("instances/") {
-            let record = self.value_of(key, kv, put)?;
+            let record = self.value_of(key, kv, put, watched)?;
             return Some(Change::Instance {
                 id: id.to_owned(),
                 record: record.map(|record| (record, kv.lease())),
@@ -1119,7 +1120,7 @@ impl Cluster {
             });
         }
         if let Some(id) = key.strip_prefix("alive/") {
-            let registration = self.value_of(key, kv, put)?;
+            let registration = self.value_of(key, kv, put, watched)?;
             return Some(Change::Alive {
                 id: id.to_owned(),
                 lease: registration.map(|registration| (registration, kv.lease())),
@@ -1128,13 +1129,13 @@ impl Cluster {
         if let Some(id) = key.strip_prefix("stats/") {
             return Some(Change::Stats {
                 id: id.to_owned(),
-                record: self.value_of(key, kv, put)??,
+                record: self.value_of(key, kv, put, watched)??,
             });
         }
         if let Some(id) = key.strip_prefix("replicas/") {
             if put {
                 // Read for its lag only: the replica's presence is the key's.
-                let _ = self.opened::<serde::de::IgnoredAny>(kv);
+                let _ = self.opened::<serde::de::IgnoredAny>(kv, watched);
             }
             return Some(Change::Replica {
                 id: id.to_owned(),
@@ -1142,7 +1143,9 @@ impl Cluster {
             });
         }
         if key == "leader" {
-            let holder = put.then(|| self.opened::<String>(kv).ok()).flatten();
+            let holder = put
+                .then(|| self.opened::<String>(kv, watched).ok())
+                .flatten();
             return Some(Change::Leader(holder));
         }
         None
@@ -1154,11 +1157,12 @@ impl Cluster {
         key: &str,
         kv: &KeyValue,
         put: bool,
+        watched: bool,
     ) -> Option<Option<T>> {
         if !put {
             return Some(None);
         }
-        match self.opened(kv) {
+        match self.opened(kv, watched) {
             Ok(value) => Some(Some(value)),
             Err(error) => {
                 warn!(key, %error, "unreadable value in etcd: ignored");
@@ -1167,14 +1171,18 @@ impl Cluster {
         }
     }
 
-    /// A stored value out of its envelope, with the time from its write to here observed.
+    /// A stored value out of its envelope; when `watched`, the time from its write to here
+    /// is observed.
     fn opened<T: serde::de::DeserializeOwned>(
         &self,
         kv: &KeyValue,
+        watched: bool,
     ) -> Result<T, serde_json::Error> {
         let written: Envelope<T> = serde_json::from_slice(kv.value())?;
-        let lag = unix_ms(SystemTime::now()).saturating_sub(written.at_ms);
-        self.metrics.watch_lag.observe(lag as f64 / 1000.0);
+        if watched {
+            let lag = unix_ms(SystemTime::now()).saturating_sub(written.at_ms);
+            self.metrics.watch_lag.observe(lag as f64 / 1000.0);
+        }
         Ok(written.value)
     }
 

@@ -488,10 +488,10 @@ impl Nlb {
             ),
             (
                 "state_dir",
-                match (self.state_dir(), self.store_description()) {
-                    (Some(dir), _) => dir.display().to_string(),
-                    (None, store) if store.starts_with("etcd") => "(none: state in etcd)".into(),
-                    (None, _) => "(memory only)".into(),
+                match self.state_dir() {
+                    Some(dir) => dir.display().to_string(),
+                    None if state.shares_instances => "(none: state in etcd)".into(),
+                    None => "(memory only)".into(),
                 },
             ),
             ("store", self.store_description()),

@@ -6,17 +6,43 @@ use std::{
     net::{SocketAddr, TcpListener},
     path::Path,
     process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
 
 use crate::{eventually, http_request};
 
-/// A loopback port nobody listens on right now.
+/// A loopback port nobody listens on right now, for a server that is told its port.
+///
+/// The port is taken below the kernel's ephemeral range: a port the kernel hands out for `:0`
+/// can be handed out again, as the local port of some concurrent test's outgoing connection,
+/// between this check and the server binding it (a CI run lost a test to exactly that). Ports
+/// are handed out in turn from a start that depends on the process id, so parallel tests in one
+/// binary never get the same port and two test binaries rarely start at the same place.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let below = ephemeral_range_start().clamp(FIRST_TEST_PORT + 1000, u16::MAX as u32 + 1);
+    let span = below - FIRST_TEST_PORT;
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = (FIRST_TEST_PORT + offset) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {FIRST_TEST_PORT} and {below}")
+}
+
+/// The lowest port `free_port` hands out: above the well-known services a test machine runs.
+const FIRST_TEST_PORT: u32 = 20_000;
+
+/// The first port of Linux's ephemeral range (32768 where it cannot be read).
+fn ephemeral_range_start() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 /// Fails the test unless `check` (a shell command) succeeds, naming `install`.

@@ -38,8 +38,11 @@ wait_port 19432
 until "$pgbin/pg_isready" -q -h 127.0.0.1 -p 19432; do sleep 0.1; done
 "$pgbin/pgbench" -h 127.0.0.1 -p 19432 -U postgres -i -q -s 10 postgres >/dev/null 2>&1
 
-# The DBLB: session mode on 19433, transaction mode on 19437.
+# The DBLB: session mode on 19433, transaction mode on 19437; like PgBouncer below, it checks
+# no password (auth_type trust) and keeps its server logins for the next clients.
 cat > "$work/dblb.toml" <<TOML
+[module]
+auth_type = "trust"
 [[routes]]
 route_id = "session"
 protocol = "postgres"

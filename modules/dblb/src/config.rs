@@ -1,11 +1,14 @@
 //! The DBLB's flags and its `[module]` settings (also `UpdateConfig` `module`, merged key by
-//! key): how long clients wait for a server, how many may wait, and how backends are checked.
+//! key): how long clients wait for a server, how many may wait, how backends are checked and
+//! who authenticates PostgreSQL clients.
 
 use std::time::Duration;
 
 use clap::Parser;
 use marchproxy_runtime::CommonArgs;
 use serde::{Deserialize, Serialize};
+
+use crate::auth::{AuthFile, AuthFileError, AuthType};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,6 +41,16 @@ pub struct Settings {
     /// How long a PostgreSQL client may take to send its startup packet.
     pub startup_timeout_ms: u64,
     pub health_check: HealthCheck,
+    /// Who checks PostgreSQL clients' passwords: `passthrough` (the servers, each client on a
+    /// login of its own), `scram-sha-256` (the DBLB, against `auth_file`, handing clients
+    /// server connections it logged in itself) or `trust` (the DBLB lets in the users of
+    /// `auth_file`, or anyone without one, and logs in with their plain passwords, if any).
+    pub auth_type: AuthType,
+    /// PgBouncer's `userlist.txt` format: `"user" "password"` lines, the password plain or the
+    /// user's `SCRAM-SHA-256$` secret from `pg_authid`.
+    pub auth_file: Option<std::path::PathBuf>,
+    /// How long a server connection the DBLB logged in may stay unused before it is closed.
+    pub server_idle_timeout_ms: u64,
 }
 
 impl Default for Settings {
@@ -48,6 +61,9 @@ impl Default for Settings {
             connect_timeout_ms: 3_000,
             startup_timeout_ms: 10_000,
             health_check: HealthCheck::default(),
+            auth_type: AuthType::Passthrough,
+            auth_file: None,
+            server_idle_timeout_ms: 60_000,
         }
     }
 }
@@ -106,6 +122,15 @@ impl Settings {
         Duration::from_millis(self.startup_timeout_ms)
     }
 
+    pub fn server_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.server_idle_timeout_ms)
+    }
+
+    /// The users of `auth_file`, when one is set.
+    pub fn load_auth_file(&self) -> Result<Option<AuthFile>, AuthFileError> {
+        self.auth_file.as_deref().map(AuthFile::load).transpose()
+    }
+
     /// `self` with `update`'s keys, checked.
     pub fn merged(&self, update: &serde_json::Value) -> Result<Settings, Vec<String>> {
         let settings: Settings = marchproxy_runtime::config::merge_section("module", self, update)?;
@@ -131,6 +156,14 @@ impl Settings {
         }
         if check.user.is_empty() || check.user.contains('\0') || check.database.contains('\0') {
             problems.push("module.health_check.user must be a non-empty name".into());
+        }
+        if settings.auth_type == AuthType::ScramSha256 && settings.auth_file.is_none() {
+            problems.push(
+                "module.auth_type scram-sha-256 needs module.auth_file, the users and their passwords or SCRAM secrets".into(),
+            );
+        }
+        if settings.server_idle_timeout_ms == 0 {
+            problems.push("module.server_idle_timeout_ms must be at least 1".into());
         }
         if problems.is_empty() {
             Ok(settings)

@@ -7,15 +7,19 @@
 //! - [`table`]: routes, servers, their health and open sessions, and the choice of a server;
 //! - [`postgres`], [`mysql`]: each protocol's session, from the first bytes to the relay;
 //! - [`relay`]: copying a session both ways while counting its queries;
-//! - [`pool`], [`transaction`]: transaction pooling for PostgreSQL;
+//! - [`pool`], [`transaction`]: pooling of PostgreSQL server connections;
+//! - [`auth`], [`login`]: PostgreSQL clients the DBLB authenticates itself, and the server
+//!   logins it makes for them;
 //! - [`health`]: protocol health checks;
 //! - [`config`], [`metrics`]: settings and `dblb_*` metrics.
 //!
 //! Everything else (ModuleService, registration as `MODULE_TYPE_DBLB`, heartbeats, rate limits,
 //! admin, drain) is the module runtime's. [`run`] is the binary's entry.
 
+pub mod auth;
 pub mod config;
 pub mod health;
+pub mod login;
 pub mod metrics;
 pub mod mysql;
 pub mod pool;
@@ -32,7 +36,7 @@ use std::{
     time::Instant,
 };
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use marchproxy::{names::ModuleKind, pb, route::RouteSpec};
 use marchproxy_runtime::{
     DataPlane, Module, ModuleError, RuntimeConfig, http::TlsAcceptor, tcp::Accepted,
@@ -40,6 +44,7 @@ use marchproxy_runtime::{
 use tokio::{net::TcpStream, sync::Notify};
 
 use crate::{
+    auth::AuthFile,
     config::{Cli, Settings},
     metrics::{Metrics, Outcome},
     pool::Pools,
@@ -84,6 +89,8 @@ pub struct Dblb {
     pub metrics: Arc<Metrics>,
     /// TLS for PostgreSQL clients that ask for SSL, when certificates are configured.
     tls: Option<TlsAcceptor>,
+    /// The users of `module.auth_file`, read when the setting is applied.
+    auth_file: ArcSwapOption<AuthFile>,
 }
 
 /// A place in the wait queue, given back on drop.
@@ -107,7 +114,12 @@ impl Dblb {
             pools: Pools::default(),
             metrics,
             tls,
+            auth_file: ArcSwapOption::empty(),
         })
+    }
+
+    pub fn auth_file(&self) -> Option<Arc<AuthFile>> {
+        self.auth_file.load_full()
     }
 
     pub fn settings(&self) -> Settings {
@@ -223,6 +235,7 @@ impl Module for Dblb {
     async fn serve(self: Arc<Self>, plane: DataPlane) -> Result<(), ModuleError> {
         self.metrics.register(&plane.stats.module_registry)?;
         let checks = tokio::spawn(health::run(Arc::clone(&self)));
+        let reaper = tokio::spawn(close_idle_logins(Arc::clone(&self)));
         let metrics = Arc::clone(&self.metrics);
         let tls = self.tls.clone();
         let served = marchproxy_runtime::tcp::serve_refusing(
@@ -247,6 +260,7 @@ impl Module for Dblb {
         )
         .await;
         checks.abort();
+        reaper.abort();
         served
     }
 
@@ -261,13 +275,21 @@ impl Module for Dblb {
         _config_type: &str,
         config: &serde_json::Value,
     ) -> Result<(), Vec<String>> {
-        self.settings().merged(config).map(|_| ())
+        let settings = self.settings().merged(config)?;
+        settings.load_auth_file().map_err(|e| vec![e.to_string()])?;
+        Ok(())
     }
 
     fn apply_config(&self, _config_type: &str, config: &serde_json::Value) {
-        if let Ok(settings) = self.settings().merged(config) {
-            *self.settings.write().unwrap_or_else(|e| e.into_inner()) = settings;
+        let Ok(settings) = self.settings().merged(config) else {
+            return;
+        };
+        match settings.load_auth_file() {
+            Ok(file) => self.auth_file.store(file.map(Arc::new)),
+            // Checked just before; a file changed since keeps the users read last time.
+            Err(error) => tracing::warn!(%error, "module.auth_file not reloaded"),
         }
+        *self.settings.write().unwrap_or_else(|e| e.into_inner()) = settings;
     }
 
     fn custom_stats(&self) -> std::collections::HashMap<String, String> {
@@ -283,6 +305,19 @@ impl Module for Dblb {
             ),
         ]
         .into()
+    }
+}
+
+/// Closes the DBLB's own server logins once unused for `module.server_idle_timeout_ms`.
+async fn close_idle_logins(dblb: Arc<Dblb>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let closed = dblb.pools.close_idle(dblb.settings().server_idle_timeout());
+        if closed > 0 {
+            tracing::debug!(closed, "idle server logins closed");
+        }
     }
 }
 

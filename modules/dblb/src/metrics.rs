@@ -18,6 +18,7 @@ pub struct Metrics {
     cancels: IntCounterVec,
     pool_idle: IntGaugeVec,
     checkouts: IntCounterVec,
+    server_logins: IntCounterVec,
 }
 
 /// Why a session ended before or after reaching a server (`dblb_sessions_total{outcome}`).
@@ -36,6 +37,8 @@ pub enum Outcome {
     BadStartup,
     /// Over its client rate limit.
     RateLimited,
+    /// The DBLB authenticated the client itself (`module.auth_type`) and it failed.
+    AuthFailed,
 }
 
 impl Outcome {
@@ -47,6 +50,7 @@ impl Outcome {
             Outcome::Full => "full",
             Outcome::BadStartup => "bad_startup",
             Outcome::RateLimited => "rate_limited",
+            Outcome::AuthFailed => "auth_failed",
         }
     }
 }
@@ -77,7 +81,7 @@ impl Metrics {
         Metrics {
             sessions: counters(
                 "dblb_sessions_total",
-                "Client sessions by protocol and outcome (served, no_route, unavailable, full, bad_startup, rate_limited)",
+                "Client sessions by protocol and outcome (served, no_route, unavailable, full, bad_startup, rate_limited, auth_failed)",
                 &["protocol", "outcome"],
             ),
             queries: counters(
@@ -118,8 +122,13 @@ impl Metrics {
             ),
             checkouts: counters(
                 "dblb_pool_checkouts_total",
-                "Transactions given a pooled server connection, per route",
+                "Transactions (sessions, on session-pooled routes) given a pooled server connection, per route",
                 &["route"],
+            ),
+            server_logins: counters(
+                "dblb_server_logins_total",
+                "Server connections the DBLB logged in itself for the clients it authenticates (module.auth_type), per route and outcome (ok, failed)",
+                &["route", "outcome"],
             ),
         }
     }
@@ -162,6 +171,12 @@ impl Metrics {
         self.pool_idle.with_label_values(&[route])
     }
 
+    pub fn server_login(&self, route: &str, outcome: &str) {
+        self.server_logins
+            .with_label_values(&[route, outcome])
+            .inc();
+    }
+
     pub fn checkouts(&self, route: &str) -> IntCounter {
         self.checkouts.with_label_values(&[route])
     }
@@ -182,6 +197,7 @@ impl Metrics {
         registry.register(Box::new(self.cancels.clone()))?;
         registry.register(Box::new(self.pool_idle.clone()))?;
         registry.register(Box::new(self.checkouts.clone()))?;
+        registry.register(Box::new(self.server_logins.clone()))?;
         Ok(())
     }
 }

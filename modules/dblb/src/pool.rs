@@ -1,14 +1,20 @@
-//! Server connections shared between clients at transaction boundaries (transaction pooling
-//! for PostgreSQL). A pool holds the logged-in connections of one server for one user,
-//! database and set of startup settings; a client takes one for each transaction and gives it
-//! back when the server is idle again.
+//! Logged-in PostgreSQL server connections shared between clients. A pool holds the
+//! connections of one user, database and set of startup settings; a client takes one for each
+//! transaction (transaction pooling) or for its whole session (session pooling, with a reset
+//! before the next client), and gives it back when the server is idle again.
 //!
-//! Connections are only ever made by a client's own login (the servers check every client's
-//! password; the DBLB holds none), so a pool never needs more connections than it has clients:
-//! a login connection beyond that is closed rather than pooled, a leaving client takes one
-//! idle connection with it, and the last client takes them all. Within a route's
-//! `max_connections`, a login that finds the servers full closes an idle pooled connection
-//! (of a pool that can spare one) to take its place.
+//! Where connections come from is the pool's [`Origin`]:
+//! - with passthrough authentication the servers check every client's password and the DBLB
+//!   holds none, so connections are only ever made by a client's own login, on one server. A
+//!   pool then never needs more connections than it has clients: a login connection beyond
+//!   that is closed rather than pooled, a leaving client takes one idle connection with it,
+//!   and the last client takes them all;
+//! - when the DBLB authenticates clients itself (`module.auth_type`), it logs connections in
+//!   itself, on whichever server the route picks, whenever a client finds none idle; they
+//!   outlive their clients and close after `module.server_idle_timeout_ms` unused.
+//!
+//! Within a route's `max_connections`, a login that finds the servers full closes an idle
+//! pooled connection (of a pool that can spare one) to take its place.
 
 use std::{
     collections::VecDeque,
@@ -16,22 +22,34 @@ use std::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use dashmap::DashMap;
 use marchproxy::names::Endpoint;
 use prometheus::IntGauge;
-use tokio::{net::TcpStream, sync::Notify};
+use tokio::{io::AsyncWriteExt, net::TcpStream, sync::Notify};
+use tracing::debug;
 
-use crate::table::Lease;
+use crate::{
+    Dblb,
+    login::{self, LoginError, Recipe},
+    table::{Lease, PoolMode},
+};
 
-/// Which connections may serve a client: the same server, user and database, and the same
-/// startup settings (`options`, `client_encoding`, `DateStyle` ...; the application name
+/// How long resetting a session-pooled connection for its next client may take.
+const RESET_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Which connections may serve a client: the same server (for clients' own logins), listener
+/// and read-only wish (for the DBLB's, which the route places), user and database, and the
+/// same startup settings (`options`, `client_encoding`, `DateStyle` ...; the application name
 /// aside), so no client gets a connection set up for another's encoding or options.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
-    pub server: String,
+    /// The server, for pools of clients' own logins; None where the DBLB logs in.
+    pub server: Option<String>,
+    pub listener_port: u16,
+    pub read_only: bool,
     pub user: String,
     pub database: String,
     /// The other startup parameters, sorted.
@@ -44,6 +62,8 @@ pub struct ServerConn {
     pub address: Endpoint,
     /// The server's cancel key for this connection.
     pub key: Option<(u32, u32)>,
+    /// When it last went back to the pool.
+    idle_since: Instant,
     _lease: Lease,
     pool: Arc<Pool>,
 }
@@ -65,15 +85,47 @@ pub enum CheckoutError {
         "the pooled server connections are gone (the server restarted or closed them); reconnect"
     )]
     Gone,
+    #[error("{0}")]
+    Login(#[from] LoginError),
+}
+
+impl CheckoutError {
+    /// The SQLSTATE a client is told.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            CheckoutError::Busy(_) => "53300",
+            CheckoutError::Gone => "08006",
+            CheckoutError::Login(error) => error.sqlstate(),
+        }
+    }
+}
+
+/// Where a pool's connections come from.
+pub enum Origin {
+    /// Clients' own logins (passthrough authentication), for transaction pooling.
+    ClientLogins,
+    /// Logins the DBLB makes itself for clients it authenticated.
+    Dblb {
+        mode: PoolMode,
+        /// The ParameterStatus messages of the pool's first login: what a client is told at
+        /// its start, as a server would.
+        greeting: Vec<u8>,
+        /// How to log in one more connection: the latest client's startup and password.
+        recipe: Mutex<Arc<Recipe>>,
+    },
 }
 
 pub struct Pool {
     pub route_id: String,
+    pub origin: Origin,
     idle: Mutex<VecDeque<ServerConn>>,
     /// Connections alive, idle or serving a client.
     open: AtomicUsize,
     /// Clients logged in to this pool now.
     clients: AtomicUsize,
+    /// Logins the DBLB is making for this pool now (it keeps its idle connections meanwhile:
+    /// it is about to take them).
+    logging_in: AtomicUsize,
     released: Notify,
     /// The DBLB's "a server slot may be free" signal: logins waiting for a full server look
     /// again at idle connections they may close.
@@ -96,25 +148,59 @@ impl Drop for PoolClient {
     fn drop(&mut self) {
         let pool = &self.0;
         pool.clients.fetch_sub(1, Ordering::AcqRel);
-        // Keep no more connections than clients: they could serve nobody else.
-        while pool.spare_one(|open, clients| open > clients) {}
+        if matches!(pool.origin, Origin::ClientLogins) {
+            // Keep no more connections than clients: they could serve nobody else.
+            while pool.spare_one(|open, clients| open > clients) {}
+        }
         pool.logins.notify_waiters();
     }
 }
 
 impl Pool {
-    /// Takes a client's freshly logged-in connection: into the pool, or closed when the pool
-    /// already has a connection for each of its clients.
-    pub fn adopt(self: &Arc<Self>, stream: TcpStream, lease: Lease, key: Option<(u32, u32)>) {
-        self.open.fetch_add(1, Ordering::AcqRel);
-        let conn = ServerConn {
+    pub fn new(
+        route_id: &str,
+        origin: Origin,
+        logins: &Arc<Notify>,
+        idle_gauge: IntGauge,
+    ) -> Arc<Pool> {
+        Arc::new(Pool {
+            route_id: route_id.to_owned(),
+            origin,
+            idle: Mutex::new(VecDeque::new()),
+            open: AtomicUsize::new(0),
+            clients: AtomicUsize::new(0),
+            logging_in: AtomicUsize::new(0),
+            released: Notify::new(),
+            logins: Arc::clone(logins),
+            idle_gauge,
+        })
+    }
+
+    /// A connection of this pool, counted in `open` by the caller.
+    fn wrap(
+        self: &Arc<Self>,
+        stream: TcpStream,
+        lease: Lease,
+        key: Option<(u32, u32)>,
+    ) -> ServerConn {
+        ServerConn {
             stream,
             address: lease.backend.address.clone(),
             key,
+            idle_since: Instant::now(),
             _lease: lease,
             pool: Arc::clone(self),
-        };
-        if self.open.load(Ordering::Acquire) > self.clients.load(Ordering::Acquire) {
+        }
+    }
+
+    /// Takes a freshly logged-in connection: into the pool, or, for clients' own logins,
+    /// closed when the pool already has a connection for each of its clients.
+    pub fn adopt(self: &Arc<Self>, stream: TcpStream, lease: Lease, key: Option<(u32, u32)>) {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        let conn = self.wrap(stream, lease, key);
+        if matches!(self.origin, Origin::ClientLogins)
+            && self.open.load(Ordering::Acquire) > self.clients.load(Ordering::Acquire)
+        {
             drop(conn);
             self.logins.notify_waiters();
         } else {
@@ -122,8 +208,20 @@ impl Pool {
         }
     }
 
+    /// Whether clients are served by the whole session rather than by the transaction.
+    pub fn holds_sessions(&self) -> bool {
+        matches!(
+            self.origin,
+            Origin::Dblb {
+                mode: PoolMode::Session,
+                ..
+            }
+        )
+    }
+
     /// Gives back a connection whose server is idle (ReadyForQuery `I`, nothing pending).
-    pub fn release(&self, conn: ServerConn) {
+    pub fn release(&self, mut conn: ServerConn) {
+        conn.idle_since = Instant::now();
         self.lock().push_back(conn);
         self.idle_gauge.inc();
         self.released.notify_one();
@@ -144,8 +242,14 @@ impl Pool {
         }
     }
 
-    /// A connection for one transaction, waiting up to `wait` for one to be given back.
-    pub async fn checkout(&self, wait: Duration) -> Result<ServerConn, CheckoutError> {
+    /// A connection for one transaction (or session), waiting up to `wait` for one to be
+    /// given back. Where the DBLB logs in itself, a client that finds none idle gets a new
+    /// login while the pool has fewer connections than clients, unless one comes back first.
+    pub async fn checkout(
+        self: &Arc<Self>,
+        dblb: &Dblb,
+        wait: Duration,
+    ) -> Result<ServerConn, CheckoutError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let released = self.released.notified();
@@ -154,13 +258,56 @@ impl Pool {
             if let Some(conn) = self.take() {
                 return Ok(conn);
             }
-            if self.open.load(Ordering::Acquire) == 0 {
-                return Err(CheckoutError::Gone);
+            match &self.origin {
+                Origin::ClientLogins if self.open.load(Ordering::Acquire) == 0 => {
+                    return Err(CheckoutError::Gone);
+                }
+                Origin::Dblb { recipe, .. } => {
+                    if let Some(reservation) = LoggingIn::reserve(self) {
+                        let recipe = Arc::clone(&recipe.lock().unwrap_or_else(|e| e.into_inner()));
+                        tokio::select! {
+                            login = login::log_in(dblb, &recipe) => {
+                                let login = login?;
+                                reservation.keep();
+                                return Ok(self.wrap(login.stream, login.lease, login.key));
+                            }
+                            // One came back first: take it instead.
+                            () = &mut released => continue,
+                        }
+                    }
+                }
+                _ => {}
             }
             if tokio::time::timeout_at(deadline, released).await.is_err() {
                 return Err(CheckoutError::Busy(wait));
             }
         }
+    }
+
+    /// The latest client's way in: later logins use its startup and password.
+    pub fn update_recipe(&self, newer: Arc<Recipe>) {
+        if let Origin::Dblb { recipe, .. } = &self.origin {
+            *recipe.lock().unwrap_or_else(|e| e.into_inner()) = newer;
+        }
+    }
+
+    /// Gives back a session-pooled connection once `DISCARD ALL` has reset it for the next
+    /// client (PgBouncer's `server_reset_query`); a connection that fails the reset is closed.
+    pub fn reset_and_release(self: &Arc<Self>, conn: ServerConn) {
+        let pool = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut conn = conn;
+            let reset = tokio::time::timeout(RESET_TIMEOUT, reset(&mut conn.stream)).await;
+            match reset {
+                Ok(Ok(())) => pool.release(conn),
+                Ok(Err(error)) => {
+                    debug!(server = %conn.address, %error, "a pooled connection failed its reset; closed")
+                }
+                Err(_) => {
+                    debug!(server = %conn.address, "a pooled connection did not answer its reset; closed")
+                }
+            }
+        });
     }
 
     fn lock(&self) -> MutexGuard<'_, VecDeque<ServerConn>> {
@@ -190,6 +337,64 @@ impl Pool {
     }
 }
 
+/// A login in progress for a pool: counted in its open connections (so concurrent checkouts
+/// do not log in more than it has clients) and in its logins, until it is kept as a
+/// connection or fails, or the checkout making it is dropped.
+struct LoggingIn<'a> {
+    pool: &'a Pool,
+    kept: bool,
+}
+
+impl<'a> LoggingIn<'a> {
+    /// A reservation, if the pool has fewer connections than clients.
+    fn reserve(pool: &'a Pool) -> Option<Self> {
+        let clients = pool.clients.load(Ordering::Acquire);
+        pool.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < clients).then_some(open + 1)
+            })
+            .ok()?;
+        pool.logging_in.fetch_add(1, Ordering::AcqRel);
+        Some(LoggingIn { pool, kept: false })
+    }
+
+    /// The login became a connection, which now counts itself.
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for LoggingIn<'_> {
+    fn drop(&mut self) {
+        self.pool.logging_in.fetch_sub(1, Ordering::AcqRel);
+        if !self.kept {
+            self.pool.open.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Sends `DISCARD ALL` and reads up to the server's ReadyForQuery, which must say idle.
+async fn reset(stream: &mut TcpStream) -> std::io::Result<()> {
+    const QUERY: &[u8] = b"DISCARD ALL\0";
+    let mut message = vec![b'Q'];
+    message.extend_from_slice(&(QUERY.len() as u32 + 4).to_be_bytes());
+    message.extend_from_slice(QUERY);
+    stream.write_all(&message).await?;
+    let mut answer = bytes::BytesMut::with_capacity(256);
+    loop {
+        let (kind, body) = login::read_message(stream, &mut answer).await?;
+        match (kind, body.first()) {
+            (b'Z', Some(b'I')) => return Ok(()),
+            (b'Z' | b'E', _) => {
+                return Err(std::io::Error::other(
+                    "the server did not reset the session",
+                ));
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Every pool, by key.
 #[derive(Default)]
 pub struct Pools {
@@ -197,35 +402,27 @@ pub struct Pools {
 }
 
 impl Pools {
-    /// Counts a logged-in client in the pool for `key` (made on first use). The count is taken
-    /// under the map's entry lock, so [`Pools::make_room`] never forgets a pool being joined.
-    pub fn join(
-        &self,
-        key: PoolKey,
-        route_id: &str,
-        logins: &Arc<Notify>,
-        idle_gauge: impl FnOnce() -> IntGauge,
-    ) -> PoolClient {
-        let entry = self.pools.entry(key).or_insert_with(|| {
-            Arc::new(Pool {
-                route_id: route_id.to_owned(),
-                idle: Mutex::new(VecDeque::new()),
-                open: AtomicUsize::new(0),
-                clients: AtomicUsize::new(0),
-                released: Notify::new(),
-                logins: Arc::clone(logins),
-                idle_gauge: idle_gauge(),
-            })
-        });
+    /// Counts a logged-in client in the pool for `key`, made by `new` on first use. The count
+    /// is taken under the map's entry lock, so [`Pools::make_room`] never forgets a pool
+    /// being joined.
+    pub fn join(&self, key: PoolKey, new: impl FnOnce() -> Arc<Pool>) -> PoolClient {
+        let entry = self.pools.entry(key).or_insert_with(new);
         entry.clients.fetch_add(1, Ordering::AcqRel);
         PoolClient(Arc::clone(entry.value()))
     }
 
+    /// Joins the pool for `key` if it exists.
+    pub fn join_existing(&self, key: &PoolKey) -> Option<PoolClient> {
+        let entry = self.pools.get(key)?;
+        entry.clients.fetch_add(1, Ordering::AcqRel);
+        Some(PoolClient(Arc::clone(entry.value())))
+    }
+
     /// Closes one idle connection of `routes` so a login can take its slot, from a pool that
-    /// keeps another connection for its clients. Pools with no client left are forgotten.
+    /// keeps another connection for its clients (or has none). Pools with neither clients nor
+    /// connections are forgotten.
     pub fn make_room(&self, routes: &[String]) -> bool {
-        self.pools
-            .retain(|_, pool| pool.clients.load(Ordering::Acquire) > 0);
+        self.forget_unused();
         let candidates: Vec<Arc<Pool>> = self
             .pools
             .iter()
@@ -234,6 +431,31 @@ impl Pools {
             .collect();
         candidates
             .iter()
-            .any(|pool| pool.spare_one(|open, _| open > 1))
+            .filter(|pool| pool.logging_in.load(Ordering::Acquire) == 0)
+            .any(|pool| pool.spare_one(|open, clients| open > 1 || clients == 0))
+    }
+
+    /// Closes the DBLB's logins idle for longer than `timeout`; returns how many.
+    pub fn close_idle(&self, timeout: Duration) -> usize {
+        let mut closed = 0;
+        for pool in self.pools.iter() {
+            if matches!(pool.origin, Origin::ClientLogins) {
+                continue;
+            }
+            let mut idle = pool.lock();
+            let before = idle.len();
+            idle.retain(|conn| conn.idle_since.elapsed() < timeout);
+            let gone = before - idle.len();
+            pool.idle_gauge.sub(gone as i64);
+            closed += gone;
+        }
+        self.forget_unused();
+        closed
+    }
+
+    fn forget_unused(&self) {
+        self.pools.retain(|_, pool| {
+            pool.clients.load(Ordering::Acquire) > 0 || pool.open.load(Ordering::Acquire) > 0
+        });
     }
 }

@@ -21,8 +21,10 @@ use tracing::{debug, info};
 
 use crate::{
     Dblb, Refusal,
+    auth::AuthType,
+    login,
     metrics::Outcome,
-    pool::PoolKey,
+    pool::{Origin, Pool, PoolKey},
     relay::{self, Framing},
     table::{Engine, PoolMode, Want},
     transaction,
@@ -50,7 +52,7 @@ pub enum Startup {
 }
 
 /// A startup packet's protocol version and parameters, in the client's order.
-#[derive(Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Parameters {
     minor_version: u16,
     params: Vec<(String, String)>,
@@ -329,6 +331,15 @@ pub struct ClientKey<'a> {
 }
 
 impl ClientKey<'_> {
+    /// The process id the client is told (ours, not a server's).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn secret(&self) -> u32 {
+        self.secret
+    }
+
     /// From now on, a cancel with this key reaches `server`'s session (`pid`, `secret`).
     pub fn point(&self, server: &Endpoint, key: Option<(u32, u32)>) {
         if let Some(mut entry) = self.cancels.keys.get_mut(&self.pid) {
@@ -500,6 +511,17 @@ async fn session<S>(
         }
     };
     let request = stats.request();
+    if settings.auth_type != AuthType::Passthrough {
+        let key = dblb.cancels.issue();
+        let served = login::serve(&dblb, stream, parameters, listener_port, &key, &stats).await;
+        let outcome = served.unwrap_or_else(|error| {
+            debug!(%client, %error, "PostgreSQL session ended with an error");
+            Outcome::Served
+        });
+        dblb.metrics.session(Engine::Postgres.name(), outcome);
+        request.finish(outcome == Outcome::Served);
+        return;
+    }
     let want = Want {
         engine: Engine::Postgres,
         listener_port,
@@ -548,17 +570,22 @@ async fn session<S>(
                 relay::session(stream.halves(), server, Framing::Postgres, &queries, &stats).await
             }
             PoolMode::Transaction => {
-                let pool = dblb.pools.join(
-                    PoolKey {
-                        server: lease.backend.address.to_string(),
-                        user: parameters.get("user").unwrap_or_default().to_owned(),
-                        database,
-                        settings: parameters.settings(),
-                    },
-                    &lease.route_id,
-                    dblb.freed(),
-                    || dblb.metrics.pool_idle(&lease.route_id),
-                );
+                let pool_key = PoolKey {
+                    server: Some(lease.backend.address.to_string()),
+                    listener_port,
+                    read_only: parameters.read_only(),
+                    user: parameters.get("user").unwrap_or_default().to_owned(),
+                    database,
+                    settings: parameters.settings(),
+                };
+                let pool = dblb.pools.join(pool_key, || {
+                    Pool::new(
+                        &lease.route_id,
+                        Origin::ClientLogins,
+                        dblb.freed(),
+                        dblb.metrics.pool_idle(&lease.route_id),
+                    )
+                });
                 // The login connection may serve any client of the pool from now on; this
                 // client's cancel key follows its own transactions instead.
                 key.clear();

@@ -14,10 +14,15 @@
 //! refused in words (unnamed statements and portals work); session state set with SQL (`SET`,
 //! `LISTEN`, SQL `PREPARE`) stays on whichever connection ran it, as with PgBouncer's
 //! transaction mode.
+//!
+//! Clients of a session-pooled route that the DBLB authenticated itself are served by the
+//! same loop holding one connection from their first message to their end; it then goes
+//! back to the pool after a reset (`DISCARD ALL`), and named statements are theirs to use.
 
 use std::{
     io,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll, Waker},
 };
 
@@ -236,6 +241,7 @@ where
     let wait = dblb.settings().queue_timeout();
     let queries = dblb.metrics.query_counter(Engine::Postgres.name());
     let checkouts = dblb.metrics.checkouts(&pool.route_id);
+    let holds_session = pool.holds_sessions();
     let mut to_server = BytesMut::new();
     let mut to_client = BytesMut::with_capacity(32 * 1024);
     let mut scratch = vec![0u8; 32 * 1024];
@@ -272,18 +278,25 @@ where
                     break;
                 }
                 b'P' if header.len() < 6 => break,
-                b'P' if length > 4 && header[5] != 0 => {
+                b'P' if length > 4 && header[5] != 0 && !holds_session => {
                     stop = Some(Stop::NamedStatement);
                     break;
                 }
                 _ => {}
             }
             if attached.is_none() {
-                let conn = match pool.checkout(wait).await {
+                let conn = match pool.checkout(dblb, wait).await {
                     Ok(conn) => conn,
                     Err(error) => {
                         debug!(route = %pool.route_id, %error, "no pooled connection for a transaction");
-                        return refuse(&mut client, None, pool, "53300", &error.to_string()).await;
+                        return refuse(
+                            &mut client,
+                            None,
+                            pool,
+                            error.sqlstate(),
+                            &error.to_string(),
+                        )
+                        .await;
                     }
                 };
                 checkouts.inc();
@@ -336,7 +349,8 @@ where
             }
             None => {}
         }
-        if body_left == 0
+        if !holds_session
+            && body_left == 0
             && to_server.is_empty()
             && attached.as_ref().is_some_and(|a| a.progress.idle())
         {
@@ -435,12 +449,16 @@ async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// The client left: an idle connection with nothing left to write goes back to the pool, one
-/// mid-transaction is closed.
-fn finish(attached: Option<Attached>, pool: &Pool, written: bool) -> io::Result<()> {
+/// The client left: an idle connection with nothing left to write goes back to the pool (a
+/// session's after a reset), one mid-transaction is closed.
+fn finish(attached: Option<Attached>, pool: &Arc<Pool>, written: bool) -> io::Result<()> {
     if let Some(server) = attached {
         if written && server.progress.idle() {
-            pool.release(server.conn);
+            if pool.holds_sessions() {
+                pool.reset_and_release(server.conn);
+            } else {
+                pool.release(server.conn);
+            }
         }
     }
     Ok(())
@@ -450,7 +468,7 @@ fn finish(attached: Option<Attached>, pool: &Pool, written: bool) -> io::Result<
 async fn refuse<S>(
     client: &mut S,
     attached: Option<Attached>,
-    pool: &Pool,
+    pool: &Arc<Pool>,
     sqlstate: &str,
     message: &str,
 ) -> io::Result<()>

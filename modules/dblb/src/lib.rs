@@ -143,6 +143,26 @@ impl Dblb {
     /// out and the next one tried; when every server is full the client waits (bounded by
     /// `max_waiting` and `queue_timeout_ms`) for a session to end.
     pub async fn open(&self, want: Want<'_>) -> Result<(table::Lease, TcpStream), Refusal> {
+        self.open_or_full(want, true)
+            .await?
+            .ok_or_else(|| Refusal::Full("every server is at its max_connections".to_owned()))
+    }
+
+    /// As [`Dblb::open`], but None at once when every server is full (after closing an idle
+    /// pooled connection fails to make room): for a pool that waits for its own connections
+    /// to come back rather than in the queue.
+    pub async fn open_unless_full(
+        &self,
+        want: Want<'_>,
+    ) -> Result<Option<(table::Lease, TcpStream)>, Refusal> {
+        self.open_or_full(want, false).await
+    }
+
+    async fn open_or_full(
+        &self,
+        want: Want<'_>,
+        queue: bool,
+    ) -> Result<Option<(table::Lease, TcpStream)>, Refusal> {
         let settings = self.settings();
         let deadline = tokio::time::Instant::now() + settings.queue_timeout();
         let mut tried: Vec<Arc<Backend>> = Vec::new();
@@ -176,7 +196,7 @@ impl Dblb {
                     match dialled {
                         Ok(stream) => {
                             let _ = stream.set_nodelay(true);
-                            return Ok((lease, stream));
+                            return Ok(Some((lease, stream)));
                         }
                         Err(error) => {
                             lease.backend.dial_failed(&error);
@@ -189,6 +209,9 @@ impl Dblb {
                     // Idle pooled connections give way to a login.
                     if self.pools.make_room(&routes) {
                         continue;
+                    }
+                    if !queue {
+                        return Ok(None);
                     }
                     if queued.is_none() {
                         if self.waiting.fetch_add(1, Ordering::AcqRel) >= settings.max_waiting {

@@ -139,8 +139,13 @@ fn error_text(body: &[u8]) -> String {
 }
 
 /// Logs a new server connection in for `recipe`: a server the route picks, the startup
-/// packet, the server's authentication answered, up to its first ReadyForQuery.
-pub async fn log_in(dblb: &Dblb, recipe: &Recipe) -> Result<ServerLogin, LoginError> {
+/// packet, the server's authentication answered, up to its first ReadyForQuery. With
+/// `queue`, waits in the queue for a server with room; without, None when all are full.
+pub async fn log_in(
+    dblb: &Dblb,
+    recipe: &Recipe,
+    queue: bool,
+) -> Result<Option<ServerLogin>, LoginError> {
     let settings = dblb.settings();
     let want = Want {
         engine: Engine::Postgres,
@@ -149,7 +154,14 @@ pub async fn log_in(dblb: &Dblb, recipe: &Recipe) -> Result<ServerLogin, LoginEr
         read_only: recipe.read_only,
         tried: &[],
     };
-    let (lease, mut stream) = dblb.open(want).await?;
+    let opened = if queue {
+        Some(dblb.open(want).await?)
+    } else {
+        dblb.open_unless_full(want).await?
+    };
+    let Some((lease, mut stream)) = opened else {
+        return Ok(None);
+    };
     let server = lease.backend.address.to_string();
     let timeout = settings.startup_timeout();
     let exchanged = tokio::time::timeout(timeout, exchange(&mut stream, recipe, &lease, &server))
@@ -166,12 +178,12 @@ pub async fn log_in(dblb: &Dblb, recipe: &Recipe) -> Result<ServerLogin, LoginEr
     );
     let (key, greeting) = exchanged?;
     debug!(%server, route = %lease.route_id, user = recipe.parameters.get("user"), "server connection logged in by the DBLB");
-    Ok(ServerLogin {
+    Ok(Some(ServerLogin {
         stream,
         lease,
         key,
         greeting,
-    })
+    }))
 }
 
 type Greeted = (Option<(u32, u32)>, Vec<u8>);
@@ -427,7 +439,12 @@ where
             pool
         }
         None => {
-            let login = match log_in(dblb, &recipe).await {
+            let queued = log_in(dblb, &recipe, true).await.and_then(|login| {
+                login.ok_or_else(|| {
+                    Refusal::Full("every server is at its max_connections".to_owned()).into()
+                })
+            });
+            let login = match queued {
                 Ok(login) => login,
                 Err(error) => {
                     info!(database = recipe.parameters.database(), %error, "PostgreSQL session refused: no server login");

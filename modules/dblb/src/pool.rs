@@ -244,7 +244,8 @@ impl Pool {
 
     /// A connection for one transaction (or session), waiting up to `wait` for one to be
     /// given back. Where the DBLB logs in itself, a client that finds none idle gets a new
-    /// login while the pool has fewer connections than clients, unless one comes back first.
+    /// login while the pool has fewer connections than clients and a server has room;
+    /// otherwise it waits for one of the pool's own to come back (or, with none, for room).
     pub async fn checkout(
         self: &Arc<Self>,
         dblb: &Dblb,
@@ -253,8 +254,10 @@ impl Pool {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let released = self.released.notified();
-            tokio::pin!(released);
+            let room = dblb.freed().notified();
+            tokio::pin!(released, room);
             released.as_mut().enable();
+            room.as_mut().enable();
             if let Some(conn) = self.take() {
                 return Ok(conn);
             }
@@ -265,20 +268,28 @@ impl Pool {
                 Origin::Dblb { recipe, .. } => {
                     if let Some(reservation) = LoggingIn::reserve(self) {
                         let recipe = Arc::clone(&recipe.lock().unwrap_or_else(|e| e.into_inner()));
-                        tokio::select! {
-                            login = login::log_in(dblb, &recipe) => {
-                                let login = login?;
-                                reservation.keep();
-                                return Ok(self.wrap(login.stream, login.lease, login.key));
-                            }
-                            // One came back first: take it instead.
-                            () = &mut released => continue,
+                        if let Some(login) = login::log_in(dblb, &recipe, false).await? {
+                            reservation.keep();
+                            return Ok(self.wrap(login.stream, login.lease, login.key));
                         }
                     }
                 }
                 _ => {}
             }
-            if tokio::time::timeout_at(deadline, released).await.is_err() {
+            // With connections of its own, the pool waits for one to come back; with none
+            // (every server full of others'), for room anywhere.
+            let waited = if self.open.load(Ordering::Acquire) == 0 {
+                tokio::time::timeout_at(deadline, async {
+                    tokio::select! {
+                        () = released => {}
+                        () = room => {}
+                    }
+                })
+                .await
+            } else {
+                tokio::time::timeout_at(deadline, released).await
+            };
+            if waited.is_err() {
                 return Err(CheckoutError::Busy(wait));
             }
         }

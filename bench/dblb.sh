@@ -24,7 +24,14 @@ bin="$CARGO_TARGET_DIR/release/marchproxy-dblb"
 work=$(mktemp -d)
 chmod 755 "$work"
 pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+# runuser does not pass signals on, so PostgreSQL and PgBouncer are stopped through their pid files.
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for file in "$work"/pgbouncer-*.pid; do [ -f "$file" ] && kill "$(cat "$file")" 2>/dev/null; done
+  [ -f "$work/data/postmaster.pid" ] && kill -INT "$(head -1 "$work/data/postmaster.pid")" 2>/dev/null
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
 trap cleanup EXIT
 wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 # PostgreSQL and PgBouncer refuse to run as root.
@@ -75,7 +82,7 @@ pool_mode = $pool_mode
 max_client_conn = 1000
 default_pool_size = $size
 logfile = $work/pgbouncer-$pool_mode.log
-pidfile =
+pidfile = $work/pgbouncer-$pool_mode.pid
 INI
   [ "$(id -u)" = 0 ] && chown postgres: "$work/pgbouncer-$pool_mode.ini" "$work/users.txt"
   as_owner "$pgbouncer" "$work/pgbouncer-$pool_mode.ini" >/dev/null 2>&1 & pids+=($!)

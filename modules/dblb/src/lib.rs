@@ -8,8 +8,8 @@
 //! - [`postgres`], [`mysql`]: each protocol's session, from the first bytes to the relay;
 //! - [`relay`]: copying a session both ways while counting its queries;
 //! - [`pool`], [`transaction`]: pooling of PostgreSQL server connections;
-//! - [`auth`], [`login`]: PostgreSQL clients the DBLB authenticates itself, and the server
-//!   logins it makes for them;
+//! - [`auth`], [`login`], [`held`]: PostgreSQL clients the DBLB authenticates itself, the
+//!   server logins it makes for them, and sessions holding one of those;
 //! - [`health`]: protocol health checks;
 //! - [`config`], [`metrics`]: settings and `dblb_*` metrics.
 //!
@@ -19,6 +19,7 @@
 pub mod auth;
 pub mod config;
 pub mod health;
+pub mod held;
 pub mod login;
 pub mod metrics;
 pub mod mysql;

@@ -20,6 +20,7 @@ use tracing::{debug, info};
 use crate::{
     Dblb, Refusal,
     auth::{AuthFile, AuthType, MECHANISM, ScramClient, ScramError, ScramServer, ServerPassword},
+    held,
     metrics::Outcome,
     pool::{Origin, Pool, PoolKey},
     postgres::{ClientKey, ClientStream, Parameters, error_response},
@@ -492,6 +493,10 @@ where
     client.write_all(&greeted).await?;
     client.flush().await?;
     debug!(route = %pool.route_id, holds_sessions = pool.holds_sessions(), "PostgreSQL client authenticated by the DBLB");
-    transaction::serve(dblb, client, BytesMut::new(), &pool, key, stats).await?;
+    if pool.holds_sessions() {
+        held::serve(dblb, client, &pool, key, stats).await?;
+    } else {
+        transaction::serve(dblb, client, BytesMut::new(), &pool, key, stats).await?;
+    }
     Ok(Outcome::Served)
 }

@@ -14,15 +14,10 @@
 //! refused in words (unnamed statements and portals work); session state set with SQL (`SET`,
 //! `LISTEN`, SQL `PREPARE`) stays on whichever connection ran it, as with PgBouncer's
 //! transaction mode.
-//!
-//! Clients of a session-pooled route that the DBLB authenticated itself are served by the
-//! same loop holding one connection from their first message to their end; it then goes
-//! back to the pool after a reset (`DISCARD ALL`), and named statements are theirs to use.
 
 use std::{
     io,
     pin::Pin,
-    sync::Arc,
     task::{Context, Poll, Waker},
 };
 
@@ -241,7 +236,6 @@ where
     let wait = dblb.settings().queue_timeout();
     let queries = dblb.metrics.query_counter(Engine::Postgres.name());
     let checkouts = dblb.metrics.checkouts(&pool.route_id);
-    let holds_session = pool.holds_sessions();
     let mut to_server = BytesMut::new();
     let mut to_client = BytesMut::with_capacity(32 * 1024);
     let mut scratch = vec![0u8; 32 * 1024];
@@ -278,7 +272,7 @@ where
                     break;
                 }
                 b'P' if header.len() < 6 => break,
-                b'P' if length > 4 && header[5] != 0 && !holds_session => {
+                b'P' if length > 4 && header[5] != 0 => {
                     stop = Some(Stop::NamedStatement);
                     break;
                 }
@@ -349,8 +343,7 @@ where
             }
             None => {}
         }
-        if !holds_session
-            && body_left == 0
+        if body_left == 0
             && to_server.is_empty()
             && attached.as_ref().is_some_and(|a| a.progress.idle())
         {
@@ -449,16 +442,12 @@ async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// The client left: an idle connection with nothing left to write goes back to the pool (a
-/// session's after a reset), one mid-transaction is closed.
-fn finish(attached: Option<Attached>, pool: &Arc<Pool>, written: bool) -> io::Result<()> {
+/// The client left: an idle connection with nothing left to write goes back to the pool, one
+/// mid-transaction is closed.
+fn finish(attached: Option<Attached>, pool: &Pool, written: bool) -> io::Result<()> {
     if let Some(server) = attached {
         if written && server.progress.idle() {
-            if pool.holds_sessions() {
-                pool.reset_and_release(server.conn);
-            } else {
-                pool.release(server.conn);
-            }
+            pool.release(server.conn);
         }
     }
     Ok(())
@@ -468,7 +457,7 @@ fn finish(attached: Option<Attached>, pool: &Arc<Pool>, written: bool) -> io::Re
 async fn refuse<S>(
     client: &mut S,
     attached: Option<Attached>,
-    pool: &Arc<Pool>,
+    pool: &Pool,
     sqlstate: &str,
     message: &str,
 ) -> io::Result<()>

@@ -137,6 +137,34 @@ async fn clients_checked_by_the_dblb_share_the_server_logins_it_made() {
         "20"
     );
 
+    // A client that leaves inside a transaction: the reset is refused, so its connection is
+    // closed (rolling the transaction back) instead of serving the next client.
+    let leaving = connect_as(pg, "postgres", PASSWORD).await.unwrap();
+    leaving
+        .batch_execute("BEGIN; INSERT INTO ledger VALUES (-1)")
+        .await
+        .unwrap();
+    drop(leaving);
+    eventually(
+        "the connection left in a transaction closed",
+        DEADLINE,
+        || async { server_connections(&server).await == 0 },
+    )
+    .await;
+    let next = connect_as(pg, "postgres", PASSWORD).await.unwrap();
+    let row = next
+        .query_one("SELECT count(*) FROM ledger WHERE n = -1", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 0, "rolled back");
+    assert_eq!(
+        dblb.metric("dblb_server_logins_total", "outcome=\"ok\"")
+            .await,
+        2.0,
+        "a new login for the next client"
+    );
+    drop(next);
+
     // Wrong passwords and users the file does not name are refused by the DBLB.
     for (user, password) in [("postgres", "wrong"), ("mallory", PASSWORD)] {
         let refused = connect_as(pg, user, password).await.unwrap_err();

@@ -29,6 +29,7 @@ cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   for file in "$work"/pgbouncer-*.pid; do [ -f "$file" ] && kill "$(cat "$file")" 2>/dev/null; done
   [ -f "$work/data/postmaster.pid" ] && kill -INT "$(head -1 "$work/data/postmaster.pid")" 2>/dev/null
+  for _ in $(seq 100); do [ -f "$work/data/postmaster.pid" ] || break; sleep 0.1; done
   wait 2>/dev/null || true
   rm -rf "$work"
 }

@@ -8,7 +8,7 @@
 //! holds one, or with the client key a client's proof revealed when the file holds the
 //! server's own SCRAM secret (`SELECT rolpassword FROM pg_authid`), as PgBouncer does.
 
-use std::{collections::HashMap, path::Path};
+use std::{collections::HashMap, path::Path, sync::OnceLock};
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use hmac::{Hmac, Mac};
@@ -17,6 +17,8 @@ use sha2::{Digest, Sha256};
 
 /// Iterations for secrets the DBLB derives from plain passwords (PostgreSQL's default).
 const ITERATIONS: u32 = 4096;
+/// The most iterations a server may ask the DBLB to compute for one login.
+pub const MAX_ITERATIONS: u32 = 1_000_000;
 /// The SASL mechanism the DBLB speaks, both ways.
 pub const MECHANISM: &str = "SCRAM-SHA-256";
 
@@ -49,7 +51,36 @@ pub struct Secret {
 pub struct Credentials {
     /// The plain password, when the auth file holds it (then servers can ask for any method).
     pub password: Option<String>,
-    pub secret: Secret,
+    /// Set from the file for a SCRAM secret; derived from the plain password at its first use
+    /// (thousands of hashes a user: not all at once when a long file is read).
+    secret: OnceLock<Secret>,
+}
+
+impl Credentials {
+    pub fn secret(&self) -> &Secret {
+        self.secret.get_or_init(|| {
+            let salt: [u8; 16] = rand::rng().random();
+            Secret::derive(
+                self.password.as_deref().unwrap_or_default(),
+                &salt,
+                ITERATIONS,
+            )
+        })
+    }
+}
+
+/// A stand-in secret for a user the file does not name, so a client cannot tell unknown users
+/// from wrong passwords (the same salt for the same name, as PostgreSQL's mock exchange).
+pub fn mock_secret(user: &str) -> Secret {
+    static KEY: OnceLock<[u8; 32]> = OnceLock::new();
+    let key = KEY.get_or_init(|| rand::rng().random());
+    let salt = hmac(key, &[user.as_bytes()]);
+    Secret {
+        iterations: ITERATIONS,
+        salt: salt[..16].to_vec(),
+        stored_key: rand::rng().random(),
+        server_key: rand::rng().random(),
+    }
 }
 
 /// How the DBLB logs in to a server as a client's user, learnt from that client's login.
@@ -115,8 +146,9 @@ impl AuthFile {
             let credentials = if password.starts_with("SCRAM-SHA-256$") {
                 Credentials {
                     password: None,
-                    secret: Secret::parse(&password)
-                        .map_err(|e| AuthFileError::Secret(number, e))?,
+                    secret: OnceLock::from(
+                        Secret::parse(&password).map_err(|e| AuthFileError::Secret(number, e))?,
+                    ),
                 }
             } else if password.starts_with("md5") && password.len() == 35 {
                 return Err(AuthFileError::Secret(
@@ -124,10 +156,9 @@ impl AuthFile {
                     "md5 hashes cannot be used: give the plain password or the user's SCRAM-SHA-256 secret",
                 ));
             } else {
-                let salt: [u8; 16] = rand::rng().random();
                 Credentials {
-                    secret: Secret::derive(&password, &salt, ITERATIONS),
                     password: Some(password),
+                    secret: OnceLock::new(),
                 }
             };
             users.insert(user, credentials);
@@ -169,10 +200,24 @@ fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
 
 /// PBKDF2-HMAC-SHA-256 with one block: SCRAM's `Hi()`.
 fn salted_password(password: &str, salt: &[u8], iterations: u32) -> [u8; 32] {
-    let mut block = hmac(password.as_bytes(), &[salt, &1u32.to_be_bytes()]);
+    // The keyed state is computed once and copied for each iteration.
+    let keyed =
+        Hmac::<Sha256>::new_from_slice(password.as_bytes()).expect("HMAC accepts any key length");
+    let mut block: [u8; 32] = keyed
+        .clone()
+        .chain_update(salt)
+        .chain_update(1u32.to_be_bytes())
+        .finalize()
+        .into_bytes()
+        .into();
     let mut result = block;
     for _ in 1..iterations {
-        block = hmac(password.as_bytes(), &[&block]);
+        block = keyed
+            .clone()
+            .chain_update(block)
+            .finalize()
+            .into_bytes()
+            .into();
         result.iter_mut().zip(block).for_each(|(r, b)| *r ^= b);
     }
     result
@@ -247,6 +292,8 @@ pub struct ScramServer {
     client_first_bare: String,
     server_first: String,
     nonce: String,
+    /// The `c=` the client must send back: its GS2 header in base64.
+    channel_binding: &'static str,
 }
 
 fn nonce() -> String {
@@ -270,14 +317,18 @@ impl ScramServer {
     ) -> Result<(ScramServer, String), ScramError> {
         let client_first =
             std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
-        let bare = match client_first.as_bytes().first() {
-            // "y": the client could bind but thinks we cannot; "n": it does not bind.
-            Some(b'n' | b'y') => client_first
-                .splitn(3, ',')
-                .nth(2)
-                .ok_or(ScramError::Malformed("no GS2 header"))?,
-            Some(b'p') => return Err(ScramError::ChannelBinding),
-            _ => return Err(ScramError::Malformed("no GS2 header")),
+        // "y": the client could bind but thinks we cannot; "n": it does not bind. An
+        // authorisation identity is refused, as PostgreSQL does.
+        let (bare, channel_binding) = if let Some(bare) = client_first.strip_prefix("n,,") {
+            (bare, "biws")
+        } else if let Some(bare) = client_first.strip_prefix("y,,") {
+            (bare, "eSws")
+        } else if client_first.starts_with("p=") {
+            return Err(ScramError::ChannelBinding);
+        } else {
+            return Err(ScramError::Malformed(
+                "the GS2 header must be n,, or y,, (no authorisation identity)",
+            ));
         };
         let client_nonce = field(bare, 'r').ok_or(ScramError::Malformed("no client nonce"))?;
         let nonce = format!("{client_nonce}{}", self::nonce());
@@ -292,6 +343,7 @@ impl ScramServer {
                 client_first_bare: bare.to_owned(),
                 server_first: server_first.clone(),
                 nonce,
+                channel_binding,
             },
             server_first,
         ))
@@ -307,6 +359,11 @@ impl ScramServer {
             .ok_or(ScramError::Malformed("no proof"))?;
         if field(without_proof, 'r') != Some(self.nonce.as_str()) {
             return Err(ScramError::Nonce);
+        }
+        if field(without_proof, 'c') != Some(self.channel_binding) {
+            return Err(ScramError::Malformed(
+                "the channel binding data does not repeat the GS2 header",
+            ));
         }
         let proof: [u8; 32] = STANDARD
             .decode(proof)
@@ -364,7 +421,7 @@ impl ScramClient {
         let server_first =
             std::str::from_utf8(server_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         let nonce = field(server_first, 'r').ok_or(ScramError::Malformed("no nonce"))?;
-        if !nonce.starts_with(&self.nonce) {
+        if !nonce.starts_with(&self.nonce) || nonce.len() <= self.nonce.len() {
             return Err(ScramError::Nonce);
         }
         let salt = field(server_first, 's')
@@ -372,7 +429,10 @@ impl ScramClient {
             .ok_or(ScramError::Malformed("no salt"))?;
         let iterations: u32 = field(server_first, 'i')
             .and_then(|i| i.parse().ok())
-            .ok_or(ScramError::Malformed("no iteration count"))?;
+            .filter(|i| (1..=MAX_ITERATIONS).contains(i))
+            .ok_or(ScramError::Malformed(
+                "the iteration count is missing or outside 1 to 1000000",
+            ))?;
         let (client_key, server_key) = match &self.password {
             ServerPassword::Plain(password) => {
                 let salted = salted_password(password, &salt, iterations);
@@ -430,8 +490,8 @@ mod tests {
         assert_eq!(file.get("ann").unwrap().password.as_deref(), Some("s3cret"));
         let bob = file.get("bo\"b").unwrap();
         assert_eq!(bob.password, None);
-        assert_eq!(bob.secret.iterations, 4096);
-        assert_eq!(bob.secret.salt, b"salt");
+        assert_eq!(bob.secret().iterations, 4096);
+        assert_eq!(bob.secret().salt, b"salt");
         for bad in [
             "ann s3cret",
             "\"ann\"",
@@ -473,5 +533,17 @@ mod tests {
             ScramServer::start(&secret, b"p=tls-server-end-point,,n=,r=abc").err(),
             Some(ScramError::ChannelBinding)
         );
+        assert!(ScramServer::start(&secret, b"n,a=admin,n=,r=abc").is_err());
+        // A client that said "y" must say so again in its channel binding data.
+        let (server, server_first) = ScramServer::start(&secret, b"y,,n=,r=abc").unwrap();
+        let nonce = field(&server_first, 'r').unwrap();
+        let wrong = format!("c=biws,r={nonce},p={}", STANDARD.encode([0u8; 32]));
+        assert!(matches!(
+            server.finish(wrong.as_bytes()),
+            Err(ScramError::Malformed(_))
+        ));
+        // The same stand-in salt for the same unknown user.
+        assert_eq!(mock_secret("eve").salt, mock_secret("eve").salt);
+        assert_ne!(mock_secret("eve").salt, mock_secret("mallory").salt);
     }
 }

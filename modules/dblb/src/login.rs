@@ -19,7 +19,10 @@ use tracing::{debug, info};
 
 use crate::{
     Dblb, Refusal,
-    auth::{AuthFile, AuthType, MECHANISM, ScramClient, ScramError, ScramServer, ServerPassword},
+    auth::{
+        AuthFile, AuthType, MECHANISM, ScramClient, ScramError, ScramServer, ServerPassword,
+        mock_secret,
+    },
     held,
     metrics::Outcome,
     pool::{Origin, Pool, PoolKey},
@@ -216,6 +219,9 @@ async fn exchange(
         let code = (kind == b'R' && body.len() >= 4)
             .then(|| u32::from_be_bytes([body[0], body[1], body[2], body[3]]));
         let reply = match (kind, code) {
+            (b'R', Some(AUTH_OK)) if started.is_some() || answered.is_some() => {
+                return Err(scram(ScramError::ServerSignature));
+            }
             (b'R', Some(AUTH_OK)) => None,
             (b'R', Some(AUTH_CLEARTEXT)) => match &recipe.password {
                 ServerPassword::Plain(password) => {
@@ -256,7 +262,13 @@ async fn exchange(
                 let client = started
                     .take()
                     .ok_or_else(|| scram(ScramError::Malformed("an unasked SASL continuation")))?;
-                let (last, final_message) = client.answer(&body[4..]).map_err(scram)?;
+                // Thousands of hashes (as many as the server asks): off the async workers.
+                let server_first = body.slice(4..);
+                let (last, final_message) =
+                    tokio::task::spawn_blocking(move || client.answer(&server_first))
+                        .await
+                        .map_err(|e| io_error(io::Error::other(e)))?
+                        .map_err(scram)?;
                 answered = Some(last);
                 Some(message(b'p', &[final_message.as_bytes()]))
             }
@@ -340,7 +352,9 @@ where
         AuthType::Passthrough | AuthType::Trust => return Err(Denied::UnknownUser),
         AuthType::ScramSha256 => {}
     }
-    let credentials = credentials.ok_or(Denied::UnknownUser)?;
+    // An unknown user goes through the exchange too, against a stand-in secret, so a client
+    // cannot tell it from a wrong password.
+    let secret = credentials.map_or_else(|| mock_secret(user), |c| c.secret().clone());
     client
         .write_all(&authentication(AUTH_SASL, b"SCRAM-SHA-256\0\0"))
         .await?;
@@ -359,10 +373,16 @@ where
             String::from_utf8_lossy(&body[..name_end]).into_owned(),
         ));
     }
-    let first = body
-        .get(name_end + 5..)
-        .ok_or(ScramError::Malformed("no client-first message"))?;
-    let (exchange, server_first) = ScramServer::start(&credentials.secret, first)?;
+    let declared = body
+        .get(name_end + 1..name_end + 5)
+        .map(|length| i32::from_be_bytes([length[0], length[1], length[2], length[3]]));
+    let first = &body[(name_end + 5).min(body.len())..];
+    if declared != Some(first.len() as i32) {
+        return Err(
+            ScramError::Malformed("the client-first message is not the length it says").into(),
+        );
+    }
+    let (exchange, server_first) = ScramServer::start(&secret, first)?;
     client
         .write_all(&authentication(AUTH_SASL_CONTINUE, server_first.as_bytes()))
         .await?;
@@ -371,16 +391,15 @@ where
     if kind != b'p' {
         return Err(Denied::Unexpected(kind as char));
     }
-    let (client_key, server_final) = exchange.finish(&body)?;
+    let finished = exchange.finish(&body);
+    let credentials = credentials.ok_or(Denied::UnknownUser)?;
+    let (client_key, server_final) = finished?;
     client
         .write_all(&authentication(AUTH_SASL_FINAL, server_final.as_bytes()))
         .await?;
     Ok(match &credentials.password {
         Some(password) => ServerPassword::Plain(password.clone()),
-        None => ServerPassword::ScramKey {
-            client_key,
-            secret: credentials.secret.clone(),
-        },
+        None => ServerPassword::ScramKey { client_key, secret },
     })
 }
 

@@ -229,10 +229,11 @@ impl Pool {
     }
 
     /// An idle connection still open (one the server closed, or that got an unasked message
-    /// such as a shutdown notice, is dropped), or None.
+    /// such as a shutdown notice, is dropped), or None. The most recently used goes first, so
+    /// under light load the others stay idle long enough to be closed.
     fn take(&self) -> Option<ServerConn> {
         loop {
-            let conn = self.lock().pop_front()?;
+            let conn = self.lock().pop_back()?;
             self.idle_gauge.dec();
             let mut probe = [0u8; 1];
             match conn.stream.try_read(&mut probe) {
@@ -268,17 +269,21 @@ impl Pool {
                 Origin::Dblb { recipe, .. } => {
                     if let Some(reservation) = LoggingIn::reserve(self) {
                         let recipe = Arc::clone(&recipe.lock().unwrap_or_else(|e| e.into_inner()));
-                        if let Some(login) = login::log_in(dblb, &recipe, false).await? {
-                            reservation.keep();
-                            return Ok(self.wrap(login.stream, login.lease, login.key));
+                        match login::log_in(dblb, &recipe, false).await? {
+                            Some(login) => {
+                                reservation.keep();
+                                return Ok(self.wrap(login.stream, login.lease, login.key));
+                            }
+                            None => reservation.servers_full(),
                         }
                     }
                 }
                 _ => {}
             }
-            // With connections of its own, the pool waits for one to come back; with none
-            // (every server full of others'), for room anywhere.
-            let waited = if self.open.load(Ordering::Acquire) == 0 {
+            // A transaction pool with connections of its own waits for one to come back; a
+            // session pool (whose connections come back only as sessions end) or one with
+            // none also waits for room on a server.
+            let waited = if self.open.load(Ordering::Acquire) == 0 || self.holds_sessions() {
                 tokio::time::timeout_at(deadline, async {
                     tokio::select! {
                         () = released => {}
@@ -354,6 +359,8 @@ impl Pool {
 struct LoggingIn<'a> {
     pool: &'a Pool,
     kept: bool,
+    /// The servers had no room: nobody else can log in either, so nobody is woken to try.
+    full: bool,
 }
 
 impl<'a> LoggingIn<'a> {
@@ -366,12 +373,20 @@ impl<'a> LoggingIn<'a> {
             })
             .ok()?;
         pool.logging_in.fetch_add(1, Ordering::AcqRel);
-        Some(LoggingIn { pool, kept: false })
+        Some(LoggingIn {
+            pool,
+            kept: false,
+            full: false,
+        })
     }
 
     /// The login became a connection, which now counts itself.
     fn keep(mut self) {
         self.kept = true;
+    }
+
+    fn servers_full(mut self) {
+        self.full = true;
     }
 }
 
@@ -380,6 +395,11 @@ impl Drop for LoggingIn<'_> {
         self.pool.logging_in.fetch_sub(1, Ordering::AcqRel);
         if !self.kept {
             self.pool.open.fetch_sub(1, Ordering::AcqRel);
+            if !self.full {
+                // Clients that waited because this login counted as a connection (it failed
+                // or was given up) may make their own.
+                self.pool.released.notify_waiters();
+            }
         }
     }
 }

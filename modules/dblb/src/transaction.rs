@@ -56,7 +56,7 @@ struct Attached {
 }
 
 /// Where a server connection stands in the conversation: whether it may go back to the pool.
-struct Progress {
+pub(crate) struct Progress {
     /// ReadyForQuery answers still due (one per Query, FunctionCall and Sync the server acts on).
     outstanding: u32,
     /// The transaction status of the last ReadyForQuery.
@@ -72,7 +72,7 @@ struct Progress {
 }
 
 impl Progress {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Progress {
             outstanding: 0,
             status: b'I',
@@ -83,7 +83,7 @@ impl Progress {
         }
     }
 
-    fn idle(&self) -> bool {
+    pub(crate) fn idle(&self) -> bool {
         self.outstanding == 0
             && self.status == b'I'
             && !self.unsynced
@@ -92,7 +92,7 @@ impl Progress {
     }
 
     /// Accounts for a client message about to go to the server.
-    fn client_sends(&mut self, kind: u8) {
+    pub(crate) fn client_sends(&mut self, kind: u8) {
         match kind {
             b'Q' | b'F' => {
                 self.outstanding += 1;
@@ -115,7 +115,7 @@ impl Progress {
     }
 
     /// Accounts for what the server sent.
-    fn server_sent(&mut self, bytes: &[u8]) {
+    pub(crate) fn server_sent(&mut self, bytes: &[u8]) {
         let mut answers = Vec::new();
         let mut copy_in = false;
         self.framer.feed(bytes, |kind, first| match kind {

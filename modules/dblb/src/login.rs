@@ -26,13 +26,10 @@ use crate::{
     held,
     metrics::Outcome,
     pool::{Origin, Pool, PoolKey},
-    postgres::{ClientKey, ClientStream, Parameters, error_response},
+    postgres::{ClientKey, ClientStream, MAX_STARTUP_MESSAGE, Parameters, error_response},
     table::{Engine, Lease, Want},
     transaction,
 };
-
-/// Messages of a login are small (authentication, parameters, notices).
-const MAX_LOGIN_MESSAGE: u32 = 1 << 20;
 
 const AUTH_OK: u32 = 0;
 const AUTH_CLEARTEXT: u32 = 3;
@@ -100,7 +97,7 @@ where
     loop {
         if buffer.len() >= 5 {
             let length = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]);
-            if !(4..=MAX_LOGIN_MESSAGE).contains(&length) {
+            if !(4..=MAX_STARTUP_MESSAGE).contains(&length) {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("a message of {length} bytes during login"),
@@ -119,7 +116,8 @@ where
     }
 }
 
-fn message(kind: u8, parts: &[&[u8]]) -> Vec<u8> {
+/// A protocol message: its type byte, its length, then `parts`.
+pub(crate) fn message(kind: u8, parts: &[&[u8]]) -> Vec<u8> {
     let length: usize = parts.iter().map(|p| p.len()).sum::<usize>() + 4;
     let mut message = Vec::with_capacity(length + 1);
     message.push(kind);

@@ -410,10 +410,7 @@ impl Drop for LoggingIn<'_> {
 /// never answers it (the caller's timeout closes the connection).
 async fn reset(stream: &mut TcpStream) -> std::io::Result<()> {
     const QUERY: &[u8] = b"DISCARD ALL\0";
-    let mut message = vec![b'Q'];
-    message.extend_from_slice(&(QUERY.len() as u32 + 4).to_be_bytes());
-    message.extend_from_slice(QUERY);
-    stream.write_all(&message).await?;
+    stream.write_all(&login::message(b'Q', &[QUERY])).await?;
     let mut answer = bytes::BytesMut::with_capacity(256);
     let mut discarded = false;
     loop {

@@ -37,7 +37,7 @@ const CANCEL_REQUEST: u32 = 80_877_102;
 /// PostgreSQL's own bound on a startup packet.
 const MAX_STARTUP: u32 = 10_000;
 /// Messages before the first ReadyForQuery are small (authentication, parameters, notices).
-const MAX_STARTUP_MESSAGE: u32 = 1 << 20;
+pub(crate) const MAX_STARTUP_MESSAGE: u32 = 1 << 20;
 
 /// What a client opened its connection for.
 #[derive(Debug, PartialEq)]
